@@ -1,0 +1,265 @@
+"""The SQL schema. Table and column names are a public API for analysts.
+
+Units and encodings are in column names (``latency_ms``, ``created_at``, ``params_json``).
+Lifecycles are ``str`` Enums stored as plain text, so SQL filters read naturally
+(``WHERE status = 'failed'``). Every change here is an Alembic migration, and
+``docs/schema.md`` is generated from this module (``python -m lmjobs.db.schema_doc``).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps stored as UTC and always read back timezone-aware (SQLite drops tz)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value.astimezone(timezone.utc)
+
+
+# BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class JobStatus(str, Enum):
+    SCHEDULED = "scheduled"  # waiting for start_at
+    QUEUED = "queued"  # chunks dispatched, none started
+    RUNNING = "running"
+    PAUSED = "paused"  # deadline reached; `lmjobs resume` continues it
+    COMPLETED = "completed"
+    COMPLETED_WITH_FAILURES = "completed_with_failures"
+    FAILED = "failed"  # every request failed
+    CANCELLED = "cancelled"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED_JOB
+
+    @property
+    def is_active(self) -> bool:
+        """Chunks of an active job may be dispatched and claimed."""
+        return self in (JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+_FINISHED_JOB = {
+    JobStatus.COMPLETED,
+    JobStatus.COMPLETED_WITH_FAILURES,
+    JobStatus.FAILED,
+    JobStatus.CANCELLED,
+}
+
+
+class ChunkStatus(str, Enum):
+    PENDING = "pending"  # written, not yet published
+    DISPATCHED = "dispatched"  # a message is (believed to be) in the broker
+    RUNNING = "running"  # a worker holds the lease
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_open(self) -> bool:
+        return self in (ChunkStatus.PENDING, ChunkStatus.DISPATCHED, ChunkStatus.RUNNING)
+
+
+class ResultStatus(str, Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def is_failed(self) -> bool:
+        return self is ResultStatus.FAILED
+
+
+def _enum(e: type[Enum]) -> String:
+    return String(32)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    """One submitted file: what to run, how, and where it stands."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str | None] = mapped_column(String(200), doc="Optional label given at submit.")
+    task: Mapped[str] = mapped_column(String(32), doc="translate, summarize, qa, generate or chat.")
+    model: Mapped[str] = mapped_column(String(500), doc="Model id, local path or alias.")
+    queue: Mapped[str] = mapped_column(String(200), doc="Celery queue its chunks go to.")
+    params_json: Mapped[dict] = mapped_column(JSON, doc="Job-level sampling and task parameters.")
+    template_version: Mapped[str] = mapped_column(String(64), doc="Task template and its version.")
+    input_format: Mapped[str] = mapped_column(String(16), doc="native or openai.")
+    status: Mapped[str] = mapped_column(_enum(JobStatus), index=True, doc="See JobStatus.")
+    priority: Mapped[int] = mapped_column(Integer, default=0, doc="Higher runs first.")
+    source_path: Mapped[str | None] = mapped_column(Text, doc="Input file as given at submit.")
+    source_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    requests_total: Mapped[int] = mapped_column(Integer, default=0, doc="Valid input lines.")
+    lines_rejected: Mapped[int] = mapped_column(Integer, default=0, doc="Malformed lines.")
+    chunks_total: Mapped[int] = mapped_column(Integer, default=0)
+    submitted_by: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    start_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="Held until then.")
+    finish_by: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="Deadline; then paused.")
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    schedule_id: Mapped[int | None] = mapped_column(BigId, doc="Schedule that created it.")
+
+
+class Request(Base):
+    """One valid input line."""
+
+    __tablename__ = "requests"
+    __table_args__ = (
+        UniqueConstraint("job_id", "line_number", name="uq_requests_job_line"),
+        UniqueConstraint("job_id", "custom_id", name="uq_requests_job_custom_id"),
+        Index("ix_requests_chunk", "chunk_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    chunk_id: Mapped[int | None] = mapped_column(BigId, doc="Chunk that carries it.")
+    line_number: Mapped[int] = mapped_column(Integer, doc="1-based line in the input file.")
+    custom_id: Mapped[str] = mapped_column(String(512), doc="Caller's id (default: line number).")
+    input_json: Mapped[dict] = mapped_column(JSON, doc="The task's input fields.")
+    params_json: Mapped[dict | None] = mapped_column(JSON, doc="Per-request sampling overrides.")
+    reference: Mapped[str | None] = mapped_column(Text, doc="Expected output, for scoring.")
+    content_sha256: Mapped[str] = mapped_column(String(64), index=True, doc="Hash of the model input.")
+
+
+class Result(Base):
+    """Exactly one row per request once it has run, succeeded or failed."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        UniqueConstraint("job_id", "request_id", name="uq_results_job_request"),
+        Index("ix_results_job_status", "job_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    request_id: Mapped[int] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
+    status: Mapped[str] = mapped_column(_enum(ResultStatus), doc="succeeded or failed.")
+    output_text: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text, doc="Why it failed.")
+    finish_reason: Mapped[str | None] = mapped_column(String(16), doc="stop, length or error.")
+    input_tokens: Mapped[int | None] = mapped_column(Integer)
+    output_tokens: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[float | None] = mapped_column(Float, doc="Wall time of its batch share.")
+    model: Mapped[str | None] = mapped_column(String(500))
+    model_revision: Mapped[str | None] = mapped_column(String(200))
+    dtype: Mapped[str | None] = mapped_column(String(16))
+    device: Mapped[str | None] = mapped_column(String(32))
+    params_json: Mapped[dict | None] = mapped_column(JSON, doc="Sampling params actually used.")
+    template_version: Mapped[str | None] = mapped_column(String(64))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    attempt: Mapped[int | None] = mapped_column(Integer, doc="Chunk attempt that produced it.")
+    deduplicated: Mapped[bool] = mapped_column(default=False, doc="Copied from an identical prompt.")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Chunk(Base):
+    """A slice of a job's requests: the unit of dispatch, lease and retry."""
+
+    __tablename__ = "chunks"
+    __table_args__ = (
+        UniqueConstraint("job_id", "seq", name="uq_chunks_job_seq"),
+        Index("ix_chunks_status_lease", "status", "lease_expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer, doc="0-based position in the job.")
+    first_line: Mapped[int] = mapped_column(Integer)
+    last_line: Mapped[int] = mapped_column(Integer)
+    requests_total: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(_enum(ChunkStatus), doc="See ChunkStatus.")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, doc="Claims so far.")
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Reject(Base):
+    """A malformed input line, with its line number and the reason it was refused."""
+
+    __tablename__ = "rejects"
+    __table_args__ = (UniqueConstraint("job_id", "line_number", name="uq_rejects_job_line"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    line_number: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    excerpt: Mapped[str | None] = mapped_column(Text, doc="First 200 characters of the line.")
+
+
+class Score(Base):
+    """A quality score of one result against its request's reference."""
+
+    __tablename__ = "scores"
+    __table_args__ = (UniqueConstraint("request_id", "metric", name="uq_scores_request_metric"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
+    metric: Mapped[str] = mapped_column(String(32), doc="chrf, bleu, rouge_l, exact_match, f1.")
+    value: Mapped[float] = mapped_column(Float)
+
+
+class Schedule(Base):
+    """A recurring job, started by `lmjobs beat` at each cron time."""
+
+    __tablename__ = "schedules"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    cron: Mapped[str] = mapped_column(String(100))
+    source_path: Mapped[str] = mapped_column(Text)
+    task: Mapped[str] = mapped_column(String(32))
+    model: Mapped[str] = mapped_column(String(500))
+    options_json: Mapped[dict] = mapped_column(JSON, doc="Submit options for each job.")
+    enabled: Mapped[bool] = mapped_column(default=True)
+    next_run_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_job_id: Mapped[int | None] = mapped_column(BigId)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -1,0 +1,90 @@
+"""One typed settings object, read from ``LMJOBS_*`` environment variables.
+
+``LMJOBS_HOME`` moves all local state (the SQLite file, the model cache), which is what
+keeps tests hermetic.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
+
+
+def mask_url(url: str) -> str:
+    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
+
+
+def mask_secrets(text: str) -> str:
+    """Mask every password-bearing URL inside free text (log lines, error messages)."""
+    return mask_url(text)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LMJOBS_", extra="ignore")
+
+    home: Path = Field(default_factory=lambda: Path(os.path.expanduser("~/.lmjobs")))
+    database_url: str = ""  # default: sqlite:///<home>/lmjobs.db
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    model: str = "smollm2-135m"
+    model_cache: Path | None = None  # default: <home>/models
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+    trust_remote_code: bool = False
+    chunk_size: int = Field(default=64, ge=1, le=100_000)
+    lease_seconds: int = Field(default=300, ge=5)
+    heartbeat_seconds: int = Field(default=0, ge=0)  # 0: lease_seconds / 3
+    max_attempts: int = Field(default=3, ge=1)
+    batch_tokens: int = Field(default=0, ge=0)  # 0: the engine picks from free memory
+    max_batch_size: int = Field(default=64, ge=1)
+    chunk_time_limit_s: int = Field(default=3600, ge=10)
+    query_timeout_s: float = Field(default=30.0, gt=0)
+    worker_name: str = ""
+    log_level: str = "INFO"
+
+    @field_validator("chunk_size", "max_attempts", mode="before")
+    @classmethod
+    def _strip(cls, v: object) -> object:
+        return v.strip() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        self.home = Path(self.home).expanduser()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.home / 'lmjobs.db'}"
+        if self.model_cache is None:
+            self.model_cache = self.home / "models"
+        if self.dtype not in {"auto", "float32", "float16", "bfloat16"}:
+            raise ValueError(f"LMJOBS_DTYPE must be auto, float32, float16 or bfloat16, not {self.dtype!r}")
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", self.device):
+            raise ValueError(f"LMJOBS_DEVICE must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+        return self
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return float(self.heartbeat_seconds or max(1.0, self.lease_seconds / 3))
+
+    def masked(self) -> dict[str, str]:
+        """Settings as printable strings, with passwords in URLs masked."""
+        out: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = str(getattr(self, name))
+            out[name] = mask_url(value) if name.endswith("_url") else value
+        return out
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests change the environment between cases)."""
+    get_settings.cache_clear()
