@@ -57,6 +57,7 @@ BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class JobStatus(str, Enum):
+    SUBMITTING = "submitting"  # requests still being written; never looks complete
     SCHEDULED = "scheduled"  # waiting for start_at
     QUEUED = "queued"  # chunks dispatched, none started
     RUNNING = "running"
@@ -127,6 +128,7 @@ class Job(Base):
     template_version: Mapped[str] = mapped_column(String(64), doc="Task template and its version.")
     input_format: Mapped[str] = mapped_column(String(16), doc="native or openai.")
     status: Mapped[str] = mapped_column(_enum(JobStatus), index=True, doc="See JobStatus.")
+    error: Mapped[str | None] = mapped_column(Text, doc="Why the job as a whole failed.")
     priority: Mapped[int] = mapped_column(Integer, default=0, doc="Higher runs first.")
     source_path: Mapped[str | None] = mapped_column(Text, doc="Input file as given at submit.")
     source_sha256: Mapped[str | None] = mapped_column(String(64), index=True)
@@ -161,6 +163,9 @@ class Request(Base):
     params_json: Mapped[dict | None] = mapped_column(JSON, doc="Per-request sampling overrides.")
     reference: Mapped[str | None] = mapped_column(Text, doc="Expected output, for scoring.")
     content_sha256: Mapped[str] = mapped_column(String(64), index=True, doc="Hash of the model input.")
+    isolated_attempts: Mapped[int] = mapped_column(
+        Integer, default=0, doc="Runs on its own after its chunk hit the attempt cap."
+    )
 
 
 class Result(Base):

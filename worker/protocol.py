@@ -63,9 +63,10 @@ class SamplingParams:
 class GenRequest:
     """One prompt for the engine.
 
-    Exactly one of ``prompt`` (plain text) or ``messages`` (chat turns, each a dict with
-    ``role`` and ``content``) is set. The engine renders ``messages`` with the tokenizer's
-    chat template when it has one, and joins their contents as plain text otherwise.
+    At least one of ``prompt`` (plain text) or ``messages`` (chat turns, each a dict with
+    ``role`` and ``content``) is set, and task templates set both. The engine uses
+    ``messages`` with the tokenizer's chat template when the tokenizer has one (causal
+    models); otherwise ``prompt`` when set, else the messages' contents joined as plain text.
     """
 
     key: int

@@ -1,0 +1,45 @@
+"""What every command needs: settings, the database (schema checked), the publisher."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import OperationalError
+
+from lmjobs.db.migrate import ensure_current, is_current
+from lmjobs.db.session import Database, get_database, is_sqlite
+from lmjobs.jobs.errors import ConfigError
+from lmjobs.jobs.settings import Settings, get_settings, mask_url
+
+
+def settings() -> Settings:
+    try:
+        return get_settings()
+    except ValueError as exc:  # pydantic ValidationError is a ValueError
+        first = str(exc).splitlines()
+        detail = first[-1].strip() if first else str(exc)
+        raise ConfigError(f"invalid configuration: {detail}") from None
+
+
+def database(*, check_schema: bool = True) -> Database:
+    """The configured database. SQLite (the embedded default) is migrated on first use;
+    PostgreSQL must be migrated explicitly with ``lmjobs db upgrade``."""
+    s = settings()
+    url = s.database_url
+    try:
+        if check_schema:
+            if is_sqlite(url):
+                ensure_current(url)
+            elif not is_current(url):
+                raise ConfigError(
+                    f"the database at {mask_url(url)} is not at the current schema; run `lmjobs db upgrade`"
+                )
+        return get_database(url)
+    except OperationalError as exc:
+        first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        raise ConfigError(f"cannot reach the database at {mask_url(url)}: {mask_url(first)}") from None
+
+
+def publisher():  # type: ignore[no-untyped-def]
+    from lmjobs.worker.app import make_celery
+    from lmjobs.worker.broker import CeleryPublisher
+
+    return CeleryPublisher(make_celery(settings()))

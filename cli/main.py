@@ -1,0 +1,313 @@
+"""The ``lmjobs`` command. Each command parses, calls one service, renders.
+
+Errors of the user's making (``LmjobsError``) are one line on stderr and a non-zero exit
+code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from lmjobs.cli import context, render
+from lmjobs.jobs.errors import LmjobsError
+from lmjobs.jobs.settings import mask_secrets
+
+app = typer.Typer(
+    name="lmjobs",
+    help="Batch inference for language models: durable jobs, Celery workers, SQL results.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _params(
+    max_new_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    stop: list[str] | None,
+    source_lang: str | None,
+    target_lang: str | None,
+    system_prompt: str | None,
+    truncate: bool,
+    raw_prompt: bool,
+) -> dict:
+    if max_new_tokens is not None and not 1 <= max_new_tokens <= 32768:
+        raise typer.BadParameter("--max-new-tokens must be between 1 and 32768")
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise typer.BadParameter("--temperature must be between 0 and 2")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise typer.BadParameter("--top-p must be in (0, 1]")
+    p = {
+        "max_new_tokens": max_new_tokens if max_new_tokens is not None else 256,
+        "temperature": temperature if temperature is not None else 0.0,
+        "top_p": top_p if top_p is not None else 1.0,
+        "seed": seed,
+        "stop": list(stop or []),
+        "source_lang": source_lang,
+        "target_lang": target_lang,
+        "system_prompt": system_prompt,
+        "truncate": truncate,
+        "raw_prompt": raw_prompt,
+    }
+    return {k: v for k, v in p.items() if v not in (None, False)}
+
+
+# Options shared by `run` and `submit`.
+TaskOpt = typer.Option(..., "--task", "-t", help="translate, summarize, qa, generate or chat")
+ModelOpt = typer.Option(None, "--model", "-m", help="HF id, local path or alias [default: LMJOBS_MODEL]")
+MaxTok = typer.Option(None, "--max-new-tokens", help="[default: 256]")
+Temp = typer.Option(None, "--temperature", help="0 = greedy [default: 0]")
+TopP = typer.Option(None, "--top-p")
+Seed = typer.Option(None, "--seed", help="Sampling seed (same seed, same text)")
+Stop = typer.Option(None, "--stop", help="Stop string (repeatable)")
+SrcLang = typer.Option(None, "--source-lang")
+TgtLang = typer.Option(None, "--target-lang")
+SysPrompt = typer.Option(None, "--system-prompt", help="Replace the task template's instruction")
+Truncate = typer.Option(False, "--truncate", help="Truncate prompts that exceed the context")
+RawPrompt = typer.Option(False, "--raw-prompt", help="Give the model the plain prompt, not chat")
+Strict = typer.Option(False, "--strict", help="Refuse the whole file if any line is malformed")
+ChunkSize = typer.Option(None, "--chunk-size", help="Requests per chunk [default: LMJOBS_CHUNK_SIZE]")
+JsonOut = typer.Option(False, "--json", help="Machine-readable output")
+
+
+@app.command()
+def run(
+    file: Path = typer.Argument(..., help="JSONL prompts"),
+    task: str = TaskOpt,
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results here"),
+    fmt: str = typer.Option("jsonl", "--format", "-f", help="jsonl, csv, parquet or openai"),
+    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists"),
+    model: Optional[str] = ModelOpt,
+    max_new_tokens: Optional[int] = MaxTok,
+    temperature: Optional[float] = Temp,
+    top_p: Optional[float] = TopP,
+    seed: Optional[int] = Seed,
+    stop: Optional[list[str]] = Stop,
+    source_lang: Optional[str] = SrcLang,
+    target_lang: Optional[str] = TgtLang,
+    system_prompt: Optional[str] = SysPrompt,
+    truncate: bool = Truncate,
+    raw_prompt: bool = RawPrompt,
+    strict: bool = Strict,
+    chunk_size: Optional[int] = ChunkSize,
+    as_json: bool = JsonOut,
+) -> None:
+    """Run a file to completion in this process (no Redis needed) and print or write results."""
+    from lmjobs.cli import commands
+
+    params = _params(max_new_tokens, temperature, top_p, seed, stop, source_lang, target_lang,
+                     system_prompt, truncate, raw_prompt)
+    commands.run_local(file, task=task, model=model, params=params, output=output, fmt=fmt,
+                       force=force, strict=strict, chunk_size=chunk_size, as_json=as_json)
+
+
+@app.command()
+def submit(
+    file: Path = typer.Argument(..., help="JSONL prompts"),
+    task: str = TaskOpt,
+    model: Optional[str] = ModelOpt,
+    max_new_tokens: Optional[int] = MaxTok,
+    temperature: Optional[float] = Temp,
+    top_p: Optional[float] = TopP,
+    seed: Optional[int] = Seed,
+    stop: Optional[list[str]] = Stop,
+    source_lang: Optional[str] = SrcLang,
+    target_lang: Optional[str] = TgtLang,
+    system_prompt: Optional[str] = SysPrompt,
+    truncate: bool = Truncate,
+    raw_prompt: bool = RawPrompt,
+    strict: bool = Strict,
+    chunk_size: Optional[int] = ChunkSize,
+    priority: int = typer.Option(0, "--priority", help="Higher runs first"),
+    name: Optional[str] = typer.Option(None, "--name"),
+    start_at: Optional[str] = typer.Option(None, "--start-at", help="HH:MM or ISO time; held until then"),
+    finish_by: Optional[str] = typer.Option(None, "--finish-by", help="Deadline: HH:MM or ISO time"),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Submit even if the same file was submitted before"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Read and count, submit nothing"),
+    as_json: bool = JsonOut,
+) -> None:
+    """Queue a job for the workers and print its id."""
+    from lmjobs.cli import commands
+
+    params = _params(max_new_tokens, temperature, top_p, seed, stop, source_lang, target_lang,
+                     system_prompt, truncate, raw_prompt)
+    commands.submit(file, task=task, model=model, params=params, strict=strict,
+                    chunk_size=chunk_size, priority=priority, name=name, start_at=start_at,
+                    finish_by=finish_by, yes=yes, dry_run=dry_run, as_json=as_json)
+
+
+@app.command()
+def worker(
+    model: Optional[str] = ModelOpt,
+    loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
+    name: Optional[str] = typer.Option(None, "--name", "-n", help="Celery node name"),
+) -> None:
+    """Start a Celery worker for one model (one per GPU: set CUDA_VISIBLE_DEVICES)."""
+    from lmjobs.cli import commands
+
+    commands.worker(model=model, loglevel=loglevel, name=name)
+
+
+@app.command()
+def beat(loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
+    """Start Celery beat: the periodic reconciler and scheduler tick."""
+    from lmjobs.cli import commands
+
+    commands.beat(loglevel=loglevel)
+
+
+@app.command()
+def status(
+    job: Optional[int] = typer.Argument(None, help="Job id [default: the latest job]"),
+    watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the job finishes"),
+    interval: float = typer.Option(2.0, "--interval"),
+    as_json: bool = JsonOut,
+) -> None:
+    """Counts, progress, tokens/s and ETA of a job."""
+    from lmjobs.cli import commands
+
+    commands.status(job, watch=watch, interval=interval, as_json=as_json)
+
+
+@app.command("list")
+def list_(
+    limit: int = typer.Option(20, "--limit", "-n"),
+    state: Optional[str] = typer.Option(None, "--status", help="Only jobs in this status"),
+    as_json: bool = JsonOut,
+) -> None:
+    """The latest jobs."""
+    from lmjobs.cli import commands
+
+    commands.list_jobs(limit=limit, state=state, as_json=as_json)
+
+
+@app.command()
+def results(
+    job: int = typer.Argument(...),
+    fmt: str = typer.Option("jsonl", "--format", "-f", help="jsonl, csv, parquet or openai"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write [default: stdout]"),
+    force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists"),
+    only_finished: bool = typer.Option(False, "--only-finished", help="Leave out pending requests"),
+) -> None:
+    """Export a job's results (partial results of a running job included)."""
+    from lmjobs.cli import commands
+
+    commands.results(job, fmt=fmt, output=output, force=force, only_finished=only_finished)
+
+
+@app.command()
+def rejects(job: int = typer.Argument(...), as_json: bool = JsonOut) -> None:
+    """The malformed input lines of a job, with line numbers and reasons."""
+    from lmjobs.cli import commands
+
+    commands.rejects(job, as_json=as_json)
+
+
+@app.command()
+def cancel(job: int = typer.Argument(...), as_json: bool = JsonOut) -> None:
+    """Stop dispatching a job; chunks already running finish."""
+    from lmjobs.cli import commands
+
+    commands.cancel(job, as_json=as_json)
+
+
+@app.command()
+def retry(job: int = typer.Argument(...), as_json: bool = JsonOut) -> None:
+    """Run again only the failed requests of a job."""
+    from lmjobs.cli import commands
+
+    commands.retry(job, as_json=as_json)
+
+
+@app.command()
+def resume(
+    job: int = typer.Argument(...),
+    finish_by: Optional[str] = typer.Option(None, "--finish-by", help="A new deadline"),
+    as_json: bool = JsonOut,
+) -> None:
+    """Continue a job paused at its deadline (or re-dispatch a stalled one)."""
+    from lmjobs.cli import commands
+
+    commands.resume(job, finish_by=finish_by, as_json=as_json)
+
+
+@app.command()
+def reconcile(as_json: bool = JsonOut) -> None:
+    """One pass of the reconciler: requeue lost chunks, start due jobs, dispatch."""
+    from lmjobs.cli import commands
+
+    commands.reconcile(as_json=as_json)
+
+
+@app.command()
+def query(
+    sql: str = typer.Argument(..., help="One read-only SQL statement"),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json"),
+    as_json: bool = JsonOut,
+    limit: int = typer.Option(0, "--limit", help="Stop after this many rows (0: all)"),
+) -> None:
+    """Read-only SQL on the results store (writes, DDL, ATTACH, PRAGMA are refused)."""
+    from lmjobs.cli import commands
+
+    commands.query(sql, fmt="json" if as_json else fmt, limit=limit)
+
+
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply migrations up to REVISION."""
+    from lmjobs.cli import commands
+
+    commands.db_upgrade(revision)
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the schema revision of the configured database."""
+    from lmjobs.cli import commands
+
+    commands.db_current()
+
+
+@app.command()
+def config(as_json: bool = JsonOut) -> None:
+    """The effective settings (passwords masked)."""
+    s = context.settings().masked()
+    if as_json:
+        print(json.dumps(s, indent=2))
+    else:
+        render.kv_table("settings", s)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except LmjobsError as exc:
+        render.error(mask_secrets(str(exc)))
+        sys.exit(exc.exit_code)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        render.error("aborted")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        render.error("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+

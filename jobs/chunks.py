@@ -1,0 +1,428 @@
+"""The chunk service: claim a chunk's lease, generate, record results, close the chunk.
+
+The Celery task and ``lmjobs run`` both call :func:`process_chunk`; only the way a
+chunk id reaches it differs. Delivery is at least once, results are exactly once
+(DESIGN.md item 2):
+
+* the claim is one conditional UPDATE, so a second delivery of a leased, finished or
+  cancelled chunk does nothing;
+* requests that already have a result are skipped (a chunk that was half done when its
+  worker died is not generated again);
+* results are inserted with insert-or-ignore on (job, request) in the same transaction
+  that closes the chunk;
+* a heartbeat keeps the lease alive while the engine runs, so a slow chunk is not taken
+  by a second worker; a dead worker's lease expires after ``lease_seconds``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from lmjobs.db.models import (
+    Chunk,
+    ChunkStatus,
+    Job,
+    JobStatus,
+    Request,
+    Result,
+    ResultStatus,
+    utcnow,
+)
+from lmjobs.db.session import Database
+from lmjobs.db.upsert import insert_ignore
+from lmjobs.jobs.requests import build_gen_request
+from lmjobs.worker.protocol import (
+    FinishReason,
+    GenerateFn,
+    Generation,
+    GenRequest,
+    ModelInfo,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkOutcome:
+    chunk_id: int
+    claimed: bool
+    attempt: int = 0
+    generated: int = 0  # requests sent to the engine
+    skipped: int = 0  # requests that already had a result
+    succeeded: int = 0
+    failed: int = 0
+    lease_lost: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """Who is running the chunk and with what."""
+
+    worker: str
+    model_info: ModelInfo
+    lease_seconds: int = 300
+    heartbeat_seconds: float = 100.0
+    max_attempts: int = 3
+
+
+def claim_chunk(
+    session: Session, chunk_id: int, *, worker: str, lease_seconds: int, now: datetime | None = None
+) -> int | None:
+    """Take the chunk's lease with one conditional UPDATE; return the attempt number or None.
+
+    Claimable: pending or dispatched, or running with an expired lease (its worker died),
+    and only while its job is active.
+    """
+    now = now or utcnow()
+    active_job = exists().where(
+        Job.id == Chunk.job_id,
+        Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+    )
+    claimable = or_(
+        Chunk.status.in_([ChunkStatus.PENDING.value, ChunkStatus.DISPATCHED.value]),
+        and_(Chunk.status == ChunkStatus.RUNNING.value, Chunk.lease_expires_at < now),
+    )
+    res = session.execute(
+        update(Chunk)
+        .where(Chunk.id == chunk_id, claimable, active_job)
+        .values(
+            status=ChunkStatus.RUNNING.value,
+            lease_owner=worker,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            attempts=Chunk.attempts + 1,
+            started_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        return None
+    chunk = session.get(Chunk, chunk_id)
+    assert chunk is not None
+    session.execute(
+        update(Job)
+        .where(Job.id == chunk.job_id, Job.status == JobStatus.QUEUED.value)
+        .values(status=JobStatus.RUNNING.value, started_at=now)
+    )
+    return chunk.attempts
+
+
+def extend_lease(db: Database, chunk_id: int, *, worker: str, lease_seconds: int) -> bool:
+    """Heartbeat: push the lease forward while we still own it. False if it was lost."""
+    with db.session() as s:
+        res = s.execute(
+            update(Chunk)
+            .where(
+                Chunk.id == chunk_id,
+                Chunk.lease_owner == worker,
+                Chunk.status == ChunkStatus.RUNNING.value,
+            )
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
+        )
+        return res.rowcount == 1
+
+
+def release_chunk(db: Database, chunk_id: int, *, worker: str, error: str) -> None:
+    """Give the chunk back (graceful shutdown, engine crash): the reconciler redispatches it."""
+    with db.session() as s:
+        s.execute(
+            update(Chunk)
+            .where(Chunk.id == chunk_id, Chunk.lease_owner == worker)
+            .values(
+                status=ChunkStatus.PENDING.value,
+                lease_owner=None,
+                lease_expires_at=None,
+                last_error=error[:2000],
+            )
+        )
+
+
+class _Heartbeat:
+    """Extends the lease every ``interval`` seconds on a background thread."""
+
+    def __init__(self, db: Database, chunk_id: int, ctx: ChunkContext) -> None:
+        self._db, self._chunk_id, self._ctx = db, chunk_id, ctx
+        self._stop = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(target=self._run, name=f"lease-{chunk_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._ctx.heartbeat_seconds):
+            try:
+                ok = extend_lease(
+                    self._db,
+                    self._chunk_id,
+                    worker=self._ctx.worker,
+                    lease_seconds=self._ctx.lease_seconds,
+                )
+            except Exception as exc:  # the database blinked: try again next beat
+                log.warning("lease heartbeat for chunk %s failed: %s", self._chunk_id, exc)
+                continue
+            if not ok:
+                self.lost = True
+                return
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _pending_requests(session: Session, chunk_id: int) -> list[tuple[Request, Job]]:
+    has_result = exists().where(Result.request_id == Request.id)
+    rows = session.execute(
+        select(Request, Job)
+        .join(Job, Job.id == Request.job_id)
+        .where(Request.chunk_id == chunk_id, ~has_result)
+        .order_by(Request.line_number)
+    ).all()
+    return [(r, j) for r, j in rows]
+
+
+def _result_row(
+    req: Request, job: Job, gen: Generation, gen_req: GenRequest, ctx: ChunkContext, attempt: int
+) -> dict[str, Any]:
+    ok = gen.ok
+    return {
+        "job_id": req.job_id,
+        "request_id": req.id,
+        "status": (ResultStatus.SUCCEEDED if ok else ResultStatus.FAILED).value,
+        "output_text": gen.text if ok else None,
+        "error": None if ok else (gen.error or "generation failed"),
+        "finish_reason": gen.finish_reason.value,
+        "input_tokens": gen.input_tokens,
+        "output_tokens": gen.output_tokens,
+        "latency_ms": round(gen.latency_ms, 3),
+        "model": ctx.model_info.model,
+        "model_revision": ctx.model_info.revision,
+        "dtype": ctx.model_info.dtype,
+        "device": ctx.model_info.device,
+        "params_json": gen_req.params.to_dict(),
+        "template_version": job.template_version,
+        "worker": ctx.worker,
+        "attempt": attempt,
+        "deduplicated": gen.deduplicated,
+        "created_at": utcnow(),
+    }
+
+
+def _failed_generation(key: int, error: str) -> Generation:
+    return Generation(
+        key=key,
+        text="",
+        finish_reason=FinishReason.ERROR,
+        input_tokens=0,
+        output_tokens=0,
+        latency_ms=0.0,
+        error=error,
+    )
+
+
+def _build(pending: list[tuple[Request, Job]]) -> tuple[list[GenRequest], list[Generation]]:
+    """Engine requests for the pending rows; rows that cannot be rendered fail right here."""
+    gen_reqs: list[GenRequest] = []
+    early: list[Generation] = []
+    for req, job in pending:
+        try:
+            gen_reqs.append(build_gen_request(req, job))
+        except ValueError as exc:
+            early.append(_failed_generation(req.id, f"invalid request: {exc}"))
+    return gen_reqs, early
+
+
+def _run_engine(generate: GenerateFn, gen_reqs: Sequence[GenRequest]) -> list[Generation]:
+    if not gen_reqs:
+        return []
+    out = generate(gen_reqs)
+    by_key = {g.key: g for g in out}
+    missing = [r.key for r in gen_reqs if r.key not in by_key]
+    for key in missing:  # an engine must answer every request; treat silence as failure
+        by_key[key] = _failed_generation(key, "the engine returned no answer for this request")
+    return [by_key[r.key] for r in gen_reqs]
+
+
+def _record(
+    db: Database,
+    chunk_id: int,
+    rows: list[dict[str, Any]],
+    ctx: ChunkContext,
+    *,
+    close: bool,
+) -> bool:
+    """Insert results (insert-or-ignore) and, if ``close``, close the chunk: one transaction.
+
+    Returns False if the lease had been lost (another worker owns the chunk now); the
+    rows are still inserted, harmlessly, since they are ignored on conflict.
+    """
+    with db.session() as s:
+        if rows:
+            s.execute(insert_ignore(s, Result, rows, ["job_id", "request_id"]))
+        if not close:
+            return True
+        res = s.execute(
+            update(Chunk)
+            .where(
+                Chunk.id == chunk_id,
+                Chunk.lease_owner == ctx.worker,
+                Chunk.status == ChunkStatus.RUNNING.value,
+            )
+            .values(
+                status=ChunkStatus.DONE.value,
+                finished_at=utcnow(),
+                lease_owner=None,
+                lease_expires_at=None,
+            )
+        )
+        return res.rowcount == 1
+
+
+def process_chunk(
+    db: Database, chunk_id: int, *, generate: GenerateFn, ctx: ChunkContext
+) -> ChunkOutcome:
+    """Run one chunk end to end. Safe to call any number of times for the same chunk."""
+    with db.session() as s:
+        attempt = claim_chunk(s, chunk_id, worker=ctx.worker, lease_seconds=ctx.lease_seconds)
+    if attempt is None:
+        return ChunkOutcome(chunk_id, claimed=False, reason="not claimable (done, leased or inactive)")
+
+    outcome = ChunkOutcome(chunk_id, claimed=True, attempt=attempt)
+    with db.session() as s:
+        pending = _pending_requests(s, chunk_id)
+        total = s.scalar(select(func.count()).where(Request.chunk_id == chunk_id)) or 0
+    outcome.skipped = total - len(pending)
+
+    try:
+        with _Heartbeat(db, chunk_id, ctx) as hb:
+            rows = _generate_rows(db, chunk_id, pending, generate, ctx, attempt, outcome)
+    except Exception as exc:
+        # The engine itself blew up (not one request): give the chunk back at once so it
+        # is retried; past the attempt cap it runs request by request (_run_isolated).
+        release_chunk(db, chunk_id, worker=ctx.worker, error=f"{type(exc).__name__}: {exc}")
+        raise
+    closed = _record(db, chunk_id, rows, ctx, close=True)
+    outcome.lease_lost = hb.lost or not closed
+    outcome.succeeded = sum(r["status"] == ResultStatus.SUCCEEDED.value for r in rows)
+    outcome.failed = len(rows) - outcome.succeeded
+    if closed:
+        job_id = pending[0][1].id if pending else _job_of(db, chunk_id)
+        finalize_job_if_done(db, job_id)
+    return outcome
+
+
+def _generate_rows(
+    db: Database,
+    chunk_id: int,
+    pending: list[tuple[Request, Job]],
+    generate: GenerateFn,
+    ctx: ChunkContext,
+    attempt: int,
+    outcome: ChunkOutcome,
+) -> list[dict[str, Any]]:
+    if attempt > ctx.max_attempts:
+        return _run_isolated(db, chunk_id, pending, generate, ctx, attempt)
+    gen_reqs, early = _build(pending)
+    gens = _run_engine(generate, gen_reqs) + early
+    by_id = {r.id: (r, j) for r, j in pending}
+    req_by_key = {g.key: g for g in gen_reqs}
+    rows = []
+    for gen in gens:
+        req, job = by_id[gen.key]
+        gen_req = req_by_key.get(gen.key) or GenRequest(key=gen.key)
+        rows.append(_result_row(req, job, gen, gen_req, ctx, attempt))
+    outcome.generated = len(gen_reqs)
+    return rows
+
+
+def _run_isolated(
+    db: Database,
+    chunk_id: int,
+    pending: list[tuple[Request, Job]],
+    generate: GenerateFn,
+    ctx: ChunkContext,
+    attempt: int,
+) -> list[dict[str, Any]]:
+    """The chunk has crashed its workers ``max_attempts`` times: run each request alone.
+
+    Each request's own attempt counter is raised *before* it runs and its result is
+    committed right after, so a request that kills the process is found out and, once
+    over the cap, recorded as failed without running it again. Its neighbours succeed.
+    """
+    for req, job in pending:
+        with db.session() as s:
+            s.execute(
+                update(Request)
+                .where(Request.id == req.id)
+                .values(isolated_attempts=Request.isolated_attempts + 1)
+            )
+            tries = s.scalar(select(Request.isolated_attempts).where(Request.id == req.id)) or 0
+        if tries > ctx.max_attempts:
+            gen = _failed_generation(
+                req.id,
+                f"gave up after {tries - 1} isolated attempts: this request crashed the worker each time",
+            )
+            gen_req = GenRequest(key=req.id)
+        else:
+            gen_reqs, early = _build([(req, job)])
+            try:
+                gen = (_run_engine(generate, gen_reqs) + early)[0]
+            except Exception as exc:  # alone, an exception is this request's own failure
+                gen = _failed_generation(req.id, f"{type(exc).__name__}: {exc}")
+            gen_req = gen_reqs[0] if gen_reqs else GenRequest(key=req.id)
+        _record(db, chunk_id, [_result_row(req, job, gen, gen_req, ctx, attempt)], ctx, close=False)
+    return []
+
+
+def _job_of(db: Database, chunk_id: int) -> int:
+    with db.session() as s:
+        job_id = s.scalar(select(Chunk.job_id).where(Chunk.id == chunk_id))
+    assert job_id is not None
+    return int(job_id)
+
+
+def finalize_job_if_done(db: Database, job_id: int) -> str | None:
+    """Set the job's final status once no chunk is open. Idempotent; returns the new status.
+
+    Called after the closing transaction has committed, so of two workers closing the
+    last two chunks at once, at least the later one sees both closed.
+    """
+    with db.session() as s:
+        open_chunks = s.scalar(
+            select(func.count())
+            .select_from(Chunk)
+            .where(Chunk.job_id == job_id, Chunk.status.in_(_OPEN_CHUNK))
+        )
+        if open_chunks:
+            return None
+        counts = dict(
+            s.execute(
+                select(Result.status, func.count()).where(Result.job_id == job_id).group_by(Result.status)
+            ).all()
+        )
+        ok = counts.get(ResultStatus.SUCCEEDED.value, 0)
+        bad = counts.get(ResultStatus.FAILED.value, 0)
+        if bad == 0:
+            status = JobStatus.COMPLETED
+        elif ok == 0:
+            status = JobStatus.FAILED
+        else:
+            status = JobStatus.COMPLETED_WITH_FAILURES
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+            .values(status=status.value, finished_at=utcnow())
+        )
+        return status.value if res.rowcount == 1 else None
+
+
+_OPEN_CHUNK = [s.value for s in ChunkStatus if s.is_open]

@@ -1,0 +1,99 @@
+"""What a worker process holds: its settings, database, model and engine, loaded once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lmjobs.db.session import Database, get_database
+from lmjobs.jobs.chunks import ChunkContext
+from lmjobs.jobs.queues import queue_for_model
+from lmjobs.jobs.settings import Settings, get_settings
+from lmjobs.worker.protocol import GenerateFn, Generation, GenRequest, ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+def worker_name(settings: Settings) -> str:
+    return settings.worker_name or f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    model_name: str
+    queue: str
+    generate: GenerateFn
+    info: ModelInfo
+
+    @property
+    def ctx(self) -> ChunkContext:
+        s = self.settings
+        return ChunkContext(
+            worker=worker_name(s),
+            model_info=self.info,
+            lease_seconds=s.lease_seconds,
+            heartbeat_seconds=s.heartbeat_interval,
+            max_attempts=s.max_attempts,
+        )
+
+
+def load_engine(settings: Settings, model_name: str) -> tuple[GenerateFn, ModelInfo]:
+    """Load the model and bind it to the engine. Raises ModelLoadError on failure."""
+    if os.environ.get("LMJOBS_FAKE_ENGINE"):
+        from lmjobs.worker.fake import FakeEngine
+
+        fake = FakeEngine.from_env()
+        return fake, fake.info
+    from lmjobs.worker.engine import EngineConfig, generate
+    from lmjobs.worker.models import load_model
+
+    assert settings.model_cache is not None
+    loaded = load_model(
+        model_name,
+        device=settings.device,
+        dtype=settings.dtype,
+        cache_dir=settings.model_cache,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    config = EngineConfig(batch_tokens=settings.batch_tokens, max_batch_size=settings.max_batch_size)
+
+    def run(requests: Sequence[GenRequest]) -> list[Generation]:
+        return generate(loaded.model, loaded.tokenizer, requests, config)
+
+    return run, loaded.info
+
+
+_runtime: Runtime | None = None
+
+
+def init_runtime(settings: Settings | None = None, model_name: str | None = None) -> Runtime:
+    """Load once per process (the worker calls it before consuming; later calls reuse it)."""
+    global _runtime
+    if _runtime is None:
+        settings = settings or get_settings()
+        name = model_name or settings.model
+        generate, info = load_engine(settings, name)
+        _runtime = Runtime(
+            settings=settings,
+            db=get_database(settings.database_url),
+            model_name=name,
+            queue=queue_for_model(name),
+            generate=generate,
+            info=info,
+        )
+    return _runtime
+
+
+def get_runtime() -> Runtime:
+    return init_runtime()
+
+
+def reset_runtime(**_: Any) -> None:
+    global _runtime
+    _runtime = None
