@@ -93,9 +93,9 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
         )
         reasons = dict(
             s.execute(
-                select(func.substr(Result.error, 1, 80), func.count())
+                select(Result.error, func.count())
                 .where(Result.job_id == job_id, Result.status == ResultStatus.FAILED.value)
-                .group_by(func.substr(Result.error, 1, 80))
+                .group_by(Result.error)
                 .order_by(func.count().desc())
                 .limit(10)
             ).all()
@@ -136,7 +136,7 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
         output_tokens_per_s=rate_tok,
         requests_per_s=rate_req,
         eta_s=eta,
-        failures_by_reason={str(k): int(v) for k, v in reasons.items()},
+        failures_by_reason={str(k)[:200]: int(v) for k, v in reasons.items()},
     )
 
 

@@ -1,0 +1,3 @@
+from lmjobs.cli.main import main
+
+main()
