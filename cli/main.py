@@ -303,11 +303,12 @@ def main() -> None:
     except KeyboardInterrupt:
         render.error("interrupted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
+        # Usage errors (bad option values): Typer's click raises them with show() and an
+        # exit code of 2; anything else is a bug and keeps its traceback.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         raise
 
