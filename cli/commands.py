@@ -343,7 +343,7 @@ def query(sql: str, *, fmt: str, limit: int) -> None:
     if fmt not in ("table", "csv", "json"):
         raise InputFileError(f"unknown format {fmt!r}; choose table, csv or json")
     s = context.settings()
-    url = getattr(s, "query_database_url", None) or s.database_url
+    url = s.query_database_url or s.database_url
     context.database()
     with run_readonly_query(url, sql, timeout_s=s.query_timeout_s) as res:
         rows = res.rows

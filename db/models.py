@@ -159,6 +159,9 @@ class Request(Base):
     chunk_id: Mapped[int | None] = mapped_column(BigId, doc="Chunk that carries it.")
     line_number: Mapped[int] = mapped_column(Integer, doc="1-based line in the input file.")
     custom_id: Mapped[str] = mapped_column(String(512), doc="Caller's id (default: line number).")
+    task: Mapped[str] = mapped_column(
+        String(32), doc="Template it runs with: the job's task; chat/generate for OpenAI lines."
+    )
     input_json: Mapped[dict] = mapped_column(JSON, doc="The task's input fields.")
     params_json: Mapped[dict | None] = mapped_column(JSON, doc="Per-request sampling overrides.")
     reference: Mapped[str | None] = mapped_column(Text, doc="Expected output, for scoring.")

@@ -2,7 +2,7 @@
 
 Each backend has three layers, so one mistake in one of them does not open a hole:
 
-* a statement check before anything runs (:func:`check_statement`): one statement, whose
+* a statement check before anything runs (``db/sqlcheck.py``): one statement, whose
   first keyword is a reading one, with no data-modifying words nested inside;
 * the database's own read-only mode: SQLite opened with ``mode=ro``; PostgreSQL inside a
   ``READ ONLY`` transaction (and, in production, a role that may only SELECT:
@@ -23,7 +23,6 @@ Placeholders are ``:name`` on both backends.
 from __future__ import annotations
 
 import math
-import re
 import sqlite3
 import threading
 import time
@@ -35,17 +34,16 @@ from typing import Any
 from urllib.parse import quote
 
 import psycopg
+from lmjobs.db.sqlcheck import READ_ONLY, Segment, check_statement, to_pyformat
+from lmjobs.jobs.errors import LmjobsError, QueryError, QueryRefusedError
+from lmjobs.jobs.settings import mask_secrets, mask_url
 from psycopg import errors as pg_errors
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from lmjobs.jobs.errors import QueryError, QueryRefusedError
-from lmjobs.jobs.settings import mask_secrets, mask_url
-
 FETCH_BATCH = 1000  # rows per fetchmany: one FETCH on PostgreSQL, bounded memory on both
 _CANCEL_GRACE_S = 0.5  # the server's statement_timeout normally fires first
 _SQLITE_MAX_LENGTH = 100_000_000  # largest string or blob a query may build (default 1e9)
-_READ_ONLY = "lmjobs query only reads"
 
 
 @dataclass
@@ -92,126 +90,6 @@ def run_readonly_query(
         yield result
     finally:
         result.close()
-
-
-# -- the statement check ------------------------------------------------------------------
-
-_FIRST_WORDS = {
-    "sqlite": frozenset({"SELECT", "WITH", "VALUES", "EXPLAIN", "PRAGMA"}),
-    "postgresql": frozenset({"SELECT", "WITH", "VALUES", "TABLE", "EXPLAIN", "SHOW"}),
-}
-_EXPLAINABLE = frozenset({"SELECT", "WITH", "VALUES", "TABLE"})
-# Words that only appear in a reading statement when something nested writes:
-# WITH x AS (DELETE ...), SELECT ... INTO t, SELECT ... FOR UPDATE, EXPLAIN ANALYZE.
-_FORBIDDEN_WORDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "INTO", "ANALYZE", "ANALYSE"})
-_WORD = re.compile(r"[A-Za-z_\u0080-\uffff][A-Za-z0-9_$\u0080-\uffff]*")
-_DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_\u0080-\uffff][A-Za-z0-9_\u0080-\uffff]*)?\$")
-
-
-@dataclass(frozen=True)
-class _Seg:
-    kind: str  # word | param | lit (string, quoted name) | skip (space, comment) | op
-    text: str
-
-
-def _scan(sql: str, *, postgres: bool) -> list[_Seg]:
-    """Split SQL into segments that cover it exactly. Unterminated quotes run to the end."""
-    segs: list[_Seg] = []
-    i, n = 0, len(sql)
-    while i < n:
-        c = sql[i]
-        kind, j = "op", i + 1
-        if c.isspace():
-            kind = "skip"
-            while j < n and sql[j].isspace():
-                j += 1
-        elif sql.startswith("--", i):
-            kind, j = "skip", (sql.find("\n", i) + 1 or n + 1) - 1 if "\n" in sql[i:] else n
-            j = n if j <= i else j + 1
-        elif sql.startswith("/*", i):
-            kind, j = "skip", _comment_end(sql, i, nested=postgres)
-        elif c in "'\"" or (not postgres and c in "`["):
-            backslash = postgres and c == "'" and bool(segs) and segs[-1].text in ("e", "E")
-            kind, j = "lit", _quote_end(sql, i, "]" if c == "[" else c, backslash)
-        elif postgres and c == "$" and (m := _DOLLAR_TAG.match(sql, i)):
-            end = sql.find(m.group(0), m.end())
-            kind, j = "lit", n if end < 0 else end + len(m.group(0))
-        elif sql.startswith("::", i):
-            j = i + 2
-        elif c == ":" and (m := _WORD.match(sql, i + 1)):
-            kind, j = "param", m.end()
-        elif m := _WORD.match(sql, i):
-            kind, j = "word", m.end()
-        segs.append(_Seg(kind, sql[i:j]))
-        i = j
-    return segs
-
-
-def _comment_end(sql: str, i: int, *, nested: bool) -> int:
-    depth, j = 0, i
-    while j < len(sql):
-        if sql.startswith("/*", j) and (nested or depth == 0):
-            depth, j = depth + 1, j + 2
-        elif sql.startswith("*/", j):
-            depth, j = depth - 1, j + 2
-            if depth == 0:
-                return j
-        else:
-            j += 1
-    return len(sql)
-
-
-def _quote_end(sql: str, i: int, close: str, backslash: bool) -> int:
-    j = i + 1
-    while j < len(sql):
-        if backslash and sql[j] == "\\":
-            j += 2
-        elif sql[j] == close:
-            if sql.startswith(close * 2, j) and close != "]":
-                j += 2  # doubled quote: an escaped one
-            else:
-                return j + 1
-        else:
-            j += 1
-    return len(sql)
-
-
-def check_statement(sql: str, *, dialect: str) -> tuple[str, list[_Seg]]:
-    """Refuse what is not one reading statement; return its first keyword and segments.
-
-    ``dialect`` is ``sqlite`` or ``postgresql``. The segments stop before a trailing ``;``.
-    """
-    segs = _scan(sql, postgres=dialect == "postgresql")
-    for k, s in enumerate(segs):
-        if s.kind == "op" and s.text == ";":
-            if any(t.kind != "skip" and t.text != ";" for t in segs[k + 1 :]):
-                raise QueryRefusedError("refused: one statement at a time (text follows ';')")
-            segs = segs[:k]
-            break
-    code = [s for s in segs if s.kind != "skip"]
-    words = [s.text.upper() for s in code if s.kind == "word"]
-    if not code:
-        raise QueryError("empty query")
-    first = next((s for s in code if s.text != "("), code[0])
-    keyword = first.text.upper() if first.kind == "word" else first.text
-    if keyword not in _FIRST_WORDS[dialect]:
-        allowed = ", ".join(sorted(_FIRST_WORDS[dialect]))
-        raise QueryRefusedError(f"refused: {keyword} statements are not allowed ({allowed} only)")
-    bad = next((w for w in words if w in _FORBIDDEN_WORDS), None)
-    if bad:
-        raise QueryRefusedError(f"refused: {bad} is not allowed; {_READ_ONLY}")
-    if keyword == "EXPLAIN":
-        rest = code[code.index(first) + 1 :]
-        if rest and rest[0].text == "(":  # EXPLAIN (options) stmt
-            close = next((k for k, s in enumerate(rest) if s.text == ")"), len(rest) - 1)
-            rest = rest[close + 1 :]
-        inner = next(
-            (s.text.upper() for s in rest if s.text != "(" and s.text.upper() not in ("QUERY", "PLAN", "VERBOSE")),
-            "nothing",
-        )
-        if inner not in _EXPLAINABLE:
-            raise QueryRefusedError(f"refused: EXPLAIN {inner} is not allowed; {_READ_ONLY}")
-    return keyword, segs
 
 
 # -- time budget --------------------------------------------------------------------------
@@ -308,6 +186,7 @@ _WARM_UP = [f"SELECT * FROM pragma_{p}('') LIMIT 0" for p in sorted(_SAFE_PRAGMA
     "SELECT * FROM json_each('[]') LIMIT 0",
     "SELECT * FROM json_tree('[]') LIMIT 0",
 ]
+_NO_SHM = ("SQLITE_READONLY_DIRECTORY", "SQLITE_READONLY_CANTINIT", "SQLITE_CANTOPEN")
 _ACTIONS = {getattr(sqlite3, f"SQLITE_{a}", -1): a.replace("_", " ") for a in (
     "CREATE_INDEX CREATE_TABLE CREATE_TEMP_INDEX CREATE_TEMP_TABLE CREATE_TEMP_TRIGGER "
     "CREATE_TEMP_VIEW CREATE_TRIGGER CREATE_VIEW DELETE DROP_INDEX DROP_TABLE "
@@ -350,34 +229,40 @@ def _sqlite_path(url: URL) -> Path:
 
 
 def _sqlite_open(uri: str, path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
+    conn = None
     try:
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=5.0)
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # errors show up here
-    except sqlite3.DatabaseError as e:
-        conn.close()
+    except sqlite3.Error as e:
+        if conn is not None:
+            conn.close()
         if getattr(e, "sqlite_errorname", "") == "SQLITE_NOTADB":
             raise QueryError(f"{path} is not a SQLite database") from None
         raise
     return conn
 
 
-def sqlite_readonly_connect(path: Path, budget: _Budget) -> tuple[sqlite3.Connection, _Authorizer]:
+def sqlite_readonly_connect(
+    path: Path, budget: _Budget | None = None
+) -> tuple[sqlite3.Connection, _Authorizer]:
     """Open ``path`` read-only with the authorizer, limits and progress handler installed."""
     if not path.is_file():
         raise QueryError(f"no database at {path}")  # and mode=ro never creates one
     uri = f"file:{quote(str(path))}?mode=ro"
     try:
         conn = _sqlite_open(uri, path)
-    except sqlite3.OperationalError as e:
+    except sqlite3.Error as e:
         # A WAL database read-only needs its -shm file, which a reader creates when it is
         # missing. In a folder the reader cannot write, that fails; with no -wal content,
         # the main file holds everything and can be read as immutable.
         wal = Path(f"{path}-wal")
-        cannot_create = getattr(e, "sqlite_errorname", "") in (
-            "SQLITE_READONLY_DIRECTORY", "SQLITE_CANTOPEN", "SQLITE_READONLY_CANTINIT")  # fmt: skip
-        if not cannot_create or (wal.exists() and wal.stat().st_size > 0):
+        no_shm = getattr(e, "sqlite_errorname", "") in _NO_SHM
+        if not no_shm or (wal.exists() and wal.stat().st_size > 0):
             raise QueryError(f"cannot read {path}: {_first_line(str(e))}") from None
-        conn = _sqlite_open(uri + "&immutable=1", path)
+        try:
+            conn = _sqlite_open(uri + "&immutable=1", path)
+        except sqlite3.Error as e2:
+            raise QueryError(f"cannot read {path}: {_first_line(str(e2))}") from None
     conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
     conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _SQLITE_MAX_LENGTH)
     conn.execute("PRAGMA query_only = ON")
@@ -388,7 +273,8 @@ def sqlite_readonly_connect(path: Path, budget: _Budget) -> tuple[sqlite3.Connec
             pass  # an older SQLite without it
     authorizer = _Authorizer()
     conn.set_authorizer(authorizer)
-    conn.set_progress_handler(lambda: 1 if budget.passed() else 0, 1000)
+    if budget is not None:
+        conn.set_progress_handler(lambda: 1 if budget.passed() else 0, 1000)
     return conn, authorizer
 
 
@@ -397,19 +283,24 @@ def _sqlite_errors(auth: _Authorizer, budget: _Budget) -> Iterator[None]:
     try:
         yield
     except sqlite3.Error as e:
-        name = getattr(e, "sqlite_errorname", "")
-        if budget.expired:
-            raise budget.error() from None
-        if auth.denied:
-            raise QueryRefusedError(f"refused: {auth.denied} is not allowed; {_READ_ONLY}") from None
-        if "one statement" in str(e):
-            raise QueryRefusedError("refused: one statement at a time") from None
-        if name.startswith("SQLITE_READONLY"):
-            raise QueryRefusedError(f"refused: the statement would write; {_READ_ONLY}") from None
-        raise QueryError(_first_line(str(e))) from None
+        raise _sqlite_error(e, auth, budget) from None
 
 
-def _sqlite_query(url: URL, sql: str, timeout_s: float, params: dict[str, Any] | None) -> QueryResult:
+def _sqlite_error(e: sqlite3.Error, auth: _Authorizer, budget: _Budget) -> LmjobsError:
+    if budget.expired:
+        return budget.error()
+    if auth.denied:
+        return QueryRefusedError(f"refused: {auth.denied} is not allowed; {READ_ONLY}")
+    if "one statement" in str(e):
+        return QueryRefusedError("refused: one statement at a time")
+    if getattr(e, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+        return QueryRefusedError(f"refused: the statement would write; {READ_ONLY}")
+    return QueryError(_first_line(str(e)))
+
+
+def _sqlite_query(
+    url: URL, sql: str, timeout_s: float, params: dict[str, Any] | None
+) -> QueryResult:
     _, segs = check_statement(sql, dialect="sqlite")
     text = "".join(s.text for s in segs)
     budget = _Budget(timeout_s)
@@ -464,17 +355,11 @@ def _pg_errors(budget: _Budget) -> Iterator[None]:
         if isinstance(e, _REFUSED_STATES):
             raise QueryRefusedError(f"refused: {message}") from None
         raise QueryError(message) from None
-    except KeyError as e:  # a :name without a value in params
-        raise QueryError(f"no value given for parameter :{e.args[0]}") from None
 
 
-def _pg_text(segs: list[_Seg], with_params: bool) -> str:
-    """``:name`` -> ``%(name)s`` and ``%`` -> ``%%``, only when psycopg will see params."""
-    if not with_params:
-        return "".join(s.text for s in segs)
-    return "".join(
-        f"%({s.text[1:]})s" if s.kind == "param" else s.text.replace("%", "%%") for s in segs
-    )
+def _pg_text(segs: list[Segment], with_params: bool) -> str:
+    """The SQL as psycopg takes it: placeholders converted only when it will see params."""
+    return to_pyformat(segs) if with_params else "".join(s.text for s in segs)
 
 
 def _pg_query(url: URL, sql: str, timeout_s: float, params: dict[str, Any] | None) -> QueryResult:
@@ -484,7 +369,7 @@ def _pg_query(url: URL, sql: str, timeout_s: float, params: dict[str, Any] | Non
     cancel = getattr(conn, "cancel_safe", None) or conn.cancel
     budget = _Budget(timeout_s, on_expire=cancel)
     try:
-        cur: psycopg.Cursor[Any]
+        cur: psycopg.Cursor[Any] | psycopg.ServerCursor[Any]
         if keyword in ("SHOW", "EXPLAIN"):
             # Not allowed in DECLARE; a prepared statement still takes only one statement.
             cur = conn.cursor()

@@ -25,7 +25,7 @@ from lmjobs.db.upsert import insert_ignore
 from lmjobs.jobs.errors import InputFileError
 from lmjobs.jobs.inputs import TASKS, LineError, ParsedRequest, read_requests, sha256_file
 from lmjobs.jobs.queues import queue_for_model
-from lmjobs.jobs.requests import task_of
+from lmjobs.jobs.requests import sampling_params
 from lmjobs.jobs.templates import TEMPLATE_VERSIONS, content_hash, render
 
 MAX_REPORTED_REJECTS = 20
@@ -69,16 +69,18 @@ def _check_options(path: Path, opts: SubmitOptions) -> None:
 
 def _request_row(job_id: int, chunk_id: int, p: ParsedRequest, opts: SubmitOptions) -> dict[str, Any]:
     """Raises ValueError when the task template refuses the fields (e.g. no target language)."""
-    rendered = render(task_of(opts.task, p.input), p.input, opts.params)
+    rendered = render(p.task, p.input, opts.params)
+    effective = sampling_params(opts.params, p.params).to_dict()
     return {
         "job_id": job_id,
         "chunk_id": chunk_id,
         "line_number": p.line_number,
         "custom_id": p.custom_id,
+        "task": p.task,
         "input_json": p.input,
         "params_json": p.params,
         "reference": p.reference,
-        "content_sha256": content_hash(opts.task, rendered, p.params),
+        "content_sha256": content_hash(p.task, rendered, effective),
         "isolated_attempts": 0,
     }
 
@@ -168,7 +170,7 @@ def _validate_strict(path: Path, opts: SubmitOptions) -> None:
             bad.append(item)
         else:
             try:
-                render(task_of(opts.task, item.input), item.input, opts.params)
+                render(item.task, item.input, opts.params)
             except ValueError as exc:
                 bad.append(LineError(item.line_number, str(exc), ""))
         if len(bad) >= 5:

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=lambda: Path(os.path.expanduser("~/.lmjobs")))
     database_url: str = ""  # default: sqlite:///<home>/lmjobs.db
+    # `lmjobs query` connects here when set (a SELECT-only role; docs/security.md)
+    query_database_url: str = ""
     broker_url: str = "redis://127.0.0.1:6379/0"
     model: str = "smollm2-135m"
     model_cache: Path | None = None  # default: <home>/models

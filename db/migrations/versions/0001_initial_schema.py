@@ -136,6 +136,7 @@ def upgrade() -> None:
     sa.Column('chunk_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=True),
     sa.Column('line_number', sa.Integer(), nullable=False),
     sa.Column('custom_id', sa.String(length=512), nullable=False),
+    sa.Column('task', sa.String(length=32), nullable=False),
     sa.Column('input_json', sa.JSON(), nullable=False),
     sa.Column('params_json', sa.JSON(), nullable=True),
     sa.Column('reference', sa.Text(), nullable=True),
