@@ -21,6 +21,7 @@ from lmjobs.db.models import (
 )
 from lmjobs.db.session import Database
 from lmjobs.jobs.errors import JobStateError, UnknownJobError
+from lmjobs.jobs.metrics import mean_scores
 
 
 @dataclass
@@ -49,6 +50,7 @@ class JobStatusReport:
     requests_per_s: float | None
     eta_s: float | None
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    scores: dict[str, float] = field(default_factory=dict)  # mean per metric (jobs/metrics.py)
 
     @property
     def done(self) -> int:
@@ -137,6 +139,7 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
         requests_per_s=rate_req,
         eta_s=eta,
         failures_by_reason={str(k)[:200]: int(v) for k, v in reasons.items()},
+        scores=mean_scores(db, job_id),
     )
 
 

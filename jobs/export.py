@@ -3,6 +3,10 @@
 Rows are streamed from the database in pages, so a ten-million-row job exports in
 bounded memory. Partial results of a running job export too: requests without a result
 appear with status ``pending`` (``--only-finished`` leaves them out).
+
+Every format carries the same columns (``COLUMNS``); ``finished_at`` is the result's
+``created_at`` (ISO 8601 UTC in JSONL/CSV, a UTC timestamp in Parquet). In CSV an empty
+cell is NULL (the csv module cannot tell the two apart); ``input_json`` is JSON text.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import csv
 import json
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import select
+from sqlalchemy import and_, select
 
 from lmjobs.db.models import Job, Request, Result
 from lmjobs.db.session import Database
@@ -22,6 +27,7 @@ from lmjobs.jobs.errors import OutputPathError
 
 FORMATS = ("jsonl", "csv", "parquet", "openai")
 PAGE = 2000
+ROW_GROUP = 50_000  # Parquet rows per row group: big enough for readers, bounded memory
 
 COLUMNS = [
     "job_id",
@@ -37,9 +43,12 @@ COLUMNS = [
     "latency_ms",
     "model",
     "model_revision",
+    "dtype",
     "template_version",
     "worker",
     "attempt",
+    "deduplicated",
+    "finished_at",
     "reference",
     "input_json",
 ]
@@ -51,7 +60,7 @@ def iter_result_rows(db: Database, job_id: int, *, only_finished: bool = False) 
     while True:
         q = (
             select(Request, Result)
-            .outerjoin(Result, Result.request_id == Request.id)
+            .outerjoin(Result, and_(Result.request_id == Request.id, Result.job_id == job_id))
             .where(Request.job_id == job_id, Request.line_number > last)
             .order_by(Request.line_number)
             .limit(PAGE)
@@ -78,9 +87,12 @@ def iter_result_rows(db: Database, job_id: int, *, only_finished: bool = False) 
                 "latency_ms": res.latency_ms if res else None,
                 "model": res.model if res else None,
                 "model_revision": res.model_revision if res else None,
+                "dtype": res.dtype if res else None,
                 "template_version": res.template_version if res else None,
                 "worker": res.worker if res else None,
                 "attempt": res.attempt if res else None,
+                "deduplicated": res.deduplicated if res else None,
+                "finished_at": res.created_at if res else None,
                 "reference": req.reference,
                 "input_json": req.input_json,
             }
@@ -99,6 +111,7 @@ def open_output(path: Path | None, *, force: bool, binary: bool = False) -> IO[A
     if path.is_symlink():
         raise OutputPathError(f"{path} is a symbolic link; refusing to write through it")
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    flags |= getattr(os, "O_NOFOLLOW", 0)  # a symlink swapped in after the check is refused
     try:
         fd = os.open(path, flags, 0o644)
     except FileExistsError:
@@ -114,7 +127,9 @@ def _openai_line(row: dict[str, Any], model: str) -> dict[str, Any]:
             "status_code": 200,
             "request_id": str(row["request_id"]),
             "body": {
+                "id": f"chatcmpl-lmjobs-{row['request_id']}",
                 "object": "chat.completion",
+                "created": int(row["finished_at"].timestamp()) if row["finished_at"] else None,
                 "model": row["model"] or model,
                 "choices": [
                     {
@@ -156,7 +171,7 @@ def write_results(
     n = 0
     if fmt == "jsonl":
         for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            out.write(json.dumps(_text_row(row), ensure_ascii=False) + "\n")
             n += 1
     elif fmt == "openai":
         with db.session() as s:
@@ -169,11 +184,19 @@ def write_results(
         w = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         for row in rows:
-            w.writerow({**row, "input_json": json.dumps(row["input_json"], ensure_ascii=False)})
+            text_json = json.dumps(row["input_json"], ensure_ascii=False)
+            w.writerow({**_text_row(row), "input_json": text_json})
             n += 1
     else:
         n = _write_parquet(rows, out)
     return n
+
+
+def _text_row(row: dict[str, Any]) -> dict[str, Any]:
+    finished = row["finished_at"]
+    if isinstance(finished, datetime):
+        return {**row, "finished_at": finished.isoformat()}
+    return row
 
 
 def _write_parquet(rows: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
@@ -195,9 +218,12 @@ def _write_parquet(rows: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
             ("latency_ms", pa.float64()),
             ("model", pa.string()),
             ("model_revision", pa.string()),
+            ("dtype", pa.string()),
             ("template_version", pa.string()),
             ("worker", pa.string()),
             ("attempt", pa.int64()),
+            ("deduplicated", pa.bool_()),
+            ("finished_at", pa.timestamp("us", tz="UTC")),
             ("reference", pa.string()),
             ("input_json", pa.string()),
         ]
@@ -207,7 +233,7 @@ def _write_parquet(rows: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
         batch: list[dict[str, Any]] = []
         for row in rows:
             batch.append({**row, "input_json": json.dumps(row["input_json"], ensure_ascii=False)})
-            if len(batch) >= PAGE:
+            if len(batch) >= ROW_GROUP:
                 writer.write_table(pa.Table.from_pylist(batch, schema=schema))
                 n += len(batch)
                 batch = []

@@ -1,0 +1,286 @@
+"""``lmjobs report JOB``: the figures of one job, computed from streamed rows.
+
+One pass over the job's requests (with their results, when they have one) in pages gives
+counts, tokens, latency percentiles and throughput per task; failures and score means are
+aggregate queries; score histograms stream the scores table. Memory holds one float per
+finished request (for exact percentiles) and a few fixed-size bins, not the rows.
+
+* Percentiles are nearest-rank: the smallest latency with at least p% of requests at or
+  below it (the same definition as the example query in docs/schema.md).
+* Throughput buckets are by result ``created_at``, from the job's start; a chunk writes
+  its results at once, so a bucket shorter than a chunk is bursty. The width is a round
+  number of seconds giving at most ``MAX_BUCKETS`` points.
+* The latency histogram spans 0..p99; slower requests are counted, not drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, select
+
+from lmjobs.db.models import Job, Reject, Request, Result, ResultStatus
+from lmjobs.db.session import Database
+from lmjobs.jobs.control import get_job
+from lmjobs.jobs.metrics import corpus_scores, mean_scores, score_values
+
+PAGE = 5000
+MAX_BUCKETS = 60
+LATENCY_BINS = 20
+SCORE_BINS = 10
+TOP_FAILURES = 10
+_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
+SCORE_RANGES = {"chrf": 100.0, "bleu": 100.0}  # the rest are 0..1
+
+
+@dataclass
+class Latency:
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    max: float | None = None
+    mean: float | None = None
+
+
+@dataclass
+class Figures:
+    """Counts, tokens and latency of a set of requests (all of a job, or one task)."""
+
+    task: str
+    requests: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    pending: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    latency_ms: Latency = field(default_factory=Latency)
+
+
+@dataclass
+class Bucket:
+    start: datetime
+    requests: int = 0
+    output_tokens: int = 0
+    tokens_per_s: float = 0.0
+
+
+@dataclass
+class Histogram:
+    lo: float
+    hi: float
+    counts: list[int]
+    above: int = 0  # values past ``hi`` (not drawn)
+
+    @property
+    def width(self) -> float:
+        return (self.hi - self.lo) / len(self.counts) if self.counts else 0.0
+
+
+@dataclass
+class JobReport:
+    job_id: int
+    name: str | None
+    task: str
+    model: str
+    status: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    lines_rejected: int
+    totals: Figures
+    per_task: list[Figures]
+    bucket_s: float
+    throughput: list[Bucket]
+    latency_histogram: Histogram
+    failures: list[tuple[str, int]]  # (reason, count), most common first; "(other)" last
+    scores: dict[str, float]  # mean per metric
+    corpus_scores: dict[str, float]
+    score_histograms: dict[str, Histogram]
+
+    @property
+    def elapsed_s(self) -> float | None:
+        if self.started_at is None:
+            return None
+        end = self.finished_at or (self.throughput[-1].start if self.throughput else None)
+        return max(0.0, (end - self.started_at).total_seconds()) if end else None
+
+    def to_json(self) -> dict[str, Any]:
+        def conv(v: Any) -> Any:
+            if isinstance(v, datetime):
+                return v.isoformat()
+            if isinstance(v, dict):
+                return {k: conv(x) for k, x in v.items()}
+            if isinstance(v, (list, tuple)):
+                return [conv(x) for x in v]
+            return v
+
+        return {**conv(asdict(self)), "elapsed_s": self.elapsed_s}
+
+
+def percentile(sorted_values: Any, p: float) -> float | None:
+    """Nearest rank: the smallest value with at least ``p`` of the values at or below it."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    return float(sorted_values[max(0, math.ceil(p * n) - 1)])
+
+
+def latency_of(values: array) -> Latency:
+    s = sorted(values)
+    if not s:
+        return Latency()
+    p50, p90, p99 = (percentile(s, p) for p in (0.5, 0.9, 0.99))
+    return Latency(p50, p90, p99, s[-1], sum(s) / len(s))
+
+
+def histogram(values: Any, lo: float, hi: float, bins: int) -> Histogram:
+    h = Histogram(lo=lo, hi=hi, counts=[0] * bins)
+    width = (hi - lo) / bins if hi > lo else 1.0
+    for v in values:
+        if v > hi:
+            h.above += 1
+        else:
+            h.counts[min(bins - 1, max(0, int((v - lo) / width)))] += 1
+    return h
+
+
+def bucket_width(span_s: float) -> float:
+    target = span_s / (MAX_BUCKETS - 1)  # floor(span / width) + 1 points, at most MAX_BUCKETS
+    return float(next((s for s in _STEPS if s >= target), math.ceil(target / 86400) * 86400))
+
+
+class _Acc:
+    """Per-task running figures and latencies."""
+
+    def __init__(self, task: str) -> None:
+        self.fig = Figures(task=task)
+        self.lat = array("d")
+
+    def add(self, status: str | None, tin: int | None, tout: int | None, ms: float | None) -> None:
+        f = self.fig
+        f.requests += 1
+        if status is None:
+            f.pending += 1
+            return
+        if status == ResultStatus.SUCCEEDED.value:
+            f.succeeded += 1
+            if ms is not None:
+                self.lat.append(ms)
+        else:
+            f.failed += 1
+        f.input_tokens += tin or 0
+        f.output_tokens += tout or 0
+
+    def done(self) -> Figures:
+        self.fig.latency_ms = latency_of(self.lat)
+        return self.fig
+
+
+def _time_span(db: Database, job: Job) -> tuple[datetime | None, datetime | None]:
+    with db.session() as s:
+        first, last = s.execute(
+            select(func.min(Result.created_at), func.max(Result.created_at)).where(
+                Result.job_id == job.id
+            )
+        ).one()
+    if first is None:
+        return None, None
+    start = min(first, job.started_at) if job.started_at else first
+    return start, last
+
+
+def _rows(db: Database, job_id: int) -> Any:
+    last = 0
+    while True:
+        q = (
+            select(Request.line_number, Request.task, Result.status, Result.input_tokens,
+                   Result.output_tokens, Result.latency_ms, Result.created_at)
+            .outerjoin(Result, and_(Result.request_id == Request.id, Result.job_id == job_id))
+            .where(Request.job_id == job_id, Request.line_number > last)
+            .order_by(Request.line_number)
+            .limit(PAGE)
+        )
+        with db.session() as s:
+            page = s.execute(q).all()
+        if not page:
+            return
+        last = page[-1][0]
+        yield from page
+
+
+def _failures(db: Database, job_id: int) -> list[tuple[str, int]]:
+    with db.session() as s:
+        rows = s.execute(
+            select(Result.error, func.count())
+            .where(Result.job_id == job_id, Result.status == ResultStatus.FAILED.value)
+            .group_by(Result.error)
+            .order_by(func.count().desc(), Result.error)
+        ).all()
+    top = [(str(e or "(no message)")[:300], int(n)) for e, n in rows[:TOP_FAILURES]]
+    rest = sum(int(n) for _, n in rows[TOP_FAILURES:])
+    return [*top, ("(other)", rest)] if rest else top
+
+
+def _score_histograms(db: Database, job_id: int) -> dict[str, Histogram]:
+    hists: dict[str, Histogram] = {}
+    for metric, value in score_values(db, job_id):
+        h = hists.get(metric)
+        if h is None:
+            h = hists[metric] = Histogram(0.0, SCORE_RANGES.get(metric, 1.0), [0] * SCORE_BINS)
+        i = int((value - h.lo) / h.width) if h.width else 0
+        h.counts[min(SCORE_BINS - 1, max(0, i))] += 1
+    return dict(sorted(hists.items()))
+
+
+def build_report(db: Database, job_id: int) -> JobReport:
+    """Every figure of the report; reads only (run ``score_job`` first for fresh scores)."""
+    job = get_job(db, job_id)
+    start, end = _time_span(db, job)
+    buckets: list[Bucket] = []
+    width = 1.0
+    if start is not None and end is not None:
+        width = bucket_width((end - start).total_seconds())
+        n_buckets = int((end - start).total_seconds() // width) + 1
+        buckets = [Bucket(start=start + timedelta(seconds=i * width)) for i in range(n_buckets)]
+    total, per_task = _Acc("all"), dict[str, _Acc]()
+    for _, task, status, tin, tout, ms, created in _rows(db, job_id):
+        total.add(status, tin, tout, ms)
+        acc = per_task.get(task)
+        if acc is None:
+            acc = per_task[task] = _Acc(task)
+        acc.add(status, tin, tout, ms)
+        if created is not None and start is not None:
+            b = buckets[min(len(buckets) - 1, int((created - start).total_seconds() // width))]
+            b.requests += 1
+            b.output_tokens += tout or 0
+    for b in buckets:
+        b.tokens_per_s = b.output_tokens / width
+    lat = sorted(total.lat)
+    p99 = percentile(lat, 0.99) or 0.0
+    totals = total.done()
+    with db.session() as s:
+        rejected = s.scalar(select(func.count()).where(Reject.job_id == job_id)) or 0
+    return JobReport(
+        job_id=job.id,
+        name=job.name,
+        task=job.task,
+        model=job.model,
+        status=job.status,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        lines_rejected=max(int(rejected), job.lines_rejected),
+        totals=totals,
+        per_task=[a.done() for _, a in sorted(per_task.items())],
+        bucket_s=width,
+        throughput=buckets,
+        latency_histogram=histogram(lat, 0.0, p99 if p99 > 0 else 1.0, LATENCY_BINS),
+        failures=_failures(db, job_id),
+        scores=mean_scores(db, job_id),
+        corpus_scores=corpus_scores(db, job_id),
+        score_histograms=_score_histograms(db, job_id),
+    )
