@@ -1,0 +1,32 @@
+"""Tiny random models for the worker tests, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import build_tiny_causal, build_tiny_seq2seq
+
+# Random weights on the CPU can underflow into denormals, which run many times slower.
+torch.set_flush_denormal(True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_causal(tmp_path_factory.mktemp("tiny") / "llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_causal(tmp_path_factory.mktemp("tiny") / "gpt2", arch="gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_seq2seq(tmp_path_factory.mktemp("tiny") / "t5", arch="t5")
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")

@@ -1,0 +1,285 @@
+"""The decode loop's state: rows (one request being written) and batches (rows that share
+one forward pass and one KV cache).
+
+Causal batches are left-padded: every row's real tokens end at the last cache column, so
+one new token per row is one new column. Each row's position ids count its real tokens
+only, which makes a padded row compute what it would compute alone. Because padding is
+always on the left, two batches can be merged (the shorter cache is padded on the left)
+and finished rows can be dropped (their cache rows removed, all-padding columns cut):
+that is what continuous batching needs.
+
+Encoder-decoder batches run the encoder once and keep its output; all their rows start
+decoding together, so they can drop rows but not take new ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import BaseModelOutput
+
+from lmjobs.worker.batching import Prepared
+from lmjobs.worker.protocol import FinishReason
+from lmjobs.worker.sampling import LogitRules, choose_tokens, make_generator
+
+NON_FINITE = "non-finite logits (NaN or inf) from the model"
+
+
+@dataclass(frozen=True)
+class DecodeContext:
+    """What every batch of one ``generate`` call shares."""
+
+    model: Any
+    device: torch.device
+    pad_id: int
+    eos_ids: frozenset[int]
+    rules: LogitRules
+    decode: Callable[[Sequence[int]], str]  # token ids -> text, special tokens skipped
+    decoder_start_id: int | None = None  # encoder-decoder models only
+    logits_to_keep: bool = False  # the model's forward takes ``logits_to_keep``
+
+
+@dataclass(eq=False)
+class Row:
+    """One request being decoded."""
+
+    req: Prepared
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    finish: FinishReason | None = None
+    error: str | None = None
+    started: float = 0.0
+    latency_ms: float = 0.0
+    _stop_window: int = 0
+
+    def start(self, device: torch.device) -> None:
+        """(Re)start from nothing: a retried row draws the same random numbers again."""
+        self.generated = []
+        self.finish = None
+        self.error = None
+        self.started = time.perf_counter()
+        params = self.req.params
+        self.generator = None if params.greedy else make_generator(params.seed, device)
+        # A stop string of n characters spans at most 4n byte-level tokens, plus one token
+        # that may straddle its start.
+        self._stop_window = 4 * max((len(s) for s in params.stop), default=0) + 1
+
+    def fail(self, error: str) -> None:
+        self.finish, self.error = FinishReason.ERROR, error
+        self.latency_ms = (time.perf_counter() - self.started) * 1000 if self.started else 0.0
+
+    def push(self, token: int, finite: bool, ctx: DecodeContext) -> bool:
+        """Append the token just chosen; True when the row is finished."""
+        if not finite:
+            self.fail(NON_FINITE)
+            return True
+        self.generated.append(token)
+        if token in ctx.eos_ids:
+            self.finish = FinishReason.STOP
+        elif self.req.params.stop and self._hit_stop(ctx):
+            self.finish = FinishReason.STOP
+        elif len(self.generated) >= self.req.params.max_new_tokens:
+            self.finish = FinishReason.LENGTH
+        if self.finish is None:
+            return False
+        self.latency_ms = (time.perf_counter() - self.started) * 1000
+        return True
+
+    def _hit_stop(self, ctx: DecodeContext) -> bool:
+        # Only the tail can hold a stop string completed by this token; decoding it
+        # costs O(window), not O(text).
+        tail = ctx.decode(self.generated[-self._stop_window :])
+        return any(s in tail for s in self.req.params.stop)
+
+    def text(self, ctx: DecodeContext) -> str:
+        """The answer: generated tokens without EOS, cut before the first stop string."""
+        ids = self.generated
+        if ids and ids[-1] in ctx.eos_ids:
+            ids = ids[:-1]
+        text = ctx.decode(ids)
+        cuts = [text.find(s) for s in self.req.params.stop if s in text]
+        if cuts:
+            text = text[: min(cuts)]
+        return text
+
+
+def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zeros in front of ``t`` along ``dim`` until it is ``width`` long."""
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class CausalBatch:
+    """Rows of a decoder-only model sharing a left-padded DynamicCache."""
+
+    def __init__(self, ctx: DecodeContext, rows: list[Row]) -> None:
+        self.ctx = ctx
+        self.rows = rows
+        self.cache: Any = None
+        self.mask = torch.empty(0)  # [B, T] 1 for real tokens, 0 for left padding
+        self.pos = torch.empty(0)  # [B] position of the next token of each row
+        self.last = torch.empty(0)  # [B] token to feed at the next step
+
+    @property
+    def can_merge(self) -> bool:
+        # Only plain dynamic layers can be padded and cut freely (not sliding windows...).
+        return self.cache is not None and all(type(x) is DynamicLayer for x in self.cache.layers)
+
+    def prefill(self) -> torch.Tensor:
+        """Run the prompts; return the logits of each row's next token: [B, V]."""
+        ctx = self.ctx
+        width = max(len(r.req.ids) for r in self.rows)
+        ids = torch.full((len(self.rows), width), ctx.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(self.rows), width), dtype=torch.long)
+        for i, row in enumerate(self.rows):
+            n = len(row.req.ids)
+            ids[i, width - n :] = torch.tensor(row.req.ids)
+            mask[i, width - n :] = 1
+        ids, mask = ids.to(ctx.device), mask.to(ctx.device)
+        # input_ids, mask, positions: [B, S]; pad positions are clamped to 0 (never attended)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": 1} if ctx.logits_to_keep else {}
+        out = ctx.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra
+        )
+        self.cache, self.mask, self.pos = out.past_key_values, mask, mask.sum(-1)
+        return out.logits[:, -1, :]
+
+    def decode(self) -> torch.Tensor:
+        """Feed ``last`` (one token per row); return the next logits: [B, V]."""
+        ones = torch.ones((len(self.rows), 1), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=-1)
+        out = self.ctx.model(
+            input_ids=self.last[:, None],  # [B, 1]
+            attention_mask=self.mask,  # [B, T + 1]
+            position_ids=self.pos[:, None],  # [B, 1]
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.pos = self.pos + 1
+        return out.logits[:, -1, :]
+
+    def advance(self, logits: torch.Tensor) -> list[Row]:
+        """Choose every row's next token; drop the rows that finished and return them."""
+        return _advance(self, logits)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only rows ``keep``; cut the cache columns that are padding in every row."""
+        index = torch.tensor(keep, device=self.mask.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.cache.batch_select_indices(index)
+        self.mask, self.pos, self.last = self.mask[index], self.pos[index], self.last[index]
+        if not self.can_merge:
+            return
+        lead = int(self.mask.any(dim=0).int().argmax())  # first column any row uses
+        if lead > 0:
+            self.mask = self.mask[:, lead:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+
+    def merge(self, other: CausalBatch) -> None:
+        """Take ``other``'s rows (prefilled separately) into this batch and its cache."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            # keys, values: [B, H, T, D]; padding goes in front of the shorter one
+            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
+            mine.values = torch.cat(
+                [_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)]
+            )
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
+        self.pos = torch.cat([self.pos, other.pos])
+        self.last = torch.cat([self.last, other.last])
+        self.rows = self.rows + other.rows
+
+
+class Seq2SeqBatch:
+    """Rows of an encoder-decoder model: encoder run once, decoder steps with a cache."""
+
+    can_merge = False
+
+    def __init__(self, ctx: DecodeContext, rows: list[Row]) -> None:
+        self.ctx = ctx
+        self.rows = rows
+        self.cache: Any = None
+        self.encoded = torch.empty(0)  # [B, S, d] encoder output
+        self.enc_mask = torch.empty(0)  # [B, S]
+        self.last = torch.empty(0)  # [B]
+
+    def prefill(self) -> torch.Tensor:
+        """Encode the prompts and run the decoder's first step: logits [B, V]."""
+        ctx = self.ctx
+        width = max(len(r.req.ids) for r in self.rows)
+        ids = torch.full((len(self.rows), width), ctx.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(self.rows), width), dtype=torch.long)
+        for i, row in enumerate(self.rows):
+            n = len(row.req.ids)
+            ids[i, :n] = torch.tensor(row.req.ids)  # right padding: the encoder sees a mask
+            mask[i, :n] = 1
+        ids, mask = ids.to(ctx.device), mask.to(ctx.device)
+        encoder = ctx.model.get_encoder()
+        self.encoded = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        self.enc_mask = mask
+        start = ctx.decoder_start_id if ctx.decoder_start_id is not None else ctx.pad_id
+        self.last = torch.full((len(self.rows),), start, dtype=torch.long, device=ctx.device)
+        return self.decode()
+
+    def decode(self) -> torch.Tensor:
+        out = self.ctx.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded),
+            attention_mask=self.enc_mask,
+            decoder_input_ids=self.last[:, None],  # [B, 1]
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        return out.logits[:, -1, :]
+
+    def advance(self, logits: torch.Tensor) -> list[Row]:
+        return _advance(self, logits)
+
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, device=self.last.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.cache.batch_select_indices(index)
+        self.encoded, self.enc_mask = self.encoded[index], self.enc_mask[index]
+        self.last = self.last[index]
+
+    def merge(self, other: Seq2SeqBatch) -> None:
+        raise NotImplementedError("encoder-decoder batches do not take rows mid-flight")
+
+
+Batch = CausalBatch | Seq2SeqBatch
+
+
+def _advance(batch: Batch, logits: torch.Tensor) -> list[Row]:
+    """logits: [B, V] for ``batch.rows``. Push one token per row, drop finished rows."""
+    rows, ctx = batch.rows, batch.ctx
+    tokens, finite = choose_tokens(
+        logits,
+        [r.req.params for r in rows],
+        [r.generator for r in rows],
+        ctx.rules,
+        [not r.generated for r in rows],
+    )
+    batch.last = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+    done = [row.push(tok, ok, ctx) for row, tok, ok in zip(rows, tokens, finite, strict=True)]
+    finished = [row for row, d in zip(rows, done, strict=True) if d]
+    if finished and len(finished) < len(rows):
+        batch.select([i for i, d in enumerate(done) if not d])
+    elif finished:
+        batch.rows = []
+    return finished
+
+
+def new_batch(ctx: DecodeContext, rows: list[Row], *, is_seq2seq: bool) -> Batch:
+    return Seq2SeqBatch(ctx, rows) if is_seq2seq else CausalBatch(ctx, rows)
