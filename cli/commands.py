@@ -116,6 +116,10 @@ def submit(
     if not file.is_file():
         raise InputFileError(f"{file}: no such file")
     sha = sha256_file(file)
+    from lmjobs.jobs.cleanup import discard_dead_submits
+
+    for old in discard_dead_submits(db, sha256=sha, task=task):
+        render.warn(f"discarded job {old}: an interrupted submit of this file (never ran)")
     same = find_same_file(db, sha, task)
     if same and not yes:
         msg = f"{file} was already submitted as job {', '.join(map(str, same))}"
@@ -333,6 +337,23 @@ def reconcile(*, as_json: bool) -> None:
         render.dump_json(asdict(rep))
     else:
         render.kv_table("reconcile", asdict(rep))
+
+
+def cleanup(*, idle_s: float, as_json: bool) -> None:
+    from lmjobs.jobs.cleanup import discard_dead_submits, incomplete_submits
+
+    db = context.database()
+    gone = discard_dead_submits(db, idle_s=idle_s)
+    alive = incomplete_submits(db)
+    if as_json:
+        render.dump_json({"discarded": gone, "still_submitting": alive})
+        return
+    for job_id in gone:
+        render.out.print(f"discarded job {job_id}: an interrupted submit")
+    for job_id in alive:
+        render.warn(f"job {job_id} is still being submitted (it wrote in the last {idle_s:g} s)")
+    if not gone and not alive:
+        render.out.print("nothing to clean up")
 
 
 def query(sql: str, *, fmt: str, limit: int) -> None:

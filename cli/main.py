@@ -247,6 +247,19 @@ def reconcile(as_json: bool = JsonOut) -> None:
 
 
 @app.command()
+def cleanup(
+    idle: float = typer.Option(
+        5.0, "--idle", help="Seconds without progress that mark a submit as dead"
+    ),
+    as_json: bool = JsonOut,
+) -> None:
+    """Remove jobs left `submitting` by an interrupted submit (they never run)."""
+    from lmjobs.cli import commands
+
+    commands.cleanup(idle_s=idle, as_json=as_json)
+
+
+@app.command()
 def query(
     sql: str = typer.Argument(..., help="One read-only SQL statement"),
     fmt: str = typer.Option("table", "--format", "-f", help="table, csv or json"),
@@ -257,6 +270,49 @@ def query(
     from lmjobs.cli import commands
 
     commands.query(sql, fmt="json" if as_json else fmt, limit=limit)
+
+
+# `report` and `schedule add|list|remove` (cli/analytics.py)
+from lmjobs.cli import analytics  # noqa: E402
+
+analytics.register(app)
+
+@app.command()
+def bench(
+    preset: str | None = typer.Option(
+        None, "--preset", help="cpu-smollm2, cpu-tiny or gpu [default: cpu-smollm2]"
+    ),
+    requests: int | None = typer.Option(None, "--requests", "-n", help="Requests per arm"),
+    arms: str | None = typer.Option(
+        None, "--arms", help="A0,A1,A2 (static),A3 (continuous),A4 (int8),A5 (compile),E2E"
+    ),
+    workload: str | None = typer.Option(None, "--workload", "-w", help="fixed, mixed or tasks"),
+    json_out: Path | None = typer.Option(None, "--json-out", help="Write the report here"),
+    device: str | None = typer.Option(None, "--device"),
+    dtype: str | None = typer.Option(None, "--dtype"),
+    model: str | None = typer.Option(
+        None, "--model", "-m", help="Alias, HF id, folder or random:<shape>"
+    ),
+    a0_requests: int | None = typer.Option(None, "--a0-requests", help="A0 on first N (0: all)"),
+    a1_requests: int | None = typer.Option(None, "--a1-requests", help="A1 on first N (0: all)"),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (worker too)"),
+    chunk_size: int | None = typer.Option(None, "--chunk-size", help="E2E chunk size"),
+    max_batch_size: int | None = typer.Option(None, "--max-batch-size"),
+    e2e_db: str | None = typer.Option(None, "--e2e-db", help="E2E database URL [default: SQLite]"),
+    e2e_broker: str | None = typer.Option(None, "--e2e-broker", help="E2E Redis URL"),
+    profile: bool = typer.Option(False, "--profile", help="Add a torch.profiler table"),
+    seed: int | None = typer.Option(None, "--seed"),
+    markdown: bool = typer.Option(False, "--markdown", help="The arms table as Markdown"),
+    as_json: bool = JsonOut,
+) -> None:
+    """Benchmark the engine against naive model.generate loops (and the queue end to end)."""
+    from lmjobs.cli.bench import bench as run_bench
+
+    run_bench(preset=preset, requests=requests, arms=arms, workload=workload, json_out=json_out,
+              device=device, dtype=dtype, model=model, a0_requests=a0_requests,
+              a1_requests=a1_requests, threads=threads, chunk_size=chunk_size,
+              max_batch_size=max_batch_size, e2e_database_url=e2e_db, e2e_broker_url=e2e_broker,
+              profile=profile, seed=seed, as_json=as_json, markdown_table=markdown)
 
 
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -63,6 +63,10 @@ class ChunkOutcome:
     reason: str = ""
 
 
+# Runs a database step, retrying it while the database is unreachable: (step, what) -> result.
+DbRetry = Callable[[Callable[[], Any], str], Any]
+
+
 @dataclass(frozen=True)
 class ChunkContext:
     """Who is running the chunk and with what."""
@@ -72,6 +76,12 @@ class ChunkContext:
     lease_seconds: int = 300
     heartbeat_seconds: float = 100.0
     max_attempts: int = 3
+    # Workers pass a retry with backoff (worker/tasks.py) so a database outage makes each
+    # step wait instead of dropping a generated chunk; None: one try (embedded run).
+    db_retry: DbRetry | None = None
+
+    def db(self, fn: Callable[[], Any], what: str) -> Any:
+        return self.db_retry(fn, what) if self.db_retry is not None else fn()
 
 
 def claim_chunk(
@@ -291,15 +301,23 @@ def process_chunk(
     db: Database, chunk_id: int, *, generate: GenerateFn, ctx: ChunkContext
 ) -> ChunkOutcome:
     """Run one chunk end to end. Safe to call any number of times for the same chunk."""
-    with db.session() as s:
-        attempt = claim_chunk(s, chunk_id, worker=ctx.worker, lease_seconds=ctx.lease_seconds)
+
+    def claim() -> int | None:
+        with db.session() as s:
+            return claim_chunk(s, chunk_id, worker=ctx.worker, lease_seconds=ctx.lease_seconds)
+
+    def read() -> tuple[list[tuple[Request, Job]], int]:
+        with db.session() as s:
+            pending = _pending_requests(s, chunk_id)
+            total = s.scalar(select(func.count()).where(Request.chunk_id == chunk_id))
+            return pending, total or 0
+
+    attempt = ctx.db(claim, f"claim chunk {chunk_id}")
     if attempt is None:
         return ChunkOutcome(chunk_id, claimed=False, reason="not claimable (done, leased or inactive)")
 
     outcome = ChunkOutcome(chunk_id, claimed=True, attempt=attempt)
-    with db.session() as s:
-        pending = _pending_requests(s, chunk_id)
-        total = s.scalar(select(func.count()).where(Request.chunk_id == chunk_id)) or 0
+    pending, total = ctx.db(read, f"read chunk {chunk_id}")
     outcome.skipped = total - len(pending)
 
     try:
@@ -308,15 +326,23 @@ def process_chunk(
     except Exception as exc:
         # The engine itself blew up (not one request): give the chunk back at once so it
         # is retried; past the attempt cap it runs request by request (_run_isolated).
-        release_chunk(db, chunk_id, worker=ctx.worker, error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        ctx.db(
+            lambda: release_chunk(db, chunk_id, worker=ctx.worker, error=error),
+            f"release chunk {chunk_id}",
+        )
         raise
-    closed = _record(db, chunk_id, rows, ctx, close=True)
+    closed = ctx.db(
+        lambda: _record(db, chunk_id, rows, ctx, close=True), f"record chunk {chunk_id}"
+    )
     outcome.lease_lost = hb.lost or not closed
     outcome.succeeded = sum(r["status"] == ResultStatus.SUCCEEDED.value for r in rows)
     outcome.failed = len(rows) - outcome.succeeded
     if closed:
-        job_id = pending[0][1].id if pending else _job_of(db, chunk_id)
-        finalize_job_if_done(db, job_id)
+        job_id = (
+            pending[0][1].id if pending else ctx.db(lambda: _job_of(db, chunk_id), "job of chunk")
+        )
+        ctx.db(lambda: finalize_job_if_done(db, job_id), f"finalize job {job_id}")
     return outcome
 
 
@@ -358,14 +384,17 @@ def _run_isolated(
     committed right after, so a request that kills the process is found out and, once
     over the cap, recorded as failed without running it again. Its neighbours succeed.
     """
-    for req, job in pending:
+    def count_try(request_id: int) -> int:
         with db.session() as s:
             s.execute(
                 update(Request)
-                .where(Request.id == req.id)
+                .where(Request.id == request_id)
                 .values(isolated_attempts=Request.isolated_attempts + 1)
             )
-            tries = s.scalar(select(Request.isolated_attempts).where(Request.id == req.id)) or 0
+            return s.scalar(select(Request.isolated_attempts).where(Request.id == request_id)) or 0
+
+    for req, job in pending:
+        tries = ctx.db(lambda: count_try(req.id), f"isolated try of request {req.id}")  # noqa: B023
         if tries > ctx.max_attempts:
             gen = _failed_generation(
                 req.id,
@@ -379,7 +408,11 @@ def _run_isolated(
             except Exception as exc:  # alone, an exception is this request's own failure
                 gen = _failed_generation(req.id, f"{type(exc).__name__}: {exc}")
             gen_req = gen_reqs[0] if gen_reqs else GenRequest(key=req.id)
-        _record(db, chunk_id, [_result_row(req, job, gen, gen_req, ctx, attempt)], ctx, close=False)
+        row = _result_row(req, job, gen, gen_req, ctx, attempt)
+        ctx.db(
+            lambda: _record(db, chunk_id, [row], ctx, close=False),  # noqa: B023
+            "record isolated result",
+        )
     return []
 
 
@@ -422,7 +455,21 @@ def finalize_job_if_done(db: Database, job_id: int) -> str | None:
             .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
             .values(status=status.value, finished_at=utcnow())
         )
-        return status.value if res.rowcount == 1 else None
+        finished = res.rowcount == 1
+    if finished and ok:
+        _score_quietly(db, job_id)
+    return status.value if finished else None
+
+
+def _score_quietly(db: Database, job_id: int) -> None:
+    """Score a job that just finished; a scoring failure never fails the job
+    (`lmjobs report` scores whatever is still missing)."""
+    try:
+        from lmjobs.jobs.metrics import score_job
+
+        score_job(db, job_id)
+    except Exception:
+        log.exception("scoring job %s failed; `lmjobs report %s` will try again", job_id, job_id)
 
 
 _OPEN_CHUNK = [s.value for s in ChunkStatus if s.is_open]

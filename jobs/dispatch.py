@@ -6,6 +6,7 @@ holds a few hundred small messages even for a ten-million-line file, and a bulk 
 cannot starve an urgent job submitted after it. Workers top up the window after each
 chunk; ``lmjobs beat`` calls :func:`tick` periodically, which also:
 
+* creates the jobs of recurring schedules that are due (``jobs/schedules.py``),
 * starts scheduled jobs whose ``start_at`` has come,
 * pauses jobs whose ``finish_by`` has passed (running chunks finish; nothing new starts),
 * returns chunks whose lease expired (dead worker) to ``pending``,
@@ -27,6 +28,7 @@ from lmjobs.db.models import Chunk, ChunkStatus, Job, JobStatus, utcnow
 from lmjobs.db.session import Database
 from lmjobs.jobs.chunks import finalize_job_if_done
 from lmjobs.jobs.queues import broker_priority
+from lmjobs.jobs.schedules import run_due_schedules
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ def _outstanding(db: Database) -> dict[str, int]:
     with db.session() as s:
         rows = s.execute(
             select(Job.queue, func.count())
+            .select_from(Chunk)
             .join(Job, Job.id == Chunk.job_id)
             .where(Chunk.status == ChunkStatus.DISPATCHED.value)
             .group_by(Job.queue)
@@ -141,6 +144,7 @@ class TickReport:
     lost_messages: int = 0
     finished: list[int] = field(default_factory=list)
     dispatched: int = 0
+    scheduled: list[int] = field(default_factory=list)  # jobs created by recurring schedules
 
 
 def start_due_jobs(db: Database, now: datetime) -> list[int]:
@@ -241,6 +245,7 @@ def tick(
     """One pass of the scheduler and reconciler; safe to run from many places at once."""
     now = now or utcnow()
     rep = TickReport()
+    rep.scheduled = run_due_schedules(db, now)
     rep.started = start_due_jobs(db, now)
     rep.paused = pause_overdue_jobs(db, now)
     rep.expired_leases = requeue_expired_leases(db, now)

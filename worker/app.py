@@ -44,8 +44,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
             "priority_steps": list(range(10)),
             "sep": ":",
         },
-        task_time_limit=settings.chunk_time_limit_s + 60,
-        task_soft_time_limit=settings.chunk_time_limit_s,
+        # No task_time_limit: Celery enforces it only in the prefork pool. The per-chunk
+        # limit (LMJOBS_CHUNK_TIME_LIMIT_S) is a SIGALRM timer in worker/tasks.py.
         worker_send_task_events=True,
         task_send_sent_event=False,
         beat_schedule={

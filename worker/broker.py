@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 
 from celery import Celery
@@ -47,9 +48,21 @@ class CeleryPublisher:
         )
 
 
-def redis_chunk_ids(broker_url: str) -> set[int] | None:
-    """Chunk ids of every run_chunk message in Redis: waiting in a queue or fetched and unacked.
+# A message fetched this long ago whose chunk is still not claimed was fetched by a worker
+# that died before claiming it (same as jobs.dispatch.LOST_MESSAGE_GRACE_S).
+UNACKED_GRACE_S = 30.0
 
+
+def redis_chunk_ids(
+    broker_url: str, *, unacked_grace_s: float = UNACKED_GRACE_S, now: float | None = None
+) -> set[int] | None:
+    """Chunk ids of the run_chunk messages in Redis: waiting in a queue, or fetched by a
+    worker (unacked) less than ``unacked_grace_s`` ago.
+
+    An older unacked message stays invisible until the visibility timeout (hours); if its
+    chunk is still ``dispatched`` (never claimed), the worker that fetched it died between
+    fetch and claim, so it must count as lost, or the chunk would wait for hours.
+    Counting it lost at worst publishes a second message, which is a no-op.
     None when the broker is not Redis or cannot be read (then nothing is presumed lost).
     """
     if not broker_url.startswith(("redis://", "rediss://")):
@@ -62,7 +75,11 @@ def redis_chunk_ids(broker_url: str) -> set[int] | None:
         for key in r.scan_iter(match=f"{PREFIX}.*", count=500):
             if r.type(key) == b"list":
                 payloads.extend(r.lrange(key, 0, -1))
-        payloads.extend(r.hvals("unacked"))
+        cutoff = (time.time() if now is None else now) - unacked_grace_s
+        fetched_at = dict(r.zrange("unacked_index", 0, -1, withscores=True))
+        for tag, raw in r.hgetall("unacked").items():
+            if fetched_at.get(tag, 0.0) >= cutoff:
+                payloads.append(raw)
     except Exception as exc:
         log.warning("cannot inspect the broker: %s", mask_secrets(str(exc)))
         return None

@@ -70,6 +70,7 @@ def seed(url: str) -> None:
                 job_id=jobs[0].id,
                 line_number=n,
                 custom_id=str(n),
+                task="summarize",
                 input_json={"text": f"hello {n}"},
                 content_sha256=f"{n:064d}",
             )
