@@ -92,7 +92,8 @@ def _report_tables(rep: Any) -> None:
         "tokens/s (out)": _f(t.output_tokens / elapsed) if elapsed else "-",
         "latency p50 / p90 / p99": " / ".join(
             _f(x) for x in (t.latency_ms.p50, t.latency_ms.p90, t.latency_ms.p99)
-        ) + " ms",
+        )
+        + " ms",
     }
     if rep.throughput:
         rates = [b.tokens_per_s for b in rep.throughput]
@@ -104,16 +105,39 @@ def _report_tables(rep: Any) -> None:
     title = f"job {rep.job_id}" + (f" ({rep.name})" if rep.name else "")
     render.kv_table(title, summary)
     render.table(
-        ["task", "requests", "ok", "failed", "pending", "tokens in", "tokens out",
-         "p50 ms", "p90 ms", "p99 ms"],
-        [(f.task, f.requests, f.succeeded, f.failed, f.pending, f.input_tokens, f.output_tokens,
-          _f(f.latency_ms.p50), _f(f.latency_ms.p90), _f(f.latency_ms.p99))
-         for f in [*rep.per_task, t]],
+        [
+            "task",
+            "requests",
+            "ok",
+            "failed",
+            "pending",
+            "tokens in",
+            "tokens out",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+        ],
+        [
+            (
+                f.task,
+                f.requests,
+                f.succeeded,
+                f.failed,
+                f.pending,
+                f.input_tokens,
+                f.output_tokens,
+                _f(f.latency_ms.p50),
+                _f(f.latency_ms.p90),
+                _f(f.latency_ms.p99),
+            )
+            for f in [*rep.per_task, t]
+        ],
         title="by task",
     )
     if rep.failures:
-        render.table(["failures", "reason"], [(n, r) for r, n in rep.failures],
-                     title="failures by reason")
+        render.table(
+            ["failures", "reason"], [(n, r) for r, n in rep.failures], title="failures by reason"
+        )
 
 
 # -- schedule -----------------------------------------------------------------------------
@@ -159,23 +183,48 @@ def schedule_add(
     from lmjobs.jobs.schedules import add_schedule, list_schedules
 
     s = context.settings()
-    params = _params(max_new_tokens, temperature, None, None, None, source_lang, target_lang,
-                     system_prompt, False, False)
+    params = _params(
+        max_new_tokens,
+        temperature,
+        None,
+        None,
+        None,
+        source_lang,
+        target_lang,
+        system_prompt,
+        False,
+        False,
+    )
     size = chunk_size if chunk_size is not None else s.chunk_size
-    options: dict[str, Any] = {"params": params, "chunk_size": size, "priority": priority,
-                               "strict": strict}
+    options: dict[str, Any] = {
+        "params": params,
+        "chunk_size": size,
+        "priority": priority,
+        "strict": strict,
+    }
     within = parse_duration(finish_within) if finish_within else None
     db = context.database()
-    sid = add_schedule(db, cron, file, task, options, model=model or s.model, name=name, tz=tz,
-                       finish_within_s=within)
+    sid = add_schedule(
+        db,
+        cron,
+        file,
+        task,
+        options,
+        model=model or s.model,
+        name=name,
+        tz=tz,
+        finish_within_s=within,
+    )
     info = next(i for i in list_schedules(db) if i.id == sid)
     if as_json:
         render.dump_json(info.to_json())
         return
     local = info.next_run_at.astimezone()
-    render.out.print(f"schedule {sid}: next job at {local:%Y-%m-%d %H:%M %Z} "
-                     f"({info.next_run_at:%H:%M}Z), then '{info.cron}' in {info.timezone}",
-                     highlight=False)
+    render.out.print(
+        f"schedule {sid}: next job at {local:%Y-%m-%d %H:%M %Z} "
+        f"({info.next_run_at:%H:%M}Z), then '{info.cron}' in {info.timezone}",
+        highlight=False,
+    )
 
 
 @schedule_app.command("list")
@@ -189,9 +238,20 @@ def schedule_list(as_json: bool = JsonOut) -> None:
         return
     render.table(
         ["id", "name", "cron", "zone", "task", "model", "file", "next run (UTC)", "last job"],
-        [(i.id, i.name, i.cron, i.timezone, i.task, i.model, i.source_path,
-          f"{i.next_run_at:%Y-%m-%d %H:%M}" if i.enabled else "disabled", i.last_job_id)
-         for i in items],
+        [
+            (
+                i.id,
+                i.name,
+                i.cron,
+                i.timezone,
+                i.task,
+                i.model,
+                i.source_path,
+                f"{i.next_run_at:%Y-%m-%d %H:%M}" if i.enabled else "disabled",
+                i.last_job_id,
+            )
+            for i in items
+        ],
     )
 
 

@@ -38,12 +38,23 @@ def _report_rejects(rep: Any) -> None:
     for r in rep.rejects:
         render.warn(f"line {r.line_number}: {r.reason}")
     if rep.lines_rejected > len(rep.rejects):
-        render.warn(f"... {rep.lines_rejected - len(rep.rejects)} more; see `lmjobs rejects {rep.job_id}`")
+        render.warn(
+            f"... {rep.lines_rejected - len(rep.rejects)} more; see `lmjobs rejects {rep.job_id}`"
+        )
 
 
 def run_local(
-    file: Path, *, task: str, model: str | None, params: dict, output: Path | None, fmt: str,
-    force: bool, strict: bool, chunk_size: int | None, as_json: bool,
+    file: Path,
+    *,
+    task: str,
+    model: str | None,
+    params: dict,
+    output: Path | None,
+    fmt: str,
+    force: bool,
+    strict: bool,
+    chunk_size: int | None,
+    as_json: bool,
 ) -> None:
     from lmjobs.jobs.control import job_status
     from lmjobs.jobs.export import FORMATS, open_output, write_results
@@ -70,8 +81,8 @@ def run_local(
             rate = done / max(time.perf_counter() - t0, 1e-9)
             bar.update(task_id, completed=done, rate=f"{rate:.1f} req/s")
 
-        from lmjobs.jobs.dispatch import start_due_jobs
         from lmjobs.db.models import utcnow
+        from lmjobs.jobs.dispatch import start_due_jobs
 
         start_due_jobs(db, utcnow())
         run_job_locally(db, rep.job_id, generate=rt.generate, ctx=rt.ctx, on_chunk=on_chunk)
@@ -88,7 +99,9 @@ def run_local(
 
         rows = []
         for r in iter_result_rows(db, rep.job_id):
-            rows.append((r["line_number"], r["custom_id"], r["status"], r["output_text"] or r["error"]))
+            rows.append(
+                (r["line_number"], r["custom_id"], r["status"], r["output_text"] or r["error"])
+            )
             if len(rows) >= 20:
                 break
         render.table(["line", "id", "status", "output"], rows, title="results (first 20)")
@@ -97,16 +110,36 @@ def run_local(
 
 
 def submit(
-    file: Path, *, task: str, model: str | None, params: dict, strict: bool,
-    chunk_size: int | None, priority: int, name: str | None, start_at: str | None,
-    finish_by: str | None, yes: bool, dry_run: bool, as_json: bool,
+    file: Path,
+    *,
+    task: str,
+    model: str | None,
+    params: dict,
+    strict: bool,
+    chunk_size: int | None,
+    priority: int,
+    name: str | None,
+    start_at: str | None,
+    finish_by: str | None,
+    yes: bool,
+    dry_run: bool,
+    as_json: bool,
 ) -> None:
     from lmjobs.jobs.dispatch import dispatch
     from lmjobs.jobs.ingest import create_job, find_same_file
     from lmjobs.jobs.inputs import sha256_file
 
-    opts = _options(task, model, params, chunk_size, strict=strict, priority=priority, name=name,
-                    start_at=_when(start_at, "--start-at"), finish_by=_when(finish_by, "--finish-by"))
+    opts = _options(
+        task,
+        model,
+        params,
+        chunk_size,
+        strict=strict,
+        priority=priority,
+        name=name,
+        start_at=_when(start_at, "--start-at"),
+        finish_by=_when(finish_by, "--finish-by"),
+    )
     if dry_run:
         from lmjobs.cli import dryrun
 
@@ -140,8 +173,16 @@ def submit(
             "`lmjobs reconcile` or a running `lmjobs beat` will dispatch it"
         )
     if as_json:
-        render.dump_json({"job_id": rep.job_id, "status": rep.status, "requests": rep.requests_total,
-                          "rejected": rep.lines_rejected, "chunks": rep.chunks_total, "dispatched": sent})
+        render.dump_json(
+            {
+                "job_id": rep.job_id,
+                "status": rep.status,
+                "requests": rep.requests_total,
+                "rejected": rep.lines_rejected,
+                "chunks": rep.chunks_total,
+                "dispatched": sent,
+            }
+        )
     else:
         render.out.print(
             f"job {rep.job_id}: {rep.requests_total} requests in {rep.chunks_total} chunks, "
@@ -159,9 +200,19 @@ def worker(*, model: str | None, loglevel: str, name: str | None) -> None:
     rt = init_runtime(s, model or s.model)  # ModelLoadError: refuse to consume anything
     from lmjobs.worker.app import app
 
-    render.err.print(f"worker for {rt.model_name} ({rt.info.device}, {rt.info.dtype}) on queue {rt.queue}")
-    argv = ["worker", "--pool=solo", "--concurrency=1", "-Q", f"{rt.queue},{CONTROL_QUEUE}",
-            "--without-gossip", "--without-mingle", f"--loglevel={loglevel}"]
+    render.err.print(
+        f"worker for {rt.model_name} ({rt.info.device}, {rt.info.dtype}) on queue {rt.queue}"
+    )
+    argv = [
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        "-Q",
+        f"{rt.queue},{CONTROL_QUEUE}",
+        "--without-gossip",
+        "--without-mingle",
+        f"--loglevel={loglevel}",
+    ]
     if name:
         argv += ["-n", name]
     app.worker_main(argv)
@@ -240,8 +291,19 @@ def list_jobs(*, limit: int, state: str | None, as_json: bool) -> None:
         return
     render.table(
         ["id", "status", "task", "model", "done", "failed", "rejected", "created"],
-        [(j.id, j.status, j.task, j.model, f"{j.done}/{j.requests_total}", j.failed,
-          j.lines_rejected, j.created_at.strftime("%Y-%m-%d %H:%M")) for j in jobs],
+        [
+            (
+                j.id,
+                j.status,
+                j.task,
+                j.model,
+                f"{j.done}/{j.requests_total}",
+                j.failed,
+                j.lines_rejected,
+                j.created_at.strftime("%Y-%m-%d %H:%M"),
+            )
+            for j in jobs
+        ],
     )
 
 
@@ -270,9 +332,13 @@ def rejects(job: int, *, as_json: bool) -> None:
     get_job(db, job)
     rows = job_rejects(db, job)
     if as_json:
-        render.dump_json([{"line_number": r.line_number, "reason": r.reason, "excerpt": r.excerpt} for r in rows])
+        render.dump_json(
+            [{"line_number": r.line_number, "reason": r.reason, "excerpt": r.excerpt} for r in rows]
+        )
     else:
-        render.table(["line", "reason", "excerpt"], [(r.line_number, r.reason, r.excerpt) for r in rows])
+        render.table(
+            ["line", "reason", "excerpt"], [(r.line_number, r.reason, r.excerpt) for r in rows]
+        )
 
 
 def cancel(job: int, *, as_json: bool) -> None:
@@ -332,7 +398,9 @@ def reconcile(*, as_json: bool) -> None:
     except Exception as exc:
         if isinstance(exc, LmjobsError):
             raise
-        raise BrokerError(f"reconcile could not reach the broker: {mask_secrets(str(exc))}") from None
+        raise BrokerError(
+            f"reconcile could not reach the broker: {mask_secrets(str(exc))}"
+        ) from None
     if as_json:
         render.dump_json(asdict(rep))
     else:
@@ -380,9 +448,13 @@ def query(sql: str, *, fmt: str, limit: int) -> None:
         elif fmt == "json":
             sys.stdout.write("[")
             for i, r in enumerate(rows):
-                sys.stdout.write(("," if i else "") + "\n  " + json.dumps(dict(zip(res.columns, r)),
-                                                                          default=render._default,
-                                                                          ensure_ascii=False))
+                sys.stdout.write(
+                    ("," if i else "")
+                    + "\n  "
+                    + json.dumps(
+                        dict(zip(res.columns, r, strict=True)), default=render._default, ensure_ascii=False
+                    )
+                )
             sys.stdout.write("\n]\n")
         else:
             render.table(res.columns, rows)
@@ -396,7 +468,9 @@ def db_upgrade(revision: str) -> None:
     try:
         upgrade(url, revision)
     except Exception as exc:
-        raise LmjobsError(f"migration failed on {mask_url(url)}: {mask_secrets(str(exc).splitlines()[0])}") from None
+        raise LmjobsError(
+            f"migration failed on {mask_url(url)}: {mask_secrets(str(exc).splitlines()[0])}"
+        ) from None
     render.out.print(f"database at {mask_url(url)} is at {revision}")
 
 

@@ -73,8 +73,9 @@ def _nice_max(v: float, *, integer: bool = False) -> float:
     return 4 * step
 
 
-def _frame(svg_id: str, title: str, ymax: float, x_labels: Sequence[tuple[float, str]],
-           y_label: str) -> list[str]:
+def _frame(
+    svg_id: str, title: str, ymax: float, x_labels: Sequence[tuple[float, str]], y_label: str
+) -> list[str]:
     """The svg element, grid lines and axis labels; x positions in 0..1 of the plot width."""
     pw, ph = W - L - R, H - T - B
     out = [
@@ -93,8 +94,10 @@ def _frame(svg_id: str, title: str, ymax: float, x_labels: Sequence[tuple[float,
         out.append(
             f'<text x="{x:.1f}" y="{H - B + 16}" text-anchor="{anchor}">{escape(label)}</text>'
         )
-    out.append(f'<text x="12" y="{T + ph / 2:.1f}" transform="rotate(-90 12 {T + ph / 2:.1f})" '
-               f'text-anchor="middle">{escape(y_label)}</text>')
+    out.append(
+        f'<text x="12" y="{T + ph / 2:.1f}" transform="rotate(-90 12 {T + ph / 2:.1f})" '
+        f'text-anchor="middle">{escape(y_label)}</text>'
+    )
     return out
 
 
@@ -116,17 +119,22 @@ def throughput_svg(rep: JobReport) -> str:
     base = T + ph
     area = f"{xy[0][0]:.1f},{base} {coords} {xy[-1][0]:.1f},{base}"
     out.append(f'<polygon class="area" points="{area}" fill="{BLUE}" fill-opacity="0.12"/>')
-    out.append(f'<polyline class="series" points="{coords}" fill="none" stroke="{BLUE}" '
-               f'stroke-width="2" stroke-linejoin="round"/>')
+    out.append(
+        f'<polyline class="series" points="{coords}" fill="none" stroke="{BLUE}" '
+        f'stroke-width="2" stroke-linejoin="round"/>'
+    )
     for x, y, b in xy:
         tip = f"{b.start:%H:%M:%S}Z: {b.tokens_per_s:,.1f} tokens/s, {b.requests} requests"
-        out.append(f'<circle class="pt" cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{BLUE}">'
-                   f"<title>{escape(tip)}</title></circle>")
+        out.append(
+            f'<circle class="pt" cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{BLUE}">'
+            f"<title>{escape(tip)}</title></circle>"
+        )
     return "\n".join([*out, "</svg>"])
 
 
-def histogram_svg(svg_id: str, title: str, h: Histogram, color: str, unit: str,
-                  x_label: str) -> str:
+def histogram_svg(
+    svg_id: str, title: str, h: Histogram, color: str, unit: str, x_label: str
+) -> str:
     if not any(h.counts):
         return f'<p class="empty">No data for {escape(title.lower())}.</p>'
     ymax = _nice_max(max(h.counts), integer=True)
@@ -139,9 +147,11 @@ def histogram_svg(svg_id: str, title: str, h: Histogram, color: str, unit: str,
         bh = ph * n / ymax
         lo, hi = h.lo + i * h.width, h.lo + (i + 1) * h.width
         tip = f"{_fmt(lo, digits)}-{_fmt(hi, digits)} {unit}: {n}"
-        out.append(f'<rect class="bar" x="{L + i * bw + 1:.1f}" y="{T + ph - bh:.1f}" '
-                   f'width="{max(bw - 2, 1):.1f}" height="{bh:.1f}" fill="{color}">'
-                   f"<title>{escape(tip)}</title></rect>")
+        out.append(
+            f'<rect class="bar" x="{L + i * bw + 1:.1f}" y="{T + ph - bh:.1f}" '
+            f'width="{max(bw - 2, 1):.1f}" height="{bh:.1f}" fill="{color}">'
+            f"<title>{escape(tip)}</title></rect>"
+        )
     out.append(
         f'<text x="{L + pw / 2:.1f}" y="{H - 4}" text-anchor="middle">{escape(x_label)}</text>'
     )
@@ -154,15 +164,19 @@ def failures_svg(failures: Sequence[tuple[str, int]]) -> str:
     row, label_w = 26, 260
     height = T + row * len(failures) + 8
     top = max(n for _, n in failures)
-    out = [f'<svg id="failures" viewBox="0 0 {W} {height}" role="img" aria-label="Failures by '
-           f'reason" xmlns="http://www.w3.org/2000/svg"><title>Failures by reason</title>']
+    out = [
+        f'<svg id="failures" viewBox="0 0 {W} {height}" role="img" aria-label="Failures by '
+        f'reason" xmlns="http://www.w3.org/2000/svg"><title>Failures by reason</title>'
+    ]
     for i, (reason, n) in enumerate(failures):
         y = T + i * row
         bw = (W - label_w - R - 48) * n / top
         short = reason if len(reason) <= 42 else reason[:41] + "…"
         out.append(f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end">{escape(short)}</text>')
-        out.append(f'<rect class="bar" x="{label_w}" y="{y + 3}" width="{max(bw, 1):.1f}" '
-                   f'height="{row - 8}" fill="{RED}"><title>{escape(reason)}: {n}</title></rect>')
+        out.append(
+            f'<rect class="bar" x="{label_w}" y="{y + 3}" width="{max(bw, 1):.1f}" '
+            f'height="{row - 8}" fill="{RED}"><title>{escape(reason)}: {n}</title></rect>'
+        )
         out.append(f'<text x="{label_w + bw + 6:.1f}" y="{y + 15}">{n:,}</text>')
     return "\n".join([*out, "</svg>"])
 
@@ -172,12 +186,18 @@ def _cards(rep: JobReport) -> str:
     elapsed = rep.elapsed_s
     rate = t.output_tokens / elapsed if elapsed else None
     items = [
-        ("requests", _fmt(t.requests)), ("succeeded", _fmt(t.succeeded)),
-        ("failed", _fmt(t.failed)), ("pending", _fmt(t.pending)),
-        ("lines rejected", _fmt(rep.lines_rejected)), ("tokens in", _fmt(t.input_tokens)),
-        ("tokens out", _fmt(t.output_tokens)), ("elapsed", _duration(elapsed)),
-        ("tokens/s (out, overall)", _fmt(rate)), ("latency p50 ms", _fmt(t.latency_ms.p50)),
-        ("latency p90 ms", _fmt(t.latency_ms.p90)), ("latency p99 ms", _fmt(t.latency_ms.p99)),
+        ("requests", _fmt(t.requests)),
+        ("succeeded", _fmt(t.succeeded)),
+        ("failed", _fmt(t.failed)),
+        ("pending", _fmt(t.pending)),
+        ("lines rejected", _fmt(rep.lines_rejected)),
+        ("tokens in", _fmt(t.input_tokens)),
+        ("tokens out", _fmt(t.output_tokens)),
+        ("elapsed", _duration(elapsed)),
+        ("tokens/s (out, overall)", _fmt(rate)),
+        ("latency p50 ms", _fmt(t.latency_ms.p50)),
+        ("latency p90 ms", _fmt(t.latency_ms.p90)),
+        ("latency p99 ms", _fmt(t.latency_ms.p99)),
     ]
     items += [(f"{m} (mean)", _fmt(v, 3 if v < 10 else 1)) for m, v in rep.scores.items()]
     items += [(m.replace("_", " "), _fmt(v, 1)) for m, v in rep.corpus_scores.items()]
@@ -185,12 +205,31 @@ def _cards(rep: JobReport) -> str:
 
 
 def _task_table(figs: Sequence[Figures]) -> str:
-    head = ("task", "requests", "succeeded", "failed", "pending", "tokens in", "tokens out",
-            "p50 ms", "p90 ms", "p99 ms")
+    head = (
+        "task",
+        "requests",
+        "succeeded",
+        "failed",
+        "pending",
+        "tokens in",
+        "tokens out",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+    )
     rows = [
-        (f.task, _fmt(f.requests), _fmt(f.succeeded), _fmt(f.failed), _fmt(f.pending),
-         _fmt(f.input_tokens), _fmt(f.output_tokens), _fmt(f.latency_ms.p50),
-         _fmt(f.latency_ms.p90), _fmt(f.latency_ms.p99))
+        (
+            f.task,
+            _fmt(f.requests),
+            _fmt(f.succeeded),
+            _fmt(f.failed),
+            _fmt(f.pending),
+            _fmt(f.input_tokens),
+            _fmt(f.output_tokens),
+            _fmt(f.latency_ms.p50),
+            _fmt(f.latency_ms.p90),
+            _fmt(f.latency_ms.p99),
+        )
         for f in figs
     ]
     th = "".join(f"<th>{h}</th>" for h in head)
@@ -203,11 +242,14 @@ def render_html(rep: JobReport, *, generated_at: datetime) -> str:
     title = f"lmjobs job {rep.job_id}" + (f" ({rep.name})" if rep.name else "")
     lat = rep.latency_histogram
     lat_note = f" ({lat.above:,} slower than p99 not drawn)" if lat.above else ""
-    scores = "".join(
-        f"<div><h3>{escape(m)}: mean {_fmt(rep.scores.get(m), 1 if m in SCORE_RANGES else 3)}</h3>"
-        f"{histogram_svg(f'score-{m}', f'{m} per request', h, PURPLE, m, m)}</div>"
-        for m, h in rep.score_histograms.items()
-    ) or '<p class="empty">No scores (no request carries a reference).</p>'
+    scores = (
+        "".join(
+            f"<div><h3>{escape(m)}: mean {_fmt(rep.scores.get(m), 1 if m in SCORE_RANGES else 3)}</h3>"
+            f"{histogram_svg(f'score-{m}', f'{m} per request', h, PURPLE, m, m)}</div>"
+            for m, h in rep.score_histograms.items()
+        )
+        or '<p class="empty">No scores (no request carries a reference).</p>'
+    )
     sections = [
         f"<section><h2>Throughput</h2>{throughput_svg(rep)}"
         f'<div class="sub">buckets of {_duration(rep.bucket_s)} by result time</div></section>',

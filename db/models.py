@@ -165,7 +165,9 @@ class Request(Base):
     input_json: Mapped[dict] = mapped_column(JSON, doc="The task's input fields.")
     params_json: Mapped[dict | None] = mapped_column(JSON, doc="Per-request sampling overrides.")
     reference: Mapped[str | None] = mapped_column(Text, doc="Expected output, for scoring.")
-    content_sha256: Mapped[str] = mapped_column(String(64), index=True, doc="Hash of the model input.")
+    content_sha256: Mapped[str] = mapped_column(
+        String(64), index=True, doc="Hash of the model input."
+    )
     isolated_attempts: Mapped[int] = mapped_column(
         Integer, default=0, doc="Runs on its own after its chunk hit the attempt cap."
     )
@@ -198,7 +200,9 @@ class Result(Base):
     template_version: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(200))
     attempt: Mapped[int | None] = mapped_column(Integer, doc="Chunk attempt that produced it.")
-    deduplicated: Mapped[bool] = mapped_column(default=False, doc="Copied from an identical prompt.")
+    deduplicated: Mapped[bool] = mapped_column(
+        default=False, doc="Copied from an identical prompt."
+    )
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -314,7 +314,9 @@ def process_chunk(
 
     attempt = ctx.db(claim, f"claim chunk {chunk_id}")
     if attempt is None:
-        return ChunkOutcome(chunk_id, claimed=False, reason="not claimable (done, leased or inactive)")
+        return ChunkOutcome(
+            chunk_id, claimed=False, reason="not claimable (done, leased or inactive)"
+        )
 
     outcome = ChunkOutcome(chunk_id, claimed=True, attempt=attempt)
     pending, total = ctx.db(read, f"read chunk {chunk_id}")
@@ -384,6 +386,7 @@ def _run_isolated(
     committed right after, so a request that kills the process is found out and, once
     over the cap, recorded as failed without running it again. Its neighbours succeed.
     """
+
     def count_try(request_id: int) -> int:
         with db.session() as s:
             s.execute(
@@ -439,7 +442,9 @@ def finalize_job_if_done(db: Database, job_id: int) -> str | None:
             return None
         counts = dict(
             s.execute(
-                select(Result.status, func.count()).where(Result.job_id == job_id).group_by(Result.status)
+                select(Result.status, func.count())
+                .where(Result.job_id == job_id)
+                .group_by(Result.status)
             ).all()
         )
         ok = counts.get(ResultStatus.SUCCEEDED.value, 0)
@@ -452,7 +457,9 @@ def finalize_job_if_done(db: Database, job_id: int) -> str | None:
             status = JobStatus.COMPLETED_WITH_FAILURES
         res = s.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
+            .where(
+                Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
+            )
             .values(status=status.value, finished_at=utcnow())
         )
         finished = res.rowcount == 1

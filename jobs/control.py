@@ -79,7 +79,9 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
     with db.session() as s:
         counts = dict(
             s.execute(
-                select(Result.status, func.count()).where(Result.job_id == job_id).group_by(Result.status)
+                select(Result.status, func.count())
+                .where(Result.job_id == job_id)
+                .group_by(Result.status)
             ).all()
         )
         tokens = s.execute(
@@ -90,7 +92,9 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
         ).one()
         chunks = dict(
             s.execute(
-                select(Chunk.status, func.count()).where(Chunk.job_id == job_id).group_by(Chunk.status)
+                select(Chunk.status, func.count())
+                .where(Chunk.job_id == job_id)
+                .group_by(Chunk.status)
             ).all()
         )
         reasons = dict(
@@ -155,7 +159,12 @@ def list_jobs(db: Database, *, limit: int = 50, status: str | None = None) -> li
 def job_rejects(db: Database, job_id: int, *, limit: int = 1000) -> list[Reject]:
     with db.session() as s:
         return list(
-            s.scalars(select(Reject).where(Reject.job_id == job_id).order_by(Reject.line_number).limit(limit))
+            s.scalars(
+                select(Reject)
+                .where(Reject.job_id == job_id)
+                .order_by(Reject.line_number)
+                .limit(limit)
+            )
         )
 
 
@@ -169,7 +178,9 @@ def cancel_job(db: Database, job_id: int) -> int:
         raise JobStateError(f"job {job_id} is already {job.status}")
     with db.session() as s:
         s.execute(
-            update(Job).where(Job.id == job_id).values(status=JobStatus.CANCELLED.value, finished_at=utcnow())
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status=JobStatus.CANCELLED.value, finished_at=utcnow())
         )
         res = s.execute(
             update(Chunk)
@@ -190,7 +201,9 @@ def retry_job(db: Database, job_id: int) -> int:
     """
     job = get_job(db, job_id)
     if not JobStatus(job.status).is_finished and job.status != JobStatus.PAUSED.value:
-        raise JobStateError(f"job {job_id} is {job.status}; retry runs failed requests of a finished job")
+        raise JobStateError(
+            f"job {job_id} is {job.status}; retry runs failed requests of a finished job"
+        )
     with db.session() as s:
         failed = select(Result.request_id).where(
             Result.job_id == job_id, Result.status == ResultStatus.FAILED.value
@@ -203,7 +216,9 @@ def retry_job(db: Database, job_id: int) -> int:
             return 0
         s.execute(update(Request).where(Request.id.in_(failed)).values(isolated_attempts=0))
         s.execute(
-            delete(Result).where(Result.job_id == job_id, Result.status == ResultStatus.FAILED.value)
+            delete(Result).where(
+                Result.job_id == job_id, Result.status == ResultStatus.FAILED.value
+            )
         )
         reopen = [ChunkStatus.DONE.value, ChunkStatus.CANCELLED.value]
         s.execute(
@@ -216,7 +231,9 @@ def retry_job(db: Database, job_id: int) -> int:
             .values(status=ChunkStatus.PENDING.value, attempts=0, last_error=None, finished_at=None)
         )
         s.execute(
-            update(Job).where(Job.id == job_id).values(status=JobStatus.QUEUED.value, finished_at=None)
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status=JobStatus.QUEUED.value, finished_at=None)
         )
     return int(n)
 
@@ -228,13 +245,19 @@ def resume_job(db: Database, job_id: int, *, finish_by: datetime | None = None) 
     """
     job = get_job(db, job_id)
     if job.status not in (JobStatus.PAUSED.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value):
-        raise JobStateError(f"job {job_id} is {job.status}; only a paused or active job can be resumed")
+        raise JobStateError(
+            f"job {job_id} is {job.status}; only a paused or active job can be resumed"
+        )
     with db.session() as s:
         s.execute(
             update(Job)
             .where(Job.id == job_id)
-            .values(status=JobStatus.QUEUED.value if job.started_at is None else JobStatus.RUNNING.value,
-                    finish_by=finish_by)
+            .values(
+                status=JobStatus.QUEUED.value
+                if job.started_at is None
+                else JobStatus.RUNNING.value,
+                finish_by=finish_by,
+            )
         )
     st = job_status(db, job_id)
     return st.pending

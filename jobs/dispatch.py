@@ -60,7 +60,9 @@ def _runnable(now: datetime):  # type: ignore[no-untyped-def]
     )
 
 
-def next_chunks(db: Database, *, queue: str | None, limit: int, now: datetime | None = None) -> list[ChunkMessage]:
+def next_chunks(
+    db: Database, *, queue: str | None, limit: int, now: datetime | None = None
+) -> list[ChunkMessage]:
     """Pending chunks in the order they should run: job priority, then age, then position."""
     now = now or utcnow()
     q = (
@@ -124,7 +126,9 @@ def dispatch(
         try:
             publish(msg)
         except Exception:
-            with db.session() as s:  # leave it for the next dispatch rather than waiting for the reconciler
+            with (
+                db.session() as s
+            ):  # leave it for the next dispatch rather than waiting for the reconciler
                 s.execute(
                     update(Chunk)
                     .where(Chunk.id == msg.chunk_id, Chunk.status == ChunkStatus.DISPATCHED.value)
@@ -229,7 +233,11 @@ def requeue_lost_messages(db: Database, broker_view: BrokerView | None, now: dat
 def finish_idle_jobs(db: Database) -> list[int]:
     with db.session() as s:
         ids = list(
-            s.scalars(select(Job.id).where(Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])))
+            s.scalars(
+                select(Job.id).where(
+                    Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
+                )
+            )
         )
     return [j for j in ids if finalize_job_if_done(db, j)]
 

@@ -54,7 +54,9 @@ COLUMNS = [
 ]
 
 
-def iter_result_rows(db: Database, job_id: int, *, only_finished: bool = False) -> Iterator[dict[str, Any]]:
+def iter_result_rows(
+    db: Database, job_id: int, *, only_finished: bool = False
+) -> Iterator[dict[str, Any]]:
     """One dict per request in input order (keyset pagination on line_number)."""
     last = 0
     while True:
@@ -118,7 +120,12 @@ def open_output(path: Path | None, *, force: bool, binary: bool = False) -> IO[A
         raise OutputPathError(f"{path} exists; pass --force to overwrite it") from None
     except OSError as exc:
         raise OutputPathError(f"cannot write {path}: {exc.strerror}") from None
-    return os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8", newline="" if not binary else None)
+    return os.fdopen(
+        fd,
+        "wb" if binary else "w",
+        encoding=None if binary else "utf-8",
+        newline="" if not binary else None,
+    )
 
 
 def _openai_line(row: dict[str, Any], model: str) -> dict[str, Any]:
@@ -145,7 +152,12 @@ def _openai_line(row: dict[str, Any], model: str) -> dict[str, Any]:
                 },
             },
         }
-        return {"id": f"lmjobs-{row['request_id']}", "custom_id": row["custom_id"], "response": response, "error": None}
+        return {
+            "id": f"lmjobs-{row['request_id']}",
+            "custom_id": row["custom_id"],
+            "response": response,
+            "error": None,
+        }
     message = row["error"] if row["status"] == "failed" else "not finished yet"
     code = "generation_failed" if row["status"] == "failed" else "pending"
     return {

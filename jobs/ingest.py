@@ -67,7 +67,9 @@ def _check_options(path: Path, opts: SubmitOptions) -> None:
         raise InputFileError(f"{path}: the file is empty")
 
 
-def _request_row(job_id: int, chunk_id: int, p: ParsedRequest, opts: SubmitOptions) -> dict[str, Any]:
+def _request_row(
+    job_id: int, chunk_id: int, p: ParsedRequest, opts: SubmitOptions
+) -> dict[str, Any]:
     """Raises ValueError when the task template refuses the fields (e.g. no target language)."""
     rendered = render(p.task, p.input, opts.params)
     effective = sampling_params(opts.params, p.params).to_dict()
@@ -112,7 +114,12 @@ class _Writer:
         if len(self.rejects) < MAX_REPORTED_REJECTS:
             self.rejects.append(err)
         self.pending_rejects.append(
-            {"job_id": self.job.id, "line_number": err.line_number, "reason": err.reason, "excerpt": err.excerpt}
+            {
+                "job_id": self.job.id,
+                "line_number": err.line_number,
+                "reason": err.reason,
+                "excerpt": err.excerpt,
+            }
         )
 
     def add(self, p: ParsedRequest) -> None:
@@ -177,11 +184,17 @@ def _validate_strict(path: Path, opts: SubmitOptions) -> None:
             break
     if bad:
         first = bad[0]
-        more = f" (and more: {', '.join(str(b.line_number) for b in bad[1:])})" if len(bad) > 1 else ""
-        raise InputFileError(f"{path}: line {first.line_number}: {first.reason}{more}; --strict refuses the file")
+        more = (
+            f" (and more: {', '.join(str(b.line_number) for b in bad[1:])})" if len(bad) > 1 else ""
+        )
+        raise InputFileError(
+            f"{path}: line {first.line_number}: {first.reason}{more}; --strict refuses the file"
+        )
 
 
-def create_job(db: Database, path: Path, opts: SubmitOptions, *, source_sha256: str | None = None) -> SubmitReport:
+def create_job(
+    db: Database, path: Path, opts: SubmitOptions, *, source_sha256: str | None = None
+) -> SubmitReport:
     """Write the job and all its requests; the job is left ``submitting`` until the end."""
     path = Path(path)
     _check_options(path, opts)
@@ -237,7 +250,9 @@ def create_job(db: Database, path: Path, opts: SubmitOptions, *, source_sha256: 
                 requests_total=writer.accepted,
                 lines_rejected=writer.rejected,
                 chunks_total=writer.chunks,
-                input_format="openai" if formats == {"openai"} else ("mixed" if len(formats) > 1 else "native"),
+                input_format="openai"
+                if formats == {"openai"}
+                else ("mixed" if len(formats) > 1 else "native"),
             )
         )
     return SubmitReport(

@@ -6,11 +6,10 @@ from collections.abc import Callable
 
 from sqlalchemy import select
 
-from lmjobs.db.models import Chunk, ChunkStatus
+from lmjobs.db.models import Chunk, ChunkStatus, utcnow
 from lmjobs.db.session import Database
 from lmjobs.jobs.chunks import ChunkContext, ChunkOutcome, finalize_job_if_done, process_chunk
 from lmjobs.jobs.dispatch import requeue_expired_leases
-from lmjobs.db.models import utcnow
 from lmjobs.worker.protocol import GenerateFn
 
 ProgressFn = Callable[[ChunkOutcome], None]

@@ -197,8 +197,15 @@ def _rows(db: Database, job_id: int) -> Any:
     last = 0
     while True:
         q = (
-            select(Request.line_number, Request.task, Result.status, Result.input_tokens,
-                   Result.output_tokens, Result.latency_ms, Result.created_at)
+            select(
+                Request.line_number,
+                Request.task,
+                Result.status,
+                Result.input_tokens,
+                Result.output_tokens,
+                Result.latency_ms,
+                Result.created_at,
+            )
             .outerjoin(Result, and_(Result.request_id == Request.id, Result.job_id == job_id))
             .where(Request.job_id == job_id, Request.line_number > last)
             .order_by(Request.line_number)

@@ -13,7 +13,9 @@ SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "sto
 
 def sampling_params(job_params: dict[str, Any], overrides: dict[str, Any] | None) -> SamplingParams:
     merged = {k: job_params[k] for k in SAMPLING_KEYS if job_params.get(k) is not None}
-    merged.update({k: v for k, v in (overrides or {}).items() if k in SAMPLING_KEYS and v is not None})
+    merged.update(
+        {k: v for k, v in (overrides or {}).items() if k in SAMPLING_KEYS and v is not None}
+    )
     return SamplingParams.from_dict(merged)
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@")
+_URL_PASSWORD = re.compile(
+    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@"
+)
 
 
 def mask_url(url: str) -> str:
@@ -64,9 +66,13 @@ class Settings(BaseSettings):
         if self.model_cache is None:
             self.model_cache = self.home / "models"
         if self.dtype not in {"auto", "float32", "float16", "bfloat16"}:
-            raise ValueError(f"LMJOBS_DTYPE must be auto, float32, float16 or bfloat16, not {self.dtype!r}")
+            raise ValueError(
+                f"LMJOBS_DTYPE must be auto, float32, float16 or bfloat16, not {self.dtype!r}"
+            )
         if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", self.device):
-            raise ValueError(f"LMJOBS_DEVICE must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+            raise ValueError(
+                f"LMJOBS_DEVICE must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}"
+            )
         return self
 
     @property

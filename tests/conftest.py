@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from services import (
     PG_ADMIN_URL,
     create_pg_database,
@@ -41,7 +40,9 @@ def lmjobs_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 
 
 def shared_model_cache() -> Path:
-    path = Path(os.environ.get("LMJOBS_TEST_MODEL_CACHE", Path.home() / ".cache" / "lmjobs-test-models"))
+    path = Path(
+        os.environ.get("LMJOBS_TEST_MODEL_CACHE", Path.home() / ".cache" / "lmjobs-test-models")
+    )
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -59,13 +59,21 @@ def cli_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def run_cli(args: Sequence[str], env: dict[str, str], *, timeout: float = 600, check: bool = False,
-            input: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    timeout: float = 600,
+    check: bool = False,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [*LMJOBS, *args], env=env, capture_output=True, text=True, timeout=timeout, input=input
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"lmjobs {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"lmjobs {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -128,8 +136,19 @@ class WorkerProcess:
             return None
 
 
-def wait_for_job(env: dict[str, str], job_id: int, *, timeout: float = 600, statuses: tuple[str, ...] = (
-        "completed", "completed_with_failures", "failed", "cancelled", "paused")) -> dict[str, Any]:
+def wait_for_job(
+    env: dict[str, str],
+    job_id: int,
+    *,
+    timeout: float = 600,
+    statuses: tuple[str, ...] = (
+        "completed",
+        "completed_with_failures",
+        "failed",
+        "cancelled",
+        "paused",
+    ),
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     st: dict[str, Any] = {}
     while time.monotonic() < deadline:

@@ -12,16 +12,29 @@ from services import cli_env, run_cli
 pytestmark = pytest.mark.slow
 
 SUMMARIZE = [
-    {"id": "s1", "text": "The city council voted on Tuesday to build a new public library downtown. "
-     "Construction starts next spring and the library should open in two years."},
-    {"id": "s2", "text": "Bees pollinate many crops. Farmers worry because bee populations have "
-     "fallen in recent years, which could reduce harvests of fruit and nuts."},
-    {"id": "s3", "text": "The new phone has a bigger battery and a better camera, but it costs "
-     "two hundred dollars more than last year's model."},
+    {
+        "id": "s1",
+        "text": "The city council voted on Tuesday to build a new public library downtown. "
+        "Construction starts next spring and the library should open in two years.",
+    },
+    {
+        "id": "s2",
+        "text": "Bees pollinate many crops. Farmers worry because bee populations have "
+        "fallen in recent years, which could reduce harvests of fruit and nuts.",
+    },
+    {
+        "id": "s3",
+        "text": "The new phone has a bigger battery and a better camera, but it costs "
+        "two hundred dollars more than last year's model.",
+    },
 ]
 QA = [
     {"id": "q1", "question": "What is the capital of France?"},
-    {"id": "q2", "question": "How many legs does a spider have?", "context": "Spiders are arachnids with eight legs."},
+    {
+        "id": "q2",
+        "question": "How many legs does a spider have?",
+        "context": "Spiders are arachnids with eight legs.",
+    },
     {"id": "q3", "question": "What color is the sky on a clear day?"},
 ]
 
@@ -30,13 +43,19 @@ def _run(task: str, rows: list[dict], tmp_path: Path, env: dict[str, str], tag: 
     src = tmp_path / f"{task}.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / f"{task}-{tag}.jsonl"
-    proc = run_cli(["run", str(src), "--task", task, "--max-new-tokens", "40", "-o", str(out)], env, timeout=1200)
+    proc = run_cli(
+        ["run", str(src), "--task", task, "--max-new-tokens", "40", "-o", str(out)],
+        env,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(x) for x in out.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("task,rows", [("summarize", SUMMARIZE), ("qa", QA)])
-def test_smollm2_embedded_run(task: str, rows: list[dict], tmp_path: Path, lmjobs_home: Path) -> None:
+def test_smollm2_embedded_run(
+    task: str, rows: list[dict], tmp_path: Path, lmjobs_home: Path
+) -> None:
     env = cli_env(LMJOBS_HOME=str(lmjobs_home))  # nothing else: the embedded default
     assert "LMJOBS_DATABASE_URL" not in env and "LMJOBS_MODEL" not in env
     first = _run(task, rows, tmp_path, env, "a")

@@ -12,8 +12,9 @@ from lmjobs.db.session import get_database
 
 
 def test_report_command(sqlite_url: str, tmp_path: Path) -> None:
-    job_id = submit_and_run(get_database(sqlite_url),
-                            write_jsonl(tmp_path / "in.jsonl", translate_rows(9)), "translate")
+    job_id = submit_and_run(
+        get_database(sqlite_url), write_jsonl(tmp_path / "in.jsonl", translate_rows(9)), "translate"
+    )
     env = cli_env(LMJOBS_DATABASE_URL=sqlite_url)
     page = tmp_path / "report.html"
     rep = cli_json(["report", str(job_id), "--html", str(page)], env)
@@ -33,9 +34,26 @@ def test_report_command(sqlite_url: str, tmp_path: Path) -> None:
 def test_schedule_commands(sqlite_url: str, tmp_path: Path) -> None:
     env = cli_env(LMJOBS_DATABASE_URL=sqlite_url)
     path = write_jsonl(tmp_path / "in.jsonl", translate_rows(2))
-    added = cli_json(["schedule", "add", str(path), "--cron", "30 1 * * *", "--task", "translate",
-                      "--model", "fake", "--tz", "UTC", "--finish-within", "1h30m",
-                      "--max-new-tokens", "32"], env)
+    added = cli_json(
+        [
+            "schedule",
+            "add",
+            str(path),
+            "--cron",
+            "30 1 * * *",
+            "--task",
+            "translate",
+            "--model",
+            "fake",
+            "--tz",
+            "UTC",
+            "--finish-within",
+            "1h30m",
+            "--max-new-tokens",
+            "32",
+        ],
+        env,
+    )
     assert added["next_run_at"].endswith("01:30:00+00:00") and added["timezone"] == "UTC"
     assert added["options"]["finish_within_s"] == 5400
     assert added["options"]["params"]["max_new_tokens"] == 32
@@ -56,8 +74,22 @@ def test_dry_run_with_a_real_tokenizer_writes_nothing(tmp_path: Path) -> None:
     rows = [*translate_rows(5), translate_rows(1)[0], "{bad"]  # a duplicate id, a bad line
     rows.append({"id": "long", "text": "word " * 600, "target_lang": "de"})  # over 512 tokens
     path = write_jsonl(tmp_path / "in.jsonl", rows)
-    proc = run_cli(["submit", str(path), "--task", "translate", "--model", str(model),
-                    "--max-new-tokens", "16", "--dry-run", "--json"], env, check=True)
+    proc = run_cli(
+        [
+            "submit",
+            str(path),
+            "--task",
+            "translate",
+            "--model",
+            str(model),
+            "--max-new-tokens",
+            "16",
+            "--dry-run",
+            "--json",
+        ],
+        env,
+        check=True,
+    )
     est = json.loads(proc.stdout)
     assert (est["lines"], est["accepted"], est["rejected"], est["duplicate_ids"]) == (8, 6, 2, 1)
     assert est["submitted"] is False and est["tokens_guessed"] is False
@@ -66,6 +98,9 @@ def test_dry_run_with_a_real_tokenizer_writes_nothing(tmp_path: Path) -> None:
     assert est["throughput_basis"].startswith("guess")
     assert not home.exists()  # no database, no folder: nothing written
 
-    guess = run_cli(["submit", str(path), "--task", "translate", "--model", "not/a/model/here",
-                     "--dry-run"], env, check=True)
+    guess = run_cli(
+        ["submit", str(path), "--task", "translate", "--model", "not/a/model/here", "--dry-run"],
+        env,
+        check=True,
+    )
     assert "guess: chars / 4" in guess.stdout and not home.exists()

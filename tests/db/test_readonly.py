@@ -25,6 +25,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from services import PG_ADMIN_URL, create_pg_database, drop_pg_database, pg_available
+
 from lmjobs.db.models import Base, Chunk, Job, Request, Result
 from lmjobs.db.readonly import (
     FETCH_BATCH,
@@ -35,7 +37,6 @@ from lmjobs.db.readonly import (
 )
 from lmjobs.db.session import Database
 from lmjobs.jobs.errors import LmjobsError, QueryError, QueryRefusedError
-from services import PG_ADMIN_URL, create_pg_database, drop_pg_database, pg_available
 
 pytestmark = pytest.mark.timeout(120)
 ROOT = Path(__file__).resolve().parents[2]

@@ -50,8 +50,15 @@ def test_check_flag_reports_drift(tmp_path: Path, capsys: pytest.CaptureFixture[
 def _failing_first(requests):  # type: ignore[no-untyped-def]
     out = FakeEngine()(requests)
     g = out[0]
-    out[0] = Generation(key=g.key, text="", finish_reason=FinishReason.ERROR, input_tokens=0,
-                        output_tokens=0, latency_ms=0.0, error="prompt too long")
+    out[0] = Generation(
+        key=g.key,
+        text="",
+        finish_reason=FinishReason.ERROR,
+        input_tokens=0,
+        output_tokens=0,
+        latency_ms=0.0,
+        error="prompt too long",
+    )
     return out
 
 

@@ -67,7 +67,7 @@ def assert_no_secret(*texts: str) -> None:
     for text in texts:
         for secret in SECRETS:
             at = text.find(secret)
-            assert at < 0, f"a password leaked: ...{text[max(0, at - 200):][:400]}"
+            assert at < 0, f"a password leaked: ...{text[max(0, at - 200) :][:400]}"
 
 
 def pg_url_with_password(name: str, port: int = 5432) -> str:
@@ -112,10 +112,26 @@ class RedisServer:
         assert exe, "redis-server is not installed"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--requirepass", REDIS_SECRET, "--dir", str(self.workdir),
-             "--logfile", str(self.workdir / "redis.log")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--requirepass",
+                REDIS_SECRET,
+                "--dir",
+                str(self.workdir),
+                "--logfile",
+                str(self.workdir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -253,7 +269,10 @@ class Fleet:
         with open(log, "ab") as fh:
             proc = subprocess.Popen(
                 [*LMJOBS, "worker", "--loglevel", "INFO", "-n", f"w{self.started}@%h"],
-                env=self.env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                env=self.env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.procs.append(proc)
         return proc
@@ -383,9 +402,12 @@ def tally(db: Database, job_id: int) -> Tally:
     with db.session() as s:
         n_req = s.scalar(select(func.count()).where(Request.job_id == job_id)) or 0
         rows = s.scalar(select(func.count()).where(Result.job_id == job_id)) or 0
-        distinct = s.scalar(
-            select(func.count(func.distinct(Result.request_id))).where(Result.job_id == job_id)
-        ) or 0
+        distinct = (
+            s.scalar(
+                select(func.count(func.distinct(Result.request_id))).where(Result.job_id == job_id)
+            )
+            or 0
+        )
         by_status = dict(
             s.execute(
                 select(Result.status, func.count())

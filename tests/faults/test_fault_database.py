@@ -37,8 +37,6 @@ CHUNK = 20
 CUT_S = 10.0
 
 
-
-
 def test_database_cut_for_ten_seconds_mid_job(
     private_redis: RedisServer, pg_name: str, tmp_path: Path, lmjobs_home: Path
 ) -> None:
@@ -46,8 +44,14 @@ def test_database_cut_for_ten_seconds_mid_job(
     direct = get_database(pg_url_with_password(pg_name))
     via_proxy = pg_url_with_password(pg_name, port=proxy.port)
     calls = tmp_path / "calls.txt"
-    env = worker_env(lmjobs_home, via_proxy, private_redis.url, LMJOBS_CHUNK_SIZE=str(CHUNK),
-                     LMJOBS_FAKE_DELAY_MS="15", LMJOBS_FAKE_CALLS_FILE=str(calls))
+    env = worker_env(
+        lmjobs_home,
+        via_proxy,
+        private_redis.url,
+        LMJOBS_CHUNK_SIZE=str(CHUNK),
+        LMJOBS_FAKE_DELAY_MS="15",
+        LMJOBS_FAKE_CALLS_FILE=str(calls),
+    )
     src = tmp_path / "in.jsonl"
     write_prompts(src, N_REQUESTS)
     fleet = Fleet(env, tmp_path, size=2)
@@ -58,16 +62,22 @@ def test_database_cut_for_ten_seconds_mid_job(
         job_id = int(json.loads(sub.stdout)["job_id"])
         # the reconciler goes through the proxy too: the database is down for everyone
         with Ticker(via_proxy, private_redis.url, interval=1.0) as ticker:
-            wait_until(lambda: results_count(direct, job_id) >= N_REQUESTS // 4, 120,
-                       "a quarter of the job")
+            wait_until(
+                lambda: results_count(direct, job_id) >= N_REQUESTS // 4,
+                120,
+                "a quarter of the job",
+            )
             before = results_count(direct, job_id)
             proxy.cut()
             time.sleep(CUT_S)
             during = results_count(direct, job_id) - before
             proxy.restore()
             t_back = time.monotonic()
-            wait_until(lambda: results_count(direct, job_id) > before + during + 3 * CHUNK, 120,
-                       "progress after the database came back")
+            wait_until(
+                lambda: results_count(direct, job_id) > before + during + 3 * CHUNK,
+                120,
+                "progress after the database came back",
+            )
             resumed_s = time.monotonic() - t_back
             wait_until(lambda: job_finished(direct, job_id), 180, f"job {job_id} to finish")
         dead = [p for p in fleet.procs if p.poll() is not None]

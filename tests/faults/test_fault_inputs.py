@@ -75,8 +75,12 @@ def test_every_bad_line_is_reported_and_every_good_line_runs(
 ) -> None:
     src = tmp_path / "messy.jsonl"
     good, bad, kinds = _write(src)
-    env = cli_env(LMJOBS_HOME=str(lmjobs_home), LMJOBS_FAKE_ENGINE="1", LMJOBS_MODEL="fake-model",
-                  LMJOBS_CHUNK_SIZE="100")
+    env = cli_env(
+        LMJOBS_HOME=str(lmjobs_home),
+        LMJOBS_FAKE_ENGINE="1",
+        LMJOBS_MODEL="fake-model",
+        LMJOBS_CHUNK_SIZE="100",
+    )
     proc = run_cli(["run", str(src), "--task", "generate", "--json"], env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     st = json.loads(proc.stdout)

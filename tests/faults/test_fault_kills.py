@@ -46,8 +46,14 @@ def test_random_sigkills_lose_nothing_and_duplicate_nothing(
     rng = random.Random(SEED)
     db_url = pg_url_with_password(pg_name)
     calls = tmp_path / "calls.txt"
-    env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_CHUNK_SIZE=str(CHUNK),
-                     LMJOBS_FAKE_DELAY_MS="20", LMJOBS_FAKE_CALLS_FILE=str(calls))
+    env = worker_env(
+        lmjobs_home,
+        db_url,
+        private_redis.url,
+        LMJOBS_CHUNK_SIZE=str(CHUNK),
+        LMJOBS_FAKE_DELAY_MS="20",
+        LMJOBS_FAKE_CALLS_FILE=str(calls),
+    )
     src = tmp_path / "in.jsonl"
     write_prompts(src, N_REQUESTS)
     fleet = Fleet(env, tmp_path, size=3)

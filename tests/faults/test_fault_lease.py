@@ -56,16 +56,27 @@ def test_slow_chunk_delivered_again_is_never_run_twice(
     db_url = pg_url_with_password(pg_name)
     calls = tmp_path / "calls.txt"
     n, delay_ms = 10, 1000  # one chunk of 10 s against a 5 s lease
-    env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_CHUNK_SIZE=str(n),
-                     LMJOBS_FAKE_DELAY_MS=str(delay_ms), LMJOBS_FAKE_CALLS_FILE=str(calls))
+    env = worker_env(
+        lmjobs_home,
+        db_url,
+        private_redis.url,
+        LMJOBS_CHUNK_SIZE=str(n),
+        LMJOBS_FAKE_DELAY_MS=str(delay_ms),
+        LMJOBS_FAKE_CALLS_FILE=str(calls),
+    )
     src = tmp_path / "in.jsonl"
     write_prompts(src, n)
     publish = CeleryPublisher(make_celery(Settings(broker_url=private_redis.url)))
     fleet = Fleet(env, tmp_path, size=2)  # one runs the chunk, the other gets the repeats
     try:
         fleet.start()
-        job_id = int(json.loads(run_cli(["submit", str(src), "--task", "generate", "--json"],
-                                        env, check=True).stdout)["job_id"])
+        job_id = int(
+            json.loads(
+                run_cli(
+                    ["submit", str(src), "--task", "generate", "--json"], env, check=True
+                ).stdout
+            )["job_id"]
+        )
         db = get_database(db_url)
         with Ticker(db_url, private_redis.url, interval=1.0) as ticker:
             wait_until(lambda: _chunk(db, job_id).status == "running", 60, "the chunk to start")
@@ -109,27 +120,41 @@ def test_dead_workers_chunk_is_picked_up_by_beat_within_lease_plus_tick(
 
     db_url = pg_url_with_password(pg_name)
     n = 8
-    env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_CHUNK_SIZE=str(n),
-                     LMJOBS_FAKE_DELAY_MS="1500")
+    env = worker_env(
+        lmjobs_home,
+        db_url,
+        private_redis.url,
+        LMJOBS_CHUNK_SIZE=str(n),
+        LMJOBS_FAKE_DELAY_MS="1500",
+    )
     src = tmp_path / "in.jsonl"
     write_prompts(src, n)
     fleet = Fleet(env, tmp_path, size=1)
     beat_log = tmp_path / "beat.log"
     with open(beat_log, "wb") as fh:
-        beat = subprocess.Popen([*LMJOBS, "beat"], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        beat = subprocess.Popen(
+            [*LMJOBS, "beat"], env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         fleet.start()
-        job_id = int(json.loads(run_cli(["submit", str(src), "--task", "generate", "--json"],
-                                        env, check=True).stdout)["job_id"])
+        job_id = int(
+            json.loads(
+                run_cli(
+                    ["submit", str(src), "--task", "generate", "--json"], env, check=True
+                ).stdout
+            )["job_id"]
+        )
         db = get_database(db_url)
         wait_until(lambda: _chunk(db, job_id).status == "running", 60, "the chunk to start")
         time.sleep(2.0)
         fleet.kill_random(__import__("random").Random(1))
         t_kill = time.time()
         fleet.top_up()  # a fresh worker: it must wait for the lease to expire and a tick
-        wait_until(lambda: _chunk(db, job_id).attempts == 2, LEASE_S + TICK_SECONDS + 30,
-                   "the chunk to be claimed again")
+        wait_until(
+            lambda: _chunk(db, job_id).attempts == 2,
+            LEASE_S + TICK_SECONDS + 30,
+            "the chunk to be claimed again",
+        )
         again = _chunk(db, job_id)
         assert again.started_at is not None
         picked_up_s = again.started_at.timestamp() - t_kill

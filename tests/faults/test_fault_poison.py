@@ -39,8 +39,14 @@ def test_poison_requests_fail_alone(
     private_redis: RedisServer, pg_name: str, tmp_path: Path, lmjobs_home: Path
 ) -> None:
     db_url = pg_url_with_password(pg_name)
-    env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_CHUNK_SIZE=str(CHUNK),
-                     LMJOBS_MAX_ATTEMPTS=str(MAX_ATTEMPTS), LMJOBS_FAKE_DELAY_MS="5")
+    env = worker_env(
+        lmjobs_home,
+        db_url,
+        private_redis.url,
+        LMJOBS_CHUNK_SIZE=str(CHUNK),
+        LMJOBS_MAX_ATTEMPTS=str(MAX_ATTEMPTS),
+        LMJOBS_FAKE_DELAY_MS="5",
+    )
     src = tmp_path / "in.jsonl"
     n = 4 * CHUNK
     write_prompts(src, n, poison={CRASH: "POISON-CRASH", ERROR: "POISON-ERROR"})
@@ -48,8 +54,13 @@ def test_poison_requests_fail_alone(
     t0 = time.monotonic()
     try:
         fleet.start()
-        job_id = int(json.loads(run_cli(["submit", str(src), "--task", "generate", "--json"],
-                                        env, check=True).stdout)["job_id"])
+        job_id = int(
+            json.loads(
+                run_cli(
+                    ["submit", str(src), "--task", "generate", "--json"], env, check=True
+                ).stdout
+            )["job_id"]
+        )
         db = get_database(db_url)
         with Ticker(db_url, private_redis.url, interval=1.0):
             deadline = time.monotonic() + 150

@@ -36,20 +36,26 @@ N_REQUESTS = 800
 CHUNK = 20
 
 
-
-
 def test_redis_restarted_then_flushed_mid_job(
     private_redis: RedisServer, pg_name: str, tmp_path: Path, lmjobs_home: Path
 ) -> None:
     db_url = pg_url_with_password(pg_name)
     calls = tmp_path / "calls.txt"
-    env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_CHUNK_SIZE=str(CHUNK),
-                     LMJOBS_FAKE_DELAY_MS="15", LMJOBS_FAKE_CALLS_FILE=str(calls))
+    env = worker_env(
+        lmjobs_home,
+        db_url,
+        private_redis.url,
+        LMJOBS_CHUNK_SIZE=str(CHUNK),
+        LMJOBS_FAKE_DELAY_MS="15",
+        LMJOBS_FAKE_CALLS_FILE=str(calls),
+    )
     src = tmp_path / "in.jsonl"
     write_prompts(src, N_REQUESTS)
     fleet = Fleet(env, tmp_path, size=2)
     faults: list[tuple[str, Callable[[], None], float]] = [
-        ("restart", private_redis.restart, 0.2), ("flush", private_redis.flush, 0.55)]
+        ("restart", private_redis.restart, 0.2),
+        ("flush", private_redis.flush, 0.55),
+    ]
     seen: list[str] = []
     t0 = time.monotonic()
     try:
@@ -59,15 +65,23 @@ def test_redis_restarted_then_flushed_mid_job(
         db = get_database(db_url)
         with Ticker(db_url, private_redis.url, interval=1.0) as ticker:
             for name, inject, at in faults:
-                wait_until(lambda: results_count(db, job_id) >= N_REQUESTS * at,  # noqa: B023
-                           120, f"{at:.0%} of the job")
+                wait_until(
+                    lambda: results_count(db, job_id) >= N_REQUESTS * at,  # noqa: B023
+                    120,
+                    f"{at:.0%} of the job",
+                )
                 before = results_count(db, job_id)
                 inject()
                 t_fault = time.monotonic()
-                wait_until(lambda: results_count(db, job_id) > before + 3 * CHUNK, 120,  # noqa: B023
-                           f"progress after the {name}")
-                seen.append(f"{name} at {before}/{N_REQUESTS} results, progress again after "
-                            f"{time.monotonic() - t_fault:.0f} s")
+                wait_until(
+                    lambda before=before: results_count(db, job_id) > before + 3 * CHUNK,
+                    120,
+                    f"progress after the {name}",
+                )
+                seen.append(
+                    f"{name} at {before}/{N_REQUESTS} results, progress again after "
+                    f"{time.monotonic() - t_fault:.0f} s"
+                )
             wait_until(lambda: job_finished(db, job_id), 180, f"job {job_id} to finish")
         assert not [p for p in fleet.procs if p.poll() is not None], "a worker exited"
     finally:
@@ -115,11 +129,15 @@ def test_a_message_fetched_by_a_worker_that_died_before_claiming_is_redispatched
     env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_CHUNK_SIZE="5")
     src = tmp_path / "in.jsonl"
     write_prompts(src, 5)
-    job_id = int(json.loads(run_cli(["submit", str(src), "--task", "generate", "--json"], env,
-                                    check=True).stdout)["job_id"])
+    job_id = int(
+        json.loads(
+            run_cli(["submit", str(src), "--task", "generate", "--json"], env, check=True).stdout
+        )["job_id"]
+    )
     queue = queue_for_model("fake-model")
-    subprocess.run([sys.executable, "-c", _DIE_AFTER_FETCH, private_redis.url, queue], check=True,
-                   timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", _DIE_AFTER_FETCH, private_redis.url, queue], check=True, timeout=60
+    )
     r = private_redis.client()
     assert r.hlen("unacked") == 1 and private_redis.queued(queue) == 0
     db = get_database(db_url)
@@ -134,10 +152,16 @@ def test_a_message_fetched_by_a_worker_that_died_before_claiming_is_redispatched
     from lmjobs.worker.broker import CeleryPublisher
 
     publish = CeleryPublisher(make_celery(Settings(broker_url=private_redis.url)))
-    rep = tick(db, publish, broker_view=lambda: redis_chunk_ids(private_redis.url, now=later),
-               now=utcnow() + timedelta(seconds=60))
+    rep = tick(
+        db,
+        publish,
+        broker_view=lambda: redis_chunk_ids(private_redis.url, now=later),
+        now=utcnow() + timedelta(seconds=60),
+    )
     assert rep.lost_messages == 1 and rep.dispatched == 1
     assert private_redis.queued(queue) == 1  # a fresh one; the old one is a no-op if it comes back
-    figure("unacked: a message fetched by a worker that died before claiming its chunk is "
-           "counted lost after 30 s and the chunk re-dispatched (it used to wait for the "
-           "6 h visibility timeout)")
+    figure(
+        "unacked: a message fetched by a worker that died before claiming its chunk is "
+        "counted lost after 30 s and the chunk re-dispatched (it used to wait for the "
+        "6 h visibility timeout)"
+    )

@@ -63,9 +63,11 @@ def test_submit_with_redis_down_is_saved_and_reconcile_dispatches_it_later(
     finally:
         fleet.stop()
     assert st["status"] == "completed" and st["succeeded"] == 60
-    figure(f"submit with Redis down: exit 0 after {submit_s:.1f} s with a warning, job queued; "
-           f"`lmjobs reconcile` with Redis back dispatched {rec['dispatched']} chunks; "
-           "job completed")
+    figure(
+        f"submit with Redis down: exit 0 after {submit_s:.1f} s with a warning, job queued; "
+        f"`lmjobs reconcile` with Redis back dispatched {rec['dispatched']} chunks; "
+        "job completed"
+    )
     assert_no_secret(sub.stdout, sub.stderr, recon_down.stdout, recon_down.stderr, fleet.log_text())
 
 
@@ -83,17 +85,30 @@ def test_submit_killed_half_way_never_runs_and_is_cleaned_up(
         fleet.start()  # a worker is there all along: it must take nothing from the half job
 
         def kill_submit_midway() -> tuple[int, int]:
-            proc = subprocess.Popen([*LMJOBS, "submit", str(src), "--task", "generate", "--yes"],
-                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                [*LMJOBS, "submit", str(src), "--task", "generate", "--yes"],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             try:
+
                 def chunks_written() -> int:
                     with db.session() as s:
-                        return s.scalar(select(func.count()).select_from(Chunk)
-                                        .join(Job, Job.id == Chunk.job_id)
-                                        .where(Job.status == "submitting")) or 0
-                wait_until(lambda: chunks_written() >= 4, 60, "the submit to write chunks",
-                           every=0.05)
+                        return (
+                            s.scalar(
+                                select(func.count())
+                                .select_from(Chunk)
+                                .join(Job, Job.id == Chunk.job_id)
+                                .where(Job.status == "submitting")
+                            )
+                            or 0
+                        )
+
+                wait_until(
+                    lambda: chunks_written() >= 4, 60, "the submit to write chunks", every=0.05
+                )
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
             finally:
@@ -102,8 +117,12 @@ def test_submit_killed_half_way_never_runs_and_is_cleaned_up(
                     proc.wait()
             with db.session() as s:
                 job_id = s.scalars(select(Job.id).where(Job.status == "submitting")).one()
-                written = s.scalar(select(func.count()).select_from(Request)
-                                   .where(Request.job_id == job_id)) or 0
+                written = (
+                    s.scalar(
+                        select(func.count()).select_from(Request).where(Request.job_id == job_id)
+                    )
+                    or 0
+                )
             return job_id, written
 
         job_id, written = kill_submit_midway()
@@ -136,9 +155,11 @@ def test_submit_killed_half_way_never_runs_and_is_cleaned_up(
         fleet.stop()
     t = tally(db, job3)
     assert st3["status"] == "completed" and t.lost == 0 and t.duplicates == 0
-    figure(f"interrupted submit: SIGKILL after {written}/{n} requests written: job stayed "
-           f"'submitting', 0 chunks dispatched or claimed, `lmjobs cleanup` removed it; a "
-           f"resubmit of the same file discarded its leftover and completed {t.requests} requests")
+    figure(
+        f"interrupted submit: SIGKILL after {written}/{n} requests written: job stayed "
+        f"'submitting', 0 chunks dispatched or claimed, `lmjobs cleanup` removed it; a "
+        f"resubmit of the same file discarded its leftover and completed {t.requests} requests"
+    )
 
 
 def test_same_file_twice_is_detected(
@@ -148,8 +169,11 @@ def test_same_file_twice_is_detected(
     env = worker_env(lmjobs_home, db_url, private_redis.url)
     src = tmp_path / "in.jsonl"
     write_prompts(src, 5)
-    first = json.loads(run_cli(["submit", str(src), "--task", "generate", "--json"], env,
-                               check=True, timeout=300).stdout)["job_id"]
+    first = json.loads(
+        run_cli(
+            ["submit", str(src), "--task", "generate", "--json"], env, check=True, timeout=300
+        ).stdout
+    )["job_id"]
     second = run_cli(["submit", str(src), "--task", "generate"], env, timeout=300)  # stdin: no tty
     assert second.returncode == 1
     assert f"already submitted as job {first}" in second.stderr and "--yes" in second.stderr

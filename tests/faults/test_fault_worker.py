@@ -44,8 +44,9 @@ def _chunks(db: Database, job_id: int) -> list[Chunk]:
 
 
 def _submit(env: dict[str, str], src: Path) -> int:
-    out = run_cli(["submit", str(src), "--task", "generate", "--json"], env, check=True,
-                  timeout=300)
+    out = run_cli(
+        ["submit", str(src), "--task", "generate", "--json"], env, check=True, timeout=300
+    )
     return int(json.loads(out.stdout)["job_id"])
 
 
@@ -53,8 +54,9 @@ def test_sigterm_finishes_the_chunk_and_a_later_sigkill_is_recovered(
     private_redis: RedisServer, tmp_path: Path, lmjobs_home: Path
 ) -> None:
     db_url = f"sqlite:///{tmp_path / 'lm.db'}"
-    env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_CHUNK_SIZE="6",
-                     LMJOBS_FAKE_DELAY_MS="500")
+    env = worker_env(
+        lmjobs_home, db_url, private_redis.url, LMJOBS_CHUNK_SIZE="6", LMJOBS_FAKE_DELAY_MS="500"
+    )
     src = tmp_path / "in.jsonl"
     write_prompts(src, 18)  # three chunks of 3 s
     db = get_database(db_url)
@@ -80,8 +82,11 @@ def test_sigterm_finishes_the_chunk_and_a_later_sigkill_is_recovered(
 
         # SIGTERM, then SIGKILL before the chunk is done: its lease expires, it runs again
         b.start()
-        wait_until(lambda: sum(ch.status == "running" for ch in _chunks(db, job_id)) == 1, 60,
-                   "the next chunk")
+        wait_until(
+            lambda: sum(ch.status == "running" for ch in _chunks(db, job_id)) == 1,
+            60,
+            "the next chunk",
+        )
         os.killpg(b.procs[0].pid, signal.SIGTERM)
         time.sleep(1.0)
         os.killpg(b.procs[0].pid, signal.SIGKILL)
@@ -98,9 +103,11 @@ def test_sigterm_finishes_the_chunk_and_a_later_sigkill_is_recovered(
     final = {ch.id: ch for ch in _chunks(db, job_id)}
     assert t.job_status == "completed" and t.lost == 0 and t.duplicates == 0
     assert final[stuck[0].id].attempts == 2
-    figure(f"SIGTERM: the worker finished its running chunk and exited 0 after {term_s:.1f} s, "
-           f"taking nothing new; SIGTERM+SIGKILL 1 s later: the chunk was re-run after its "
-           f"lease; lost {t.lost}, duplicate rows {t.duplicates}")
+    figure(
+        f"SIGTERM: the worker finished its running chunk and exited 0 after {term_s:.1f} s, "
+        f"taking nothing new; SIGTERM+SIGKILL 1 s later: the chunk was re-run after its "
+        f"lease; lost {t.lost}, duplicate rows {t.duplicates}"
+    )
 
 
 def test_a_hung_engine_hits_the_chunk_time_limit(
@@ -109,9 +116,16 @@ def test_a_hung_engine_hits_the_chunk_time_limit(
     db_url = f"sqlite:///{tmp_path / 'lm.db'}"
     calls = tmp_path / "calls.txt"
     # two requests of 5.5 s: 11 s together, over the 10 s limit; 5.5 s alone, under it
-    env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_CHUNK_SIZE="2",
-                     LMJOBS_FAKE_DELAY_MS="5500", LMJOBS_CHUNK_TIME_LIMIT_S="10",
-                     LMJOBS_MAX_ATTEMPTS="1", LMJOBS_FAKE_CALLS_FILE=str(calls))
+    env = worker_env(
+        lmjobs_home,
+        db_url,
+        private_redis.url,
+        LMJOBS_CHUNK_SIZE="2",
+        LMJOBS_FAKE_DELAY_MS="5500",
+        LMJOBS_CHUNK_TIME_LIMIT_S="10",
+        LMJOBS_MAX_ATTEMPTS="1",
+        LMJOBS_FAKE_CALLS_FILE=str(calls),
+    )
     src = tmp_path / "in.jsonl"
     write_prompts(src, 2)
     db = get_database(db_url)
@@ -132,9 +146,11 @@ def test_a_hung_engine_hits_the_chunk_time_limit(
     # past the attempt cap each request runs alone, under the limit: the job completes
     assert t.job_status == "completed" and t.lost == 0 and t.duplicates == 0
     reason = (released.last_error or "").split(";")[0]
-    figure(f"hang: an 11 s chunk against a 10 s limit was stopped and released "
-           f"({reason}), then ran request by request and completed; "
-           f"generations {sum(generated_counts(calls).values())} for 2 requests")
+    figure(
+        f"hang: an 11 s chunk against a 10 s limit was stopped and released "
+        f"({reason}), then ran request by request and completed; "
+        f"generations {sum(generated_counts(calls).values())} for 2 requests"
+    )
 
 
 def test_a_model_that_fails_to_load_consumes_nothing(
@@ -144,10 +160,18 @@ def test_a_model_that_fails_to_load_consumes_nothing(
     marker = tmp_path / "remote-code-ran"
     evil = tmp_path / "evil-model"
     evil.mkdir()
-    (evil / "config.json").write_text(json.dumps({
-        "model_type": "lmjobs_evil", "architectures": ["EvilModel"],
-        "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"},
-    }))
+    (evil / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "lmjobs_evil",
+                "architectures": ["EvilModel"],
+                "auto_map": {
+                    "AutoConfig": "evil.EvilConfig",
+                    "AutoModelForCausalLM": "evil.EvilModel",
+                },
+            }
+        )
+    )
     (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     hf = {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     lines = []
@@ -172,15 +196,23 @@ def test_a_model_that_fails_to_load_consumes_nothing(
     assert "custom code" in lines[1] or "trust_remote_code" in lines[1], lines[1]
 
     # the setting is passed through: switched on, the same folder's code does run
-    env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_MODEL=str(evil),
-                     LMJOBS_TRUST_REMOTE_CODE="1", **hf)
+    env = worker_env(
+        lmjobs_home,
+        db_url,
+        private_redis.url,
+        LMJOBS_MODEL=str(evil),
+        LMJOBS_TRUST_REMOTE_CODE="1",
+        **hf,
+    )
     env.pop("LMJOBS_FAKE_ENGINE")
     proc = run_cli(["worker"], env, timeout=300)
     assert proc.returncode != 0 and marker.exists()
-    figure(f"model load failure: `lmjobs worker` exited non-zero with one line ({lines[0]!r}; "
-           "for a folder with custom code: 'contains custom code ... trust_remote_code'), "
-           "consumed nothing (the queued messages stayed in Redis); the folder's code ran "
-           "only with LMJOBS_TRUST_REMOTE_CODE=1")
+    figure(
+        f"model load failure: `lmjobs worker` exited non-zero with one line ({lines[0]!r}; "
+        "for a folder with custom code: 'contains custom code ... trust_remote_code'), "
+        "consumed nothing (the queued messages stayed in Redis); the folder's code ran "
+        "only with LMJOBS_TRUST_REMOTE_CODE=1"
+    )
 
 
 class _Payload:
@@ -210,15 +242,26 @@ def test_a_pickled_message_is_refused(
         body: tuple[object, ...] = ((_Payload(str(marker)), 1), {}, embed)
         assert b"open" in pickle.dumps(body)
         # the transport options of worker/app.py, so kombu reads Celery's binding table
-        options = {"sep": ":", "priority_steps": list(range(10)),
-                   "queue_order_strategy": "priority"}
+        options = {
+            "sep": ":",
+            "priority_steps": list(range(10)),
+            "queue_order_strategy": "priority",
+        }
         with Connection(private_redis.url, transport_options=options) as conn:
             exchange = Exchange(queue, type="direct")
             conn.Producer().publish(
-                body, serializer="pickle", exchange=exchange, routing_key=queue,
+                body,
+                serializer="pickle",
+                exchange=exchange,
+                routing_key=queue,
                 declare=[Queue(queue, exchange, routing_key=queue)],
-                headers={"lang": "py", "task": "lmjobs.run_chunk", "id": "chunk-1-0123456789ab",
-                         "argsrepr": "", "kwargsrepr": ""},
+                headers={
+                    "lang": "py",
+                    "task": "lmjobs.run_chunk",
+                    "id": "chunk-1-0123456789ab",
+                    "argsrepr": "",
+                    "kwargsrepr": "",
+                },
             )
         wait_until(lambda: private_redis.queued(queue) == 0, 30, "the worker to take it")
         time.sleep(1.0)
@@ -236,8 +279,10 @@ def test_a_pickled_message_is_refused(
     assert alive
     assert "pickle" in log.lower() and ("untrusted" in log.lower() or "disallowed" in log.lower())
     assert tally(db, job_id).job_status == "completed"
-    figure("pickle: a pickled run_chunk message whose payload would create a file was refused "
-           "by a real worker (file not created, worker kept working)")
+    figure(
+        "pickle: a pickled run_chunk message whose payload would create a file was refused "
+        "by a real worker (file not created, worker kept working)"
+    )
 
 
 def test_passwords_never_reach_logs_or_output(
@@ -264,16 +309,26 @@ def test_passwords_never_reach_logs_or_output(
     env = worker_env(lmjobs_home, db_url, redis_down)
     log = tmp_path / "w-redis-down.log"
     with open(log, "wb") as fh:
-        proc = subprocess.Popen([*LMJOBS, "worker"], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [*LMJOBS, "worker"],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
-        wait_until(lambda: "Cannot connect" in log.read_text(errors="replace"), 60,
-                   "the worker to report the broker down")
+        wait_until(
+            lambda: "Cannot connect" in log.read_text(errors="replace"),
+            60,
+            "the worker to report the broker down",
+        )
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     texts.append(log.read_text(errors="replace"))
     assert ":**@" in texts[-1] or ":***@" in texts[-1]
     assert_no_secret(*texts)
-    figure(f"passwords: {len(texts)} outputs and logs (config, list, status, worker with the "
-           "database down, worker with Redis down) contain no password")
+    figure(
+        f"passwords: {len(texts)} outputs and logs (config, list, status, worker with the "
+        "database down, worker with Redis down) contain no password"
+    )

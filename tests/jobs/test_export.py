@@ -29,8 +29,15 @@ from lmjobs.worker.protocol import FinishReason, Generation, GenRequest
 def _one_fails(requests: Sequence[GenRequest]) -> list[Generation]:
     out = FakeEngine()(requests)
     bad = out[0]
-    out[0] = Generation(key=bad.key, text="", finish_reason=FinishReason.ERROR, input_tokens=0,
-                        output_tokens=0, latency_ms=0.0, error="CUDA out of memory")
+    out[0] = Generation(
+        key=bad.key,
+        text="",
+        finish_reason=FinishReason.ERROR,
+        input_tokens=0,
+        output_tokens=0,
+        latency_ms=0.0,
+        error="CUDA out of memory",
+    )
     return out
 
 

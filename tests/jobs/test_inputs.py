@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from lmjobs.jobs.inputs import (
     MAX_DEPTH,
     TASKS,

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
 from lmjobs.jobs.inputs import MAX_DEPTH, LineError, ParsedRequest, count_lines, read_requests
 
 # Storable text: no surrogates (category Cs), no NUL.

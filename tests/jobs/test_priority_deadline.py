@@ -39,15 +39,21 @@ def test_higher_priority_job_is_dispatched_first(db_url: str, tmp_path: Path) ->
     assert {m.job_id for m in sent} == {urgent}
 
 
-def test_deadline_pauses_and_resume_finishes_without_duplicates(db_url: str,
-                                                                tmp_path: Path) -> None:
+def test_deadline_pauses_and_resume_finishes_without_duplicates(
+    db_url: str, tmp_path: Path
+) -> None:
     db = get_database(db_url)
     calls = tmp_path / "calls.txt"
     engine = FakeEngine(calls_file=str(calls))
     # Closer than the lease (300 s), so the injected tick sees the running chunk's lease alive.
     deadline = datetime.now(timezone.utc) + timedelta(minutes=2)
-    job_id = submit(db, write_jsonl(tmp_path / "in.jsonl", translate_rows(8)), "translate",
-                    chunk_size=2, finish_by=deadline)
+    job_id = submit(
+        db,
+        write_jsonl(tmp_path / "in.jsonl", translate_rows(8)),
+        "translate",
+        chunk_size=2,
+        finish_by=deadline,
+    )
     with db.session() as s:
         q = select(Chunk.id).where(Chunk.job_id == job_id).order_by(Chunk.seq)
         chunk_ids = list(s.scalars(q))

@@ -34,29 +34,52 @@ def _engine(requests: Sequence[GenRequest]) -> list[Generation]:
     for g in FakeEngine()(requests):
         if g.key % 7 == 0:
             reason = EVIL if g.key % 2 else "prompt too long"
-            out.append(Generation(key=g.key, text="", finish_reason=FinishReason.ERROR,
-                                  input_tokens=0, output_tokens=0, latency_ms=0.0, error=reason))
+            out.append(
+                Generation(
+                    key=g.key,
+                    text="",
+                    finish_reason=FinishReason.ERROR,
+                    input_tokens=0,
+                    output_tokens=0,
+                    latency_ms=0.0,
+                    error=reason,
+                )
+            )
         else:
-            out.append(Generation(key=g.key, text=g.text, finish_reason=g.finish_reason,
-                                  input_tokens=g.input_tokens, output_tokens=g.output_tokens,
-                                  latency_ms=float(g.key * 13 % 97) + 0.5))
+            out.append(
+                Generation(
+                    key=g.key,
+                    text=g.text,
+                    finish_reason=g.finish_reason,
+                    input_tokens=g.input_tokens,
+                    output_tokens=g.output_tokens,
+                    latency_ms=float(g.key * 13 % 97) + 0.5,
+                )
+            )
     return out
 
 
 def _job(db: Database, tmp_path: Path) -> int:
     rows = translate_rows(N + 2)
-    job_id = submit(db, write_jsonl(tmp_path / "in.jsonl", [*rows[:N], "oops"]), "translate",
-                    chunk_size=6)
+    job_id = submit(
+        db, write_jsonl(tmp_path / "in.jsonl", [*rows[:N], "oops"]), "translate", chunk_size=6
+    )
     run(db, job_id, _engine)
     with db.session() as s:  # spread the results over 10 minutes, 15 s apart
         start = s.scalar(select(Job.started_at).where(Job.id == job_id))
         assert start is not None
         ids = list(s.scalars(select(Result.id).where(Result.job_id == job_id).order_by(Result.id)))
         for i, rid in enumerate(ids):
-            s.execute(update(Result).where(Result.id == rid)
-                      .values(created_at=start + timedelta(seconds=15 * (i + 1))))
-        s.execute(update(Job).where(Job.id == job_id)
-                  .values(finished_at=start + timedelta(seconds=15 * (len(ids) + 1))))
+            s.execute(
+                update(Result)
+                .where(Result.id == rid)
+                .values(created_at=start + timedelta(seconds=15 * (i + 1)))
+            )
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(finished_at=start + timedelta(seconds=15 * (len(ids) + 1)))
+        )
     score_job(db, job_id)
     return job_id
 
@@ -66,8 +89,11 @@ def test_figures_equal_the_database(db_url: str, tmp_path: Path) -> None:
     job_id = _job(db, tmp_path)
     rep = build_report(db, job_id)
     with db.session() as s:
-        res = s.execute(select(Result.status, Result.error, Result.latency_ms,
-                               Result.output_tokens).where(Result.job_id == job_id)).all()
+        res = s.execute(
+            select(Result.status, Result.error, Result.latency_ms, Result.output_tokens).where(
+                Result.job_id == job_id
+            )
+        ).all()
     ok = [r for r in res if r.status == "succeeded"]
     t = rep.totals
     assert (t.requests, t.succeeded, t.failed, t.pending) == (N, len(ok), N - len(ok), 0)
@@ -153,8 +179,9 @@ def test_html_of_a_job_with_nothing_done_yet(sqlite_url: str, tmp_path: Path) ->
     assert p.marks == {} and "No results yet." in page and "No failures." in page
 
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
-                                         else None)
+CHROMIUM = shutil.which("chromium") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (the HTML checks above ran)")
@@ -166,9 +193,19 @@ def test_html_renders_in_a_browser(sqlite_url: str, tmp_path: Path) -> None:
     png = tmp_path / "report.png"
     assert CHROMIUM is not None
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         f"--screenshot={png}", "--window-size=1400,1800", html.as_uri()],
-        capture_output=True, timeout=120, check=False,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={png}",
+            "--window-size=1400,1800",
+            html.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=False,
     )
     assert png.is_file() and png.stat().st_size > 10_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

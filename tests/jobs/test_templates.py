@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 import pytest
+
 from lmjobs.jobs.inputs import TASKS
 from lmjobs.jobs.templates import (
     TEMPLATE_VERSIONS,
