@@ -16,6 +16,7 @@ enough that nothing underflows into denormals.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -24,6 +25,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     GPT2Config,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     T5Config,
@@ -134,7 +136,7 @@ def _init_weights(model: PreTrainedModel, *, eos_id: int, seed: int) -> None:
     """Redraw every weight from a seeded normal; norms stay at 1, biases at 0.
 
     The output row of EOS is zeroed (its logit stays 0), so greedy decoding does not stop
-    at once; the output layer is never tied to the input embeddings here.
+    at once (for T5, whose output layer is tied, the EOS input embedding is zero too).
     """
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -162,6 +164,7 @@ def build_tiny_causal(path: str | Path, arch: str = "llama", seed: int = 0) -> P
     """Write a tiny random causal LM (``arch`` "llama" or "gpt2") to ``path``; return it."""
     path = Path(path)
     tok = build_tokenizer(arch=arch, seed=seed)
+    config: PretrainedConfig
     if arch == "llama":
         config = LlamaConfig(
             vocab_size=len(tok),
@@ -201,7 +204,9 @@ def build_tiny_seq2seq(path: str | Path, arch: str = "t5", seed: int = 0) -> Pat
         raise ValueError(f"unknown seq2seq arch {arch!r}")
     path = Path(path)
     tok = build_tokenizer(arch=arch, seed=seed)
-    config = T5Config(
+    # T5 ties its output layer to the input embeddings whatever the config says (in 5.x);
+    # n_positions is not a T5Config argument but is read back as the context length.
+    t5_args: dict[str, Any] = dict(
         vocab_size=len(tok),
         d_model=64,
         d_kv=16,
@@ -215,8 +220,8 @@ def build_tiny_seq2seq(path: str | Path, arch: str = "t5", seed: int = 0) -> Pat
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         decoder_start_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
     )
+    config = T5Config(**t5_args)
     torch.manual_seed(seed)
     model = AutoModelForSeq2SeqLM.from_config(config, dtype=torch.float32)
     _init_weights(model, eos_id=tok.eos_token_id, seed=seed)

@@ -59,9 +59,7 @@ def render(request: GenRequest, tokenizer: Any) -> tuple[str, bool]:
     if request.messages is not None:
         messages = [dict(m) for m in request.messages]
         if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return str(text), False
         return "\n\n".join(str(m.get("content", "")) for m in messages), True
     if request.prompt is None:
@@ -69,9 +67,7 @@ def render(request: GenRequest, tokenizer: Any) -> tuple[str, bool]:
     return request.prompt, True
 
 
-def tokenize(
-    requests: Sequence[GenRequest], tokenizer: Any
-) -> list[list[int] | str]:
+def tokenize(requests: Sequence[GenRequest], tokenizer: Any) -> list[list[int] | str]:
     """Token ids of every request (or the error that kept it from being rendered).
 
     One batched tokenizer call per kind (with and without special tokens): fast tokenizers
@@ -165,7 +161,7 @@ def dedup(rows: Sequence[Prepared]) -> tuple[list[Prepared], dict[int, int]]:
         if not row.params.greedy:
             unique.append(row)
             continue
-        key = (row.ids, row.params)
+        key = (row.ids, replace(row.params, seed=None))  # a seed changes nothing greedy
         if key in first:
             copies[row.index] = first[key]
         else:
@@ -187,6 +183,8 @@ def default_batch_tokens(model: Any, device: torch.device) -> int:
     if device.type != "cuda":
         return CPU_BATCH_TOKENS
     free, _total = torch.cuda.mem_get_info(device)
+    # memory PyTorch's allocator holds but does not use (an earlier batch's cache) is free too
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     per_token = kv_bytes_per_token(model)
     return max(1024, int(free * CUDA_KV_SHARE / per_token))
 
@@ -195,11 +193,11 @@ def kv_bytes_per_token(model: Any) -> int:
     """Bytes of KV cache one token takes: 2 (K and V) x layers x kv heads x head dim x dtype."""
     config = model.config
     text = getattr(config, "get_text_config", lambda: config)()
-    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 12)
-    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 12)
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", 768)
-    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    layers = int(getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None) or 12)
+    heads = int(getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None) or 12)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    hidden = int(getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or 768)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     itemsize = torch.finfo(model.dtype).bits // 8 if model.dtype.is_floating_point else 4
     if getattr(config, "is_encoder_decoder", False):
         layers *= 2  # self-attention and cross-attention caches

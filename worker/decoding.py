@@ -42,6 +42,16 @@ class DecodeContext:
     decode: Callable[[Sequence[int]], str]  # token ids -> text, special tokens skipped
     decoder_start_id: int | None = None  # encoder-decoder models only
     logits_to_keep: bool = False  # the model's forward takes ``logits_to_keep``
+    position_ids: bool = True  # ... and ``position_ids`` (alibi models such as Bloom do not)
+
+    def optional_args(self, positions: torch.Tensor, *, prefill: bool) -> dict[str, Any]:
+        """Forward arguments only some models take: per-row positions, last logits only."""
+        args: dict[str, Any] = {}
+        if self.position_ids:
+            args["position_ids"] = positions
+        if prefill and self.logits_to_keep:
+            args["logits_to_keep"] = 1  # the prefill needs one row of logits, not S
+        return args
 
 
 @dataclass(eq=False)
@@ -147,9 +157,11 @@ class CausalBatch:
         ids, mask = ids.to(ctx.device), mask.to(ctx.device)
         # input_ids, mask, positions: [B, S]; pad positions are clamped to 0 (never attended)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        extra = {"logits_to_keep": 1} if ctx.logits_to_keep else {}
         out = ctx.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra
+            input_ids=ids,
+            attention_mask=mask,
+            use_cache=True,
+            **ctx.optional_args(positions, prefill=True),
         )
         self.cache, self.mask, self.pos = out.past_key_values, mask, mask.sum(-1)
         return out.logits[:, -1, :]
@@ -161,9 +173,9 @@ class CausalBatch:
         out = self.ctx.model(
             input_ids=self.last[:, None],  # [B, 1]
             attention_mask=self.mask,  # [B, T + 1]
-            position_ids=self.pos[:, None],  # [B, 1]
             past_key_values=self.cache,
             use_cache=True,
+            **self.ctx.optional_args(self.pos[:, None], prefill=False),  # positions: [B, 1]
         )
         self.cache = out.past_key_values
         self.pos = self.pos + 1
@@ -171,7 +183,7 @@ class CausalBatch:
 
     def advance(self, logits: torch.Tensor) -> list[Row]:
         """Choose every row's next token; drop the rows that finished and return them."""
-        return _advance(self, logits)
+        return advance_rows(self, logits)
 
     def select(self, keep: list[int]) -> None:
         """Keep only rows ``keep``; cut the cache columns that are padding in every row."""
@@ -193,9 +205,7 @@ class CausalBatch:
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             # keys, values: [B, H, T, D]; padding goes in front of the shorter one
             mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
-            mine.values = torch.cat(
-                [_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)]
-            )
+            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
         self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
         self.pos = torch.cat([self.pos, other.pos])
         self.last = torch.cat([self.last, other.last])
@@ -245,7 +255,7 @@ class Seq2SeqBatch:
         return out.logits[:, -1, :]
 
     def advance(self, logits: torch.Tensor) -> list[Row]:
-        return _advance(self, logits)
+        return advance_rows(self, logits)
 
     def select(self, keep: list[int]) -> None:
         index = torch.tensor(keep, device=self.last.device)
@@ -258,10 +268,7 @@ class Seq2SeqBatch:
         raise NotImplementedError("encoder-decoder batches do not take rows mid-flight")
 
 
-Batch = CausalBatch | Seq2SeqBatch
-
-
-def _advance(batch: Batch, logits: torch.Tensor) -> list[Row]:
+def advance_rows(batch: Any, logits: torch.Tensor) -> list[Row]:
     """logits: [B, V] for ``batch.rows``. Push one token per row, drop finished rows."""
     rows, ctx = batch.rows, batch.ctx
     tokens, finite = choose_tokens(
@@ -279,7 +286,3 @@ def _advance(batch: Batch, logits: torch.Tensor) -> list[Row]:
     elif finished:
         batch.rows = []
     return finished
-
-
-def new_batch(ctx: DecodeContext, rows: list[Row], *, is_seq2seq: bool) -> Batch:
-    return Seq2SeqBatch(ctx, rows) if is_seq2seq else CausalBatch(ctx, rows)

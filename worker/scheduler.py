@@ -19,12 +19,17 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
+from typing import TypeAlias
 
 import torch
 
-from lmjobs.worker.decoding import Batch, DecodeContext, Row, new_batch
+from lmjobs.worker.decoding import CausalBatch, DecodeContext, Row, Seq2SeqBatch
+from lmjobs.worker.protocol import EngineInterrupt
+from lmjobs.worker.static_cache import StaticCacheBatch
 
 logger = logging.getLogger(__name__)
+
+Batch: TypeAlias = CausalBatch | Seq2SeqBatch | StaticCacheBatch
 
 REFILL_SHARE = 4  # continuous: refill when at least 1/REFILL_SHARE of the slots are free
 
@@ -52,12 +57,17 @@ class Scheduler:
         batch_tokens: int,
         max_batch_size: int,
         continuous: bool,
+        static_cache: bool = False,
+        context: int = 0,
     ) -> None:
         self.ctx = ctx
         self.is_seq2seq = is_seq2seq
         self.batch_tokens = batch_tokens
         self.max_batch_size = max(1, max_batch_size)
-        self.continuous = continuous and not is_seq2seq
+        # static caches have fixed shapes: no refilling (and no encoder-decoder support)
+        self.static_cache = static_cache and not is_seq2seq
+        self.continuous = continuous and not is_seq2seq and not self.static_cache
+        self.context = context
 
     def run(self, rows: Sequence[Row], cap: int | None = None) -> None:
         queue = deque(rows)
@@ -75,6 +85,8 @@ class Scheduler:
                     batch.advance(batch.decode())
                     if not batch.rows:
                         batch = None
+            except EngineInterrupt:
+                raise  # a time limit or shutdown from outside: abandon the whole call
             except Exception as exc:
                 in_flight = admitting + (batch.rows if batch is not None else [])
                 batch = None
@@ -111,14 +123,21 @@ class Scheduler:
         """Prefill ``rows``, choose their first tokens, merge them into ``batch``."""
         for row in rows:
             row.start(self.ctx.device)
-        fresh = new_batch(self.ctx, rows, is_seq2seq=self.is_seq2seq)
+        fresh = self._new_batch(rows)
         fresh.advance(fresh.prefill())
         if not fresh.rows:
             return batch
         if batch is None:
             return fresh
-        batch.merge(fresh)  # type: ignore[arg-type]
+        batch.merge(fresh)  # type: ignore[arg-type]  # can_merge: same batch class
         return batch
+
+    def _new_batch(self, rows: list[Row]) -> Batch:
+        if self.is_seq2seq:
+            return Seq2SeqBatch(self.ctx, rows)
+        if self.static_cache:
+            return StaticCacheBatch(self.ctx, rows, self.context)
+        return CausalBatch(self.ctx, rows)
 
     def _recover(self, exc: Exception, rows: list[Row], queue: deque[Row], cap: int) -> int:
         """Handle a failed batch of ``rows``; return the batch size to go on with."""

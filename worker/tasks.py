@@ -31,7 +31,7 @@ from lmjobs.jobs.dispatch import tick as tick_service
 from lmjobs.jobs.settings import get_settings, mask_secrets
 from lmjobs.worker.app import app
 from lmjobs.worker.broker import CeleryPublisher, redis_chunk_ids
-from lmjobs.worker.protocol import GenerateFn, Generation, GenRequest
+from lmjobs.worker.protocol import EngineInterrupt, GenerateFn, Generation, GenRequest
 from lmjobs.worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def with_db_retry(fn: Callable[[], T], what: str) -> T:
             delay = min(delay * 2, DB_RETRY_CAP_S)
 
 
-class ChunkTimeLimitExceeded(Exception):
+class ChunkTimeLimitExceeded(EngineInterrupt):
     """An engine call ran past ``LMJOBS_CHUNK_TIME_LIMIT_S`` (a hang, a runaway generation)."""
 
 

@@ -11,7 +11,7 @@ import torch
 
 from lmjobs.worker.engine import EngineConfig, generate, resolve_mode
 from lmjobs.worker.models import LoadedModel, load_model
-from lmjobs.worker.protocol import FinishReason, Generation, GenRequest, SamplingParams
+from lmjobs.worker.protocol import EngineInterrupt, FinishReason, Generation, GenRequest, SamplingParams
 
 MODES = ["static", "continuous"]
 PROMPTS = [
@@ -125,7 +125,18 @@ def test_batch_equals_one_at_a_time(any_model: LoadedModel, mode: str, max_batch
     assert [g.key for g in got] == [r.key for r in requests]
     assert [(g.text, g.output_tokens) for g in got] == expected
     assert all(g.finish_reason is FinishReason.LENGTH for g in got)
-    assert all(g.output_tokens == r.params.max_new_tokens for g, r in zip(got, requests))
+    assert all(g.output_tokens == r.params.max_new_tokens for g, r in zip(got, requests, strict=True))
+
+
+def test_static_cache_path_equals_one_at_a_time(llama: LoadedModel, gpt2: LoadedModel):
+    # compile=True: StaticCache with bucketed shapes (torch.compile itself only on CUDA)
+    for lm in (llama, gpt2):
+        requests = requests_for(PROMPTS)
+        expected = [reference(lm, r) for r in requests]
+
+        got = run(lm, requests, compile=True, max_batch_size=3)
+
+        assert [(g.text, g.output_tokens) for g in got] == expected
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -138,20 +149,41 @@ def test_small_token_budget_and_input_order(llama: LoadedModel, mode: str):
     assert [(g.text, g.output_tokens) for g in got] == expected
 
 
-def test_auto_mode_matches_static(llama: LoadedModel):
+def test_auto_mode_is_continuous(llama: LoadedModel):
+    assert resolve_mode("auto", torch.device("cpu")) == "continuous"
     requests = requests_for(PROMPTS[:4])
     texts = [g.text for g in run(llama, requests, mode="auto")]
     assert texts == [g.text for g in run(llama, requests, mode="static")]
-    assert resolve_mode("auto", torch.device("cpu")) in MODES
 
 
 # --- failures stay with their request -------------------------------------------------------
 
 
+def test_continuous_refills_finished_slots(llama: LoadedModel, monkeypatch: pytest.MonkeyPatch):
+    requests = requests_for(PROMPTS)
+    shapes: dict[str, list[tuple[int, int]]] = {}
+    for mode in MODES:
+        seen = shapes.setdefault(mode, [])
+
+        def record(kwargs: dict[str, Any], seen: list[tuple[int, int]] = seen) -> None:
+            seen.append(tuple(kwargs["input_ids"].shape))
+
+        with monkeypatch.context() as patch:
+            patch_forward(patch, llama, record)
+            run(llama, requests, mode=mode, max_batch_size=3)
+    steps = {mode: sum(1 for s in shapes[mode] if s[1] == 1) for mode in MODES}
+    prefills = {mode: [s[0] for s in shapes[mode] if s[1] > 1] for mode in MODES}
+
+    assert steps["continuous"] < steps["static"]
+    assert len(prefills["continuous"]) > len(prefills["static"]) == 3  # 8 rows, 3 at a time
+    assert sum(prefills["continuous"]) == len(PROMPTS)
+    decode_rows = [s[0] for s in shapes["continuous"] if s[1] == 1]
+    assert max(decode_rows) == 3 and decode_rows.count(3) > len(decode_rows) // 2
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_out_of_memory_splits_the_batch(
-    llama: LoadedModel, mode: str, monkeypatch: pytest.MonkeyPatch
-):
+def test_out_of_memory_splits_the_batch(any_model: LoadedModel, mode: str, monkeypatch: pytest.MonkeyPatch):
+    llama = any_model
     requests = requests_for(PROMPTS)
     expected = run(llama, requests, mode=mode)
     sizes: list[int] = []
@@ -164,10 +196,26 @@ def test_out_of_memory_splits_the_batch(
     patch_forward(monkeypatch, llama, oom_above_two)
     got = run(llama, requests, mode=mode)
 
-    assert [(g.text, g.finish_reason) for g in got] == [
-        (g.text, g.finish_reason) for g in expected
-    ]
+    assert [(g.text, g.finish_reason) for g in got] == [(g.text, g.finish_reason) for g in expected]
     assert max(sizes) > 2  # it did try a big batch first
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_interrupt_from_outside_abandons_the_call(
+    llama: LoadedModel, mode: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A time limit or shutdown raised into the engine is not a request's failure: it must
+    propagate at once instead of the batch being retried request by request."""
+    calls: list[int] = []
+
+    def interrupt(kwargs: dict[str, Any]) -> None:
+        calls.append(batch_size(kwargs))
+        raise EngineInterrupt("chunk time limit")
+
+    patch_forward(monkeypatch, llama, interrupt)
+    with pytest.raises(EngineInterrupt):
+        run(llama, requests_for(PROMPTS), mode=mode)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -180,7 +228,11 @@ def test_out_of_memory_splits_the_batch(
     ],
 )
 def test_a_request_that_always_fails_fails_alone(
-    t5: LoadedModel, llama: LoadedModel, mode: str, error: Exception, monkeypatch: pytest.MonkeyPatch
+    t5: LoadedModel,
+    llama: LoadedModel,
+    mode: str,
+    error: Exception,
+    monkeypatch: pytest.MonkeyPatch,
 ):
     for lm in (llama, t5):
         requests = requests_for(PROMPTS)
@@ -188,7 +240,7 @@ def test_a_request_that_always_fails_fails_alone(
         culprit = lm.tokenizer(PROMPTS[1])["input_ids"][3]  # a token only that prompt has
         assert all(culprit not in lm.tokenizer(p)["input_ids"] for i, p in enumerate(PROMPTS) if i != 1)
 
-        def raise_on_culprit(kwargs: dict[str, Any]) -> None:
+        def raise_on_culprit(kwargs: dict[str, Any], culprit: int = culprit) -> None:
             ids = kwargs.get("input_ids")
             if ids is not None and (ids == culprit).any():
                 raise error
@@ -230,9 +282,7 @@ def test_non_finite_logits_fail_only_that_request(
 
     assert got[1].finish_reason is FinishReason.ERROR
     assert "non-finite" in (got[1].error or "")
-    assert [g.text for i, g in enumerate(got) if i != 1] == [
-        g.text for i, g in enumerate(expected) if i != 1
-    ]
+    assert [g.text for i, g in enumerate(got) if i != 1] == [g.text for i, g in enumerate(expected) if i != 1]
 
 
 # --- context length ---------------------------------------------------------------------------
@@ -313,9 +363,7 @@ def test_stop_string_cuts_the_text(llama: LoadedModel, mode: str):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_eos_stops_a_request(
-    any_model: LoadedModel, mode: str, monkeypatch: pytest.MonkeyPatch
-):
+def test_eos_stops_a_request(any_model: LoadedModel, mode: str, monkeypatch: pytest.MonkeyPatch):
     requests = requests_for(PROMPTS[:3], max_new_tokens=12)
     ids = any_model.tokenizer(PROMPTS[0])["input_ids"]
     tokens = reference_ids(any_model, ids, 12)
@@ -373,9 +421,7 @@ def test_sampled_duplicates_are_not_folded(llama: LoadedModel):
     assert got[0].text == got[1].text  # same seed, same draw
 
 
-def test_dedup_generates_identical_greedy_requests_once(
-    llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
-):
+def test_dedup_generates_identical_greedy_requests_once(llama: LoadedModel, monkeypatch: pytest.MonkeyPatch):
     requests = [
         GenRequest(key=1, prompt="Hi there", params=SamplingParams(max_new_tokens=6)),
         GenRequest(key=2, prompt="Guten Morgen!", params=SamplingParams(max_new_tokens=6)),
@@ -390,9 +436,12 @@ def test_dedup_generates_identical_greedy_requests_once(
     assert [g.deduplicated for g in got] == [False, False, True, False]
     assert got[2].text == got[0].text and got[2].key == 3
     assert got[3].text.startswith(got[0].text)
+    assert got[2].output_tokens == got[0].output_tokens and got[2].ok
     assert rows[0] == 3  # the prefill ran three rows, not four
     monkeypatch.undo()
     assert not any(g.deduplicated for g in run(llama, requests, dedup=False))
+    seeded = [GenRequest(key=i, prompt="Hi", params=SamplingParams(6, seed=i)) for i in range(2)]
+    assert [g.deduplicated for g in run(llama, seeded)] == [False, True]  # greedy: seed unused
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -400,9 +449,7 @@ def test_dedup_generates_identical_greedy_requests_once(
 
 def test_chat_messages_use_the_chat_template(llama: LoadedModel):
     messages = ({"role": "user", "content": "What is the capital of France?"},)
-    rendered = llama.tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=True
-    )
+    rendered = llama.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     assert rendered.endswith("<|assistant|>\n")
     ids = llama.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
@@ -440,3 +487,22 @@ def test_suppressed_tokens_of_the_generation_config_are_honoured(
 
     assert banned not in expected
     assert got.text == llama.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_logit_rules_mirror_the_generation_config():
+    from transformers import GenerationConfig
+
+    from lmjobs.worker.sampling import LogitRules
+
+    config = GenerationConfig(bad_words_ids=[[7], [8, 9]], suppress_tokens=[3], begin_suppress_tokens=[4])
+    config.forced_bos_token_id = 5
+    rules = LogitRules.from_generation_config(config)
+    assert rules == LogitRules(suppress=(3, 7), first_suppress=(4,), forced_first=5)
+    logits = torch.zeros(2, 10)
+    logits[:, 3] = logits[:, 4] = logits[:, 7] = 9.0
+
+    out = rules.apply(logits, [True, False])
+
+    assert out[0].argmax() == 5 and torch.isinf(out[0]).sum() == 9
+    assert out[1, 4] == 9.0 and torch.isinf(out[1, [3, 7]]).all()
+    assert out[1, [0, 1, 2, 5, 6, 8, 9]].eq(0).all()
