@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
     model: str = "smollm2-135m"
     model_cache: Path | None = None  # default: <home>/models
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | split (one model over all visible GPUs)
     dtype: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     trust_remote_code: bool = False
     chunk_size: int = Field(default=64, ge=1, le=100_000)
@@ -69,9 +69,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"LMJOBS_DTYPE must be auto, float32, float16 or bfloat16, not {self.dtype!r}"
             )
-        if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps)$", self.device):
+        if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps|split)$", self.device):
             raise ValueError(
-                f"LMJOBS_DEVICE must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}"
+                f"LMJOBS_DEVICE must be auto, cpu, cuda, cuda:N, split or mps, not {self.device!r}"
             )
         return self
 

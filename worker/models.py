@@ -70,8 +70,19 @@ class LoadedModel:
     device: torch.device
 
 
+SPLIT = "split"  # one model across all visible GPUs (accelerate's device_map="auto")
+
+
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` is the first CUDA GPU when there is one, else the CPU."""
+    """``auto`` is the first CUDA GPU when there is one, else the CPU.
+
+    ``split`` spreads the layers of one model over every visible GPU; inputs go to the
+    first one (where the embeddings are) and activations flow from GPU to GPU.
+    """
+    if device == SPLIT:
+        if not torch.cuda.is_available():
+            raise ConfigError("device 'split' needs CUDA GPUs, and none is available")
+        return torch.device("cuda", 0)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -136,9 +147,11 @@ def load_model(
 
     config = _load_config(source, trust_remote_code)
     is_seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-    model = _load_weights(source, config, torch_dtype, is_seq2seq, trust_remote_code)
+    device_map = "auto" if device == SPLIT else None
+    model = _load_weights(source, config, torch_dtype, is_seq2seq, trust_remote_code, device_map)
     tokenizer = _load_tokenizer(source, model, is_seq2seq, trust_remote_code)
-    model.to(torch_device)
+    if device_map is None:  # with a device_map, accelerate has placed every layer already
+        model.to(torch_device)
     model.eval()
     if quantize == "int8":
         model = quantize_int8(model, torch_device)
@@ -196,7 +209,12 @@ def _load_config(source: str, trust_remote_code: bool) -> Any:
 
 
 def _load_weights(
-    source: str, config: Any, dtype: torch.dtype, is_seq2seq: bool, trust_remote_code: bool
+    source: str,
+    config: Any,
+    dtype: torch.dtype,
+    is_seq2seq: bool,
+    trust_remote_code: bool,
+    device_map: str | None = None,
 ) -> Any:
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -209,6 +227,7 @@ def _load_weights(
             dtype=dtype,
             trust_remote_code=trust_remote_code,
             use_safetensors=None,
+            device_map=device_map,
         )
     except Exception as exc:
         raise ModelLoadError(f"cannot load the weights of {source}: {_one_line(exc)}") from exc
