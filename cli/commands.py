@@ -252,6 +252,7 @@ def _status_table(st: Any) -> None:
             "tokens/s (out)": f"{st.output_tokens_per_s:.1f}" if st.output_tokens_per_s else "-",
             "elapsed": render.duration(st.elapsed_s),
             "ETA": render.duration(st.eta_s),
+            "deduplicated": f"{st.deduplicated} generations saved" if st.deduplicated else "0",
             "chunks": ", ".join(f"{k} {v}" for k, v in sorted(st.chunks.items())),
         },
     )

@@ -38,6 +38,7 @@ from lmjobs.db.models import (
 )
 from lmjobs.db.session import Database
 from lmjobs.db.upsert import insert_ignore
+from lmjobs.jobs.dedup import reuse_finished
 from lmjobs.jobs.requests import build_gen_request
 from lmjobs.worker.protocol import (
     FinishReason,
@@ -360,15 +361,17 @@ def _generate_rows(
     if attempt > ctx.max_attempts:
         return _run_isolated(db, chunk_id, pending, generate, ctx, attempt)
     gen_reqs, early = _build(pending)
-    gens = _run_engine(generate, gen_reqs) + early
-    by_id = {r.id: (r, j) for r, j in pending}
     req_by_key = {g.key: g for g in gen_reqs}
+    job_id = pending[0][1].id if pending else 0
+    copies, to_run = reuse_finished(db, job_id, gen_reqs, {r.id: r.content_sha256 for r, _ in pending})
+    gens = _run_engine(generate, to_run) + early + copies
+    by_id = {r.id: (r, j) for r, j in pending}
     rows = []
     for gen in gens:
         req, job = by_id[gen.key]
         gen_req = req_by_key.get(gen.key) or GenRequest(key=gen.key)
         rows.append(_result_row(req, job, gen, gen_req, ctx, attempt))
-    outcome.generated = len(gen_reqs)
+    outcome.generated = len(to_run)
     return rows
 
 

@@ -50,6 +50,7 @@ class JobStatusReport:
     requests_per_s: float | None
     eta_s: float | None
     failures_by_reason: dict[str, int] = field(default_factory=dict)
+    deduplicated: int = 0  # results copied from an identical prompt instead of generated
     scores: dict[str, float] = field(default_factory=dict)  # mean per metric (jobs/metrics.py)
 
     @property
@@ -88,6 +89,7 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
             select(
                 func.coalesce(func.sum(Result.input_tokens), 0),
                 func.coalesce(func.sum(Result.output_tokens), 0),
+                func.count().filter(Result.deduplicated.is_(True)),
             ).where(Result.job_id == job_id)
         ).one()
         chunks = dict(
@@ -143,6 +145,7 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
         requests_per_s=rate_req,
         eta_s=eta,
         failures_by_reason={str(k)[:200]: int(v) for k, v in reasons.items()},
+        deduplicated=int(tokens[2]),
         scores=mean_scores(db, job_id),
     )
 
