@@ -9,17 +9,19 @@ import pytest
 import torch
 from tiny_models import build_tiny_causal, build_tiny_seq2seq
 
-# Random weights on the CPU can underflow into denormals, which run many times slower.
-torch.set_flush_denormal(True)
-
-
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
     """Tiny models run faster on one thread: a 64-wide matmul is cheaper than waking a
-    second thread (measured 35 us vs 120 us on the shared 2-core machine)."""
+    second thread (measured 35 us vs 120 us on the shared 2-core machine).
+
+    Random weights on the CPU can also underflow into denormals, which run many times
+    slower, so denormals are flushed to zero here, and only here: left on for the whole
+    session it would break other tests (hypothesis refuses to draw floats under it)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
     yield
+    torch.set_flush_denormal(False)
     torch.set_num_threads(before)
 
 
