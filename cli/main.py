@@ -301,6 +301,7 @@ def bench(
     e2e_db: str | None = typer.Option(None, "--e2e-db", help="E2E database URL [default: SQLite]"),
     e2e_broker: str | None = typer.Option(None, "--e2e-broker", help="E2E Redis URL"),
     profile: bool = typer.Option(False, "--profile", help="Add a torch.profiler table"),
+    budget_s: float | None = typer.Option(None, "--budget-s", help="Skip arms starting later"),
     seed: int | None = typer.Option(None, "--seed"),
     markdown: bool = typer.Option(False, "--markdown", help="The arms table as Markdown"),
     as_json: bool = JsonOut,
@@ -312,7 +313,8 @@ def bench(
               device=device, dtype=dtype, model=model, a0_requests=a0_requests,
               a1_requests=a1_requests, threads=threads, chunk_size=chunk_size,
               max_batch_size=max_batch_size, e2e_database_url=e2e_db, e2e_broker_url=e2e_broker,
-              profile=profile, seed=seed, as_json=as_json, markdown_table=markdown)
+              profile=profile, budget_s=budget_s, seed=seed, as_json=as_json,
+              markdown_table=markdown)
 
 
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)

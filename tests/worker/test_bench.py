@@ -1,0 +1,72 @@
+"""`lmjobs bench` on a tiny random model: every arm runs, the JSON is complete, and the
+engine's greedy outputs equal the naive loop's token for token (fp32)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from services import cli_env, run_cli
+
+from lmjobs.worker.bench import parse_arms, preset_config
+
+ARM_KEYS = set(
+    "arm label requests subset output_tokens elapsed_s output_tokens_per_s requests_per_s "
+    "speedup_vs_a0 speedup_vs_a1 warmup_s peak_memory_mb correctness_vs_a0 steps errors "
+    "finish_reasons notes".split()
+)
+
+
+@pytest.mark.redis
+def test_bench_runs_every_arm_and_matches_a0(redis_url: str, tmp_path: Path, lmjobs_home: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = cli_env(LMJOBS_MODEL_CACHE=str(tmp_path / "models"))
+    args = "bench --preset cpu-tiny --requests 12 --a0-requests 6 --chunk-size 6 --threads 1"
+    arm_list = "A0,A1,A2,A3,A4,A5,E2E"
+    more = ["--arms", arm_list, "--e2e-broker", redis_url, "--json-out", str(out)]
+    proc = run_cli([*args.split(), *more], env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    assert {"meta", "workload", "arms", "skipped", "e2e", "targets"} <= set(report)
+    arms = {a["arm"]: a for a in report["arms"]}
+    assert set(arms) == {"A0", "A1", "A2", "A3", "A4", "A5", "E2E"}
+    assert not report["skipped"]
+    for arm in arms.values():
+        assert ARM_KEYS <= set(arm)
+        assert arm["output_tokens"] > 0 and arm["output_tokens_per_s"] > 0
+        assert arm["errors"] == 0
+    assert arms["A0"]["subset"] and arms["A0"]["requests"] == 6
+    assert arms["A2"]["requests"] == 12 and not arms["A2"]["subset"]
+    assert arms["A2"]["speedup_vs_a0"] is not None and arms["A2"]["speedup_vs_a1"] is not None
+
+    # greedy fp32: the engine (in process and through the queue) writes what A0 writes
+    for name in ("A1", "A2", "A3", "A5", "E2E"):
+        same = arms[name]["correctness_vs_a0"]
+        assert same["compared"] == 6
+        assert same["identical_pct"] == 100.0, (name, same)
+    # every full-run arm generated the same amount
+    assert arms["A1"]["output_tokens"] == arms["A2"]["output_tokens"]
+    for name in ("A3", "A5", "E2E"):
+        assert arms[name]["output_tokens"] == arms["A2"]["output_tokens"]
+
+    e2e = report["e2e"]
+    assert e2e["engine_arm"] in ("A2", "A3") and e2e["chunk_size"] == 6 and e2e["chunks"] == 2
+    assert e2e["ratio_to_engine"] > 0
+    assert any(t["name"].startswith("E2E") for t in report["targets"])
+
+
+def test_arm_names_and_presets() -> None:
+    assert parse_arms("a0, static,continuous,E2E,int8") == ("A0", "A2", "A3", "E2E", "A4")
+    with pytest.raises(ValueError, match="unknown arm"):
+        parse_arms("A9")
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_config("tpu")
+    with pytest.raises(ValueError, match="unknown workload"):
+        preset_config("cpu-tiny", workload="chat")
+    with pytest.raises(ValueError, match="unknown model shape"):
+        preset_config(None, model="random:gpt-5")
+    config = preset_config("gpu", requests=64)
+    assert config.requests == 64 and config.device == "cuda" and config.workload == "fixed"
+    assert "A5" in config.arms and config.a0_requests < config.requests

@@ -1,0 +1,391 @@
+"""``lmjobs bench``: how much faster the engine is than the loops people write.
+
+All in-process arms run in one process on the same model and the same requests (see
+``bench_arms``); the end-to-end arm runs them as a real job (``bench_e2e``). The report
+(``bench_report``) gives output tokens/s, requests/s, speed-ups over A0 and A1, peak
+memory, warm-up time, decode-step accounting and the fraction of the decode roofline, and
+checks greedy outputs against A0 token for token.
+
+Arms: A0 naive loop, A1 ``model.generate`` batches of 32, A2 engine static, A3 engine
+continuous, A4 engine on an int8 model, A5 engine with ``compile=True`` (CUDA only),
+E2E the queue. A0 (and A1) may run on the first N requests only: their rate then stands
+for the full run, and the report says so.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmjobs.worker import bench_arms, bench_workloads
+from lmjobs.worker.bench_arms import measure
+from lmjobs.worker.bench_e2e import DEFAULT_BROKER, E2EOptions, E2EResult, run_e2e
+from lmjobs.worker.bench_measure import load_average, memory_bandwidth
+from lmjobs.worker.bench_models import SHAPES, build_random_model
+from lmjobs.worker.bench_report import BenchReport, profile_engine
+from lmjobs.worker.engine import EngineConfig, resolve_mode
+from lmjobs.worker.models import LoadedModel, load_model, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+ARMS: dict[str, str] = {
+    "A0": "naive: model.generate, one prompt at a time",
+    "A1": "model.generate, batches of 32, input order",
+    "A2": "engine, mode=static",
+    "A3": "engine, mode=continuous",
+    "A4": "engine, int8 weights (mode=auto)",
+    "A5": "engine, compile=True (mode=auto)",
+    "E2E": "lmjobs submit -> Redis -> lmjobs worker -> SQL",
+}
+ALIASES = {"static": "A2", "continuous": "A3", "int8": "A4", "compile": "A5", "e2e": "E2E"}
+RANDOM_PREFIX = "random:"
+
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2-135m"  # alias, HF id, folder, or "random:<shape>" (bench_models)
+    tokenizer: str = "trained"  # random models: "trained" or "smollm2"
+    device: str = "cpu"
+    dtype: str = "float32"
+    workload: str = "mixed"
+    requests: int = 128
+    a0_requests: int = 16  # 0: all
+    a1_requests: int = 0  # 0: all
+    arms: tuple[str, ...] = ("A0", "A1", "A2", "A3", "A4", "E2E")
+    threads: int | None = None
+    seed: int = 0
+    max_batch_size: int = 64
+    batch_tokens: int = 0
+    chunk_size: int = 0  # E2E; 0: 4 x max_batch_size
+    e2e_database_url: str = ""
+    e2e_broker_url: str = DEFAULT_BROKER
+    profile: bool = False
+    budget_s: float = 0.0  # skip arms that would start after this many seconds (0: none)
+    cache_dir: Path = field(default_factory=lambda: Path.home() / ".lmjobs" / "models")
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.workload not in bench_workloads.WORKLOADS:
+            raise ValueError(
+                f"unknown workload {self.workload!r} (use {', '.join(bench_workloads.WORKLOADS)})"
+            )
+        if self.requests < 1 or self.a0_requests < 0 or self.a1_requests < 0:
+            raise ValueError("--requests must be at least 1 and subsets at least 0")
+        shape = self.model.removeprefix(RANDOM_PREFIX)
+        if self.model.startswith(RANDOM_PREFIX) and shape not in SHAPES:
+            raise ValueError(f"unknown model shape {shape!r} (use {', '.join(SHAPES)})")
+
+    def engine(self, **changes: Any) -> EngineConfig:
+        base = EngineConfig(batch_tokens=self.batch_tokens, max_batch_size=self.max_batch_size)
+        return replace(base, **changes)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M, fp32 on the CPU: the issue's CPU target (mixed workload). Sized to
+    # finish in under ten minutes on 2 shared cores, where prompt processing dominates.
+    "cpu-smollm2": {
+        "model": "smollm2-135m",
+        "device": "cpu",
+        "dtype": "float32",
+        "workload": "mixed",
+        "requests": 32,
+        "a0_requests": 6,
+        "a1_requests": 0,
+        "max_batch_size": 64,
+        "chunk_size": 16,
+        "arms": ("A0", "A1", "A2", "A3", "A4", "E2E"),
+    },
+    # A tiny random llama: every arm in seconds (smoke runs, CI).
+    "cpu-tiny": {
+        "model": "random:tiny-llama",
+        "tokenizer": "trained",
+        "device": "cpu",
+        "dtype": "float32",
+        "workload": "mixed",
+        "requests": 64,
+        "a0_requests": 16,
+        "max_batch_size": 32,
+        "chunk_size": 32,
+        "arms": ("A0", "A1", "A2", "A3", "A4", "E2E"),
+    },
+    # One GPU, a Qwen2.5-0.5B-shaped random model in bf16, 128 in / 128 out.
+    "gpu": {
+        "model": "random:qwen2.5-0.5b",
+        "tokenizer": "trained",
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "workload": "fixed",
+        "requests": 2048,
+        "a0_requests": 16,
+        "a1_requests": 256,
+        "max_batch_size": 256,
+        "chunk_size": 512,
+        "budget_s": 390.0,
+        "arms": ("A0", "A1", "A2", "A3", "A4", "A5", "E2E"),
+    },
+}
+
+
+def preset_config(name: str | None, **overrides: Any) -> BenchConfig:
+    """A preset's config with the caller's overrides (``None`` values are ignored)."""
+    fields: dict[str, Any] = {}
+    if name is not None:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r} (use one of {', '.join(PRESETS)})")
+        fields.update(PRESETS[name])
+        fields["preset"] = name
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    if "arms" in fields:
+        fields["arms"] = parse_arms(fields["arms"])
+    return BenchConfig(**fields)
+
+
+def parse_arms(arms: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    items = arms.split(",") if isinstance(arms, str) else list(arms)
+    out: list[str] = []
+    for item in items:
+        name = item.strip()
+        if not name:
+            continue
+        arm = ALIASES.get(name.lower(), name.upper())
+        if arm not in ARMS:
+            raise ValueError(f"unknown arm {name!r} (use {', '.join(ARMS)})")
+        if arm not in out:
+            out.append(arm)
+    return tuple(out)
+
+
+def _model_ref(config: BenchConfig, dtype: torch.dtype) -> str:
+    """What ``load_model`` and the worker load: random models are built into a folder."""
+    if not config.model.startswith(RANDOM_PREFIX):
+        return config.model
+    shape = config.model.removeprefix(RANDOM_PREFIX)
+    device = "cuda" if config.device.startswith("cuda") else "cpu"
+    folder = build_random_model(
+        shape,
+        cache_dir=config.cache_dir,
+        tokenizer=config.tokenizer,
+        dtype=dtype,
+        device=device,
+        seed=config.seed,
+    )
+    return str(folder)
+
+
+def _load(config: BenchConfig, ref: str, quantize: str | None = None) -> LoadedModel:
+    return load_model(
+        ref, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir, quantize=quantize
+    )
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+Progress = Callable[[str], None]
+
+
+def run_bench(
+    config: BenchConfig,
+    progress: Progress | None = None,
+    checkpoint: Callable[[BenchReport], None] | None = None,
+) -> BenchReport:
+    """Run every arm of ``config``; return the report (JSON-ready through ``to_json``).
+
+    ``checkpoint`` is called with the report after every arm (the CLI rewrites its JSON
+    file, so a run cut short by a timeout keeps the arms it finished). With
+    ``config.budget_s``, an arm that would start after that many seconds is skipped.
+    """
+    say = progress or (lambda _msg: None)
+    saved = checkpoint or (lambda _report: None)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    load_start = load_average()
+    started = time.time()
+
+    say(f"model {config.model} ({device}, {dtype})")
+    ref = _model_ref(config, dtype)
+    loaded = _load(config, ref)
+    workload = bench_workloads.build(
+        config.workload,
+        loaded.tokenizer,
+        config.requests,
+        seed=config.seed,
+        context=loaded.context_length,
+    )
+    requests = workload.requests
+    say(f"workload {workload.name}: {len(requests)} requests")
+    report = BenchReport(
+        config=config,
+        device=device,
+        dtype=dtype,
+        workload=workload,
+        model_ref=ref,
+        model_info=loaded.info,
+    )
+    say("measuring memory bandwidth")
+    report.bandwidth = memory_bandwidth(device, megabytes=1024 if device.type == "cuda" else 256)
+
+    model, tok = loaded.model, loaded.tokenizer
+    for arm in config.arms:
+        if arm in ("A4", "E2E"):
+            continue  # another process / another model: after the in-process fp arms
+        if _over_budget(config, started, arm, report, say):
+            continue
+        subset = _subset(config, arm, len(requests))
+        say(f"{arm}: {ARMS[arm]} ({len(requests[:subset])} requests)")
+        fn = _arm_fn(config, arm)
+        try:
+            result = measure(
+                arm,
+                ARMS[arm],
+                fn,
+                model,
+                tok,
+                requests[:subset],
+                device=device,
+                subset=subset < len(requests),
+            )
+        except Exception as exc:  # one arm failing (a compiler error...) keeps the others
+            _failed(report, arm, exc, say)
+            _free(device)
+            continue
+        if arm == "A5" and device.type != "cuda":
+            result.notes.append("the engine compiles on CUDA only: its static cache ran eagerly")
+        report.add(result)
+        saved(report)
+    if config.profile:
+        say("profiling the engine (torch.profiler)")
+        report.profile = profile_engine(
+            model, tok, requests[: min(16, len(requests))], config.engine(mode="auto")
+        )
+    del model, tok
+    loaded = None  # type: ignore[assignment]
+    _free(device)
+
+    # the queue before int8: its ratio is one of the issue's targets
+    if "E2E" in config.arms and not _over_budget(config, started, "E2E", report, say):
+        _run_e2e(config, ref, workload, device, report, say)
+        saved(report)
+    if "A4" in config.arms and not _over_budget(config, started, "A4", report, say):
+        _run_int8(config, ref, requests, device, report, say)
+
+    report.load_average = {"start": load_start, "end": load_average()}
+    report.wall_s = time.time() - started
+    return report
+
+
+def _over_budget(config: BenchConfig, started: float, arm: str, report: BenchReport, say: Progress) -> bool:
+    spent = time.time() - started
+    if not config.budget_s or spent < config.budget_s:
+        return False
+    report.skipped[arm] = f"time budget: {spent:.0f} s spent of {config.budget_s:.0f} s"
+    say(f"{arm}: skipped ({report.skipped[arm]})")
+    return True
+
+
+def _subset(config: BenchConfig, arm: str, n: int) -> int:
+    limit = {"A0": config.a0_requests, "A1": config.a1_requests}.get(arm, 0)
+    return min(n, limit) if limit > 0 else n
+
+
+def _arm_fn(config: BenchConfig, arm: str) -> bench_arms.ArmFn:
+    if arm == "A0":
+        return bench_arms.run_naive
+    if arm == "A1":
+        return bench_arms.run_naive_batched
+    if arm == "A2":
+        return bench_arms.engine_arm(config.engine(mode="static"))
+    if arm == "A3":
+        return bench_arms.engine_arm(config.engine(mode="continuous"))
+    if arm == "A5":
+        return bench_arms.engine_arm(config.engine(mode="auto", compile=True))
+    raise ValueError(f"arm {arm} does not run in process with the main model")
+
+
+def _run_int8(
+    config: BenchConfig,
+    ref: str,
+    requests: list[Any],
+    device: torch.device,
+    report: BenchReport,
+    say: Progress,
+) -> None:
+    from lmjobs.jobs.errors import ModelLoadError
+
+    say(f"A4: {ARMS['A4']} ({len(requests)} requests)")
+    try:
+        quantized = _load(config, ref, quantize="int8")
+    except ModelLoadError as exc:
+        report.skipped["A4"] = str(exc)
+        return
+    fn = bench_arms.engine_arm(config.engine(mode="auto"))
+    try:
+        result = measure("A4", ARMS["A4"], fn, quantized.model, quantized.tokenizer, requests, device=device)
+    except Exception as exc:
+        _failed(report, "A4", exc, say)
+    else:
+        result.notes.append("int8 weights: outputs may differ from A0 (a different numeric model)")
+        report.add(result)
+    del quantized
+    _free(device)
+
+
+def _failed(report: BenchReport, arm: str, exc: Exception, say: Progress) -> None:
+    logger.exception("arm %s failed", arm)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    report.skipped[arm] = f"failed: {type(exc).__name__}: {first}"
+    say(f"{arm}: {report.skipped[arm]}")
+
+
+def _run_e2e(
+    config: BenchConfig,
+    ref: str,
+    workload: bench_workloads.Workload,
+    device: torch.device,
+    report: BenchReport,
+    say: Progress,
+) -> None:
+    chunk = config.chunk_size or 4 * config.max_batch_size
+    say(f"E2E: {ARMS['E2E']} ({len(workload.requests)} requests, chunks of {chunk})")
+    opts = E2EOptions(
+        model=ref,
+        device=config.device,
+        dtype=config.dtype,
+        chunk_size=chunk,
+        model_cache=config.cache_dir,
+        database_url=config.e2e_database_url,
+        broker_url=config.e2e_broker_url,
+        threads=config.threads,
+        batch_tokens=config.batch_tokens,
+        max_batch_size=config.max_batch_size,
+    )
+    try:
+        result: E2EResult = run_e2e(
+            workload.requests,
+            bench_arms.warmup_requests(workload.requests),
+            task=workload.job_task,
+            raw_prompt=workload.raw_prompt,
+            opts=opts,
+        )
+    except Exception as exc:  # no Redis, a worker that does not start: the other arms stand
+        report.skipped["E2E"] = f"{type(exc).__name__}: {exc}"[:1000]
+        say(f"E2E: skipped ({report.skipped['E2E'][:200]})")
+        return
+    report.add_e2e(result, engine_arm=_worker_arm(config, device))
+
+
+def _worker_arm(config: BenchConfig, device: torch.device) -> str:
+    """The in-process arm that runs what the worker runs (EngineConfig mode auto)."""
+    return "A3" if resolve_mode("auto", device) == "continuous" else "A2"

@@ -1,0 +1,243 @@
+"""The in-process arms of the benchmark, and how one arm is measured.
+
+- A0: one prompt at a time through ``model.generate``, as a tutorial writes it:
+  tokenize, generate (greedy), decode.
+- A1: ``model.generate`` on batches of 32 in input order, left padding, no sorting, with
+  the batch's largest ``max_new_tokens`` (each row is then cut to its own limit and its
+  first EOS, and only those tokens count).
+- engine arms: ``lmjobs.worker.engine.generate`` with an ``EngineConfig``.
+
+Every arm answers ``ArmOutput``: per request key, the text (generated ids without the
+final EOS, decoded with special tokens skipped, as the engine does), the number of
+generated tokens (EOS included, as the engine counts) and the finish reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from lmjobs.worker.bench_measure import PeakMemory, StepMeter, StepStats, sync
+from lmjobs.worker.bench_workloads import BenchRequest
+from lmjobs.worker.engine import EngineConfig, generate
+
+logger = logging.getLogger(__name__)
+
+NAIVE_BATCH = 32
+WARMUP_REQUESTS = 2
+WARMUP_NEW_TOKENS = 4
+
+
+@dataclass
+class ArmOutput:
+    texts: dict[int, str] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    finish: dict[int, str] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(self.tokens.values())
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    label: str
+    requests: int
+    subset: bool  # ran on the first ``requests`` only; its rate stands for the full run
+    output_tokens: int
+    elapsed_s: float
+    warmup_s: float
+    peak_mb: float | None
+    peak_delta_mb: float | None
+    memory_kind: str
+    steps: StepStats
+    outputs: ArmOutput
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.output_tokens / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+ArmFn = Callable[[Any, Any, Sequence[BenchRequest]], ArmOutput]
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS ids as the engine reads them: the generation config's and the tokenizer's."""
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if configured is None:
+        configured = getattr(model.config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+def _record(out: ArmOutput, key: int, ids: list[int], limit: int, eos: Sequence[int], tokenizer: Any) -> None:
+    """Cut ``ids`` to ``limit`` and just after the first EOS; store text, count, finish."""
+    ids = ids[:limit]
+    for i, token in enumerate(ids):
+        if token in eos:
+            ids = ids[: i + 1]
+            break
+    stopped = bool(ids) and ids[-1] in eos
+    body = ids[:-1] if stopped else ids
+    out.texts[key] = str(tokenizer.decode(body, skip_special_tokens=True))
+    out.tokens[key] = len(ids)
+    out.finish[key] = "stop" if stopped else "length"
+
+
+def _generate_kwargs(model: Any, tokenizer: Any) -> dict[str, Any]:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = tokenizer.eos_token_id
+    return {
+        "do_sample": False,
+        "num_beams": 1,
+        "pad_token_id": pad,
+        "eos_token_id": eos_ids(model, tokenizer),
+    }
+
+
+def _prompt_width(model: Any, enc: Any) -> int:
+    """Columns of ``generate``'s output before the new tokens: the prompt for a causal
+    model; the decoder start token for an encoder-decoder one."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        return 1
+    return int(enc["input_ids"].shape[1])
+
+
+def run_naive(model: Any, tokenizer: Any, requests: Sequence[BenchRequest]) -> ArmOutput:
+    """A0: the loop a tutorial writes."""
+    out = ArmOutput()
+    kwargs = _generate_kwargs(model, tokenizer)
+    device = model.device
+    for r in requests:
+        enc = tokenizer(r.text, add_special_tokens=r.add_special_tokens, return_tensors="pt")
+        enc = enc.to(device)
+        ids = model.generate(**enc, max_new_tokens=r.max_new_tokens, **kwargs)
+        new = ids[0, _prompt_width(model, enc) :].tolist()
+        _record(out, r.key, new, r.max_new_tokens, kwargs["eos_token_id"], tokenizer)
+    return out
+
+
+def run_naive_batched(
+    model: Any, tokenizer: Any, requests: Sequence[BenchRequest], batch_size: int = NAIVE_BATCH
+) -> ArmOutput:
+    """A1: fixed batches in input order, left padding, the batch's largest max_new_tokens."""
+    out = ArmOutput()
+    kwargs = _generate_kwargs(model, tokenizer)
+    device = model.device
+    tokenizer.padding_side = "left"
+    for start in range(0, len(requests), batch_size):
+        batch = requests[start : start + batch_size]
+        # a batch mixing plain and chat-templated texts is tokenized in two calls
+        for special in sorted({r.add_special_tokens for r in batch}):
+            part = [r for r in batch if r.add_special_tokens == special]
+            enc = tokenizer(
+                [r.text for r in part],
+                add_special_tokens=special,
+                padding=True,
+                return_tensors="pt",
+            ).to(device)
+            limit = max(r.max_new_tokens for r in part)
+            ids = model.generate(**enc, max_new_tokens=limit, **kwargs)
+            width = _prompt_width(model, enc)
+            for row, r in zip(ids[:, width:].tolist(), part, strict=True):
+                _record(out, r.key, row, r.max_new_tokens, kwargs["eos_token_id"], tokenizer)
+    return out
+
+
+def engine_arm(config: EngineConfig) -> ArmFn:
+    def run(model: Any, tokenizer: Any, requests: Sequence[BenchRequest]) -> ArmOutput:
+        out = ArmOutput()
+        answers = generate(model, tokenizer, [r.request for r in requests], config)
+        for r, g in zip(requests, answers, strict=True):
+            out.texts[r.key] = g.text
+            out.tokens[r.key] = g.output_tokens
+            out.finish[r.key] = g.finish_reason.value
+            if g.error:
+                out.errors[r.key] = g.error
+        return out
+
+    return run
+
+
+def warmup_requests(requests: Sequence[BenchRequest]) -> list[BenchRequest]:
+    """The first few requests, cut to a few new tokens: loads kernels, fills caches."""
+    warm = []
+    for r in requests[:WARMUP_REQUESTS]:
+        params = replace(r.request.params, max_new_tokens=WARMUP_NEW_TOKENS)
+        line = {**r.job_line, "id": f"warmup-{r.key}", "max_new_tokens": WARMUP_NEW_TOKENS}
+        warm.append(
+            replace(
+                r,
+                request=replace(r.request, params=params),
+                max_new_tokens=WARMUP_NEW_TOKENS,
+                job_line=line,
+            )
+        )
+    return warm
+
+
+def measure(
+    arm: str,
+    label: str,
+    fn: ArmFn,
+    model: Any,
+    tokenizer: Any,
+    requests: Sequence[BenchRequest],
+    *,
+    device: torch.device,
+    subset: bool = False,
+) -> ArmResult:
+    """Warm up (timed apart), then run ``fn`` on ``requests`` under the meters."""
+    start = time.perf_counter()
+    fn(model, tokenizer, warmup_requests(requests))
+    sync(device)
+    warmup_s = time.perf_counter() - start
+
+    memory = PeakMemory(device)
+    memory.start()
+    with StepMeter(model, device) as meter:
+        sync(device)
+        start = time.perf_counter()
+        output = fn(model, tokenizer, requests)
+        sync(device)
+        elapsed = time.perf_counter() - start
+    peak, delta = memory.stop()
+    result = ArmResult(
+        arm=arm,
+        label=label,
+        requests=len(requests),
+        subset=subset,
+        output_tokens=output.output_tokens,
+        elapsed_s=elapsed,
+        warmup_s=warmup_s,
+        peak_mb=peak,
+        peak_delta_mb=delta,
+        memory_kind=memory.kind,
+        steps=meter.stats,
+        outputs=output,
+    )
+    if output.errors:
+        first = next(iter(output.errors.values()))
+        result.notes.append(f"{len(output.errors)} requests failed, e.g. {first}")
+    logger.info("%s: %d tokens in %.1f s", arm, output.output_tokens, elapsed)
+    return result

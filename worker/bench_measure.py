@@ -1,0 +1,201 @@
+"""Measuring an arm: wall time, peak memory, forward-pass accounting, memory bandwidth.
+
+``StepMeter`` hooks the model's forward: each call is a prefill (more than one new token
+per row) or a decode step (one token per row). For decode steps it sums the rows, the
+time inside the forward (the device synchronized on both sides) and the bytes a step must
+read: the weights once plus the KV cache of every row up to the padded length. Bytes over
+time over the device's measured bandwidth is the fraction of the decode roofline.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmjobs.worker.batching import kv_bytes_per_token
+from lmjobs.worker.bench_models import parameter_bytes
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _status_kb(field_name: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of the part between ``start`` and ``stop``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: the process's resident
+    set high-water mark (VmHWM), reset through ``/proc/self/clear_refs`` where Linux
+    allows; elsewhere ``ru_maxrss``, which cannot be reset (a lifetime peak, labelled so).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kind = "cuda max_memory_allocated" if device.type == "cuda" else "rss high-water"
+        self.baseline_mb = 0.0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.baseline_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            return
+        try:
+            _CLEAR_REFS.write_text("5")
+        except OSError:
+            self.kind = "rss high-water (process lifetime: reset not allowed)"
+        self.baseline_mb = (_status_kb("VmRSS") or 0) / 1024
+
+    def stop(self) -> tuple[float, float]:
+        """(peak MB, peak MB above what was in use at ``start``)."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            hwm = _status_kb("VmHWM")
+            if hwm is None:
+                hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = hwm / 1024
+        return round(peak, 1), round(max(0.0, peak - self.baseline_mb), 1)
+
+
+@dataclass
+class StepStats:
+    prefill_calls: int = 0
+    prefill_s: float = 0.0
+    prefill_tokens: int = 0  # rows x padded width: what the forward computed
+    prefill_real_tokens: int = 0  # attended (unpadded) prompt tokens
+    decode_steps: int = 0
+    decode_rows: int = 0
+    decode_s: float = 0.0
+    decode_bytes: float = 0.0
+
+    def to_json(self, bandwidth: float | None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "prefill_calls": self.prefill_calls,
+            "prefill_s": round(self.prefill_s, 3),
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_real_tokens": self.prefill_real_tokens,
+            "decode_steps": self.decode_steps,
+            "decode_s": round(self.decode_s, 3),
+            "mean_rows_per_decode_step": round(self.decode_rows / self.decode_steps, 2)
+            if self.decode_steps
+            else None,
+            "mean_decode_step_ms": round(1000 * self.decode_s / self.decode_steps, 3)
+            if self.decode_steps
+            else None,
+        }
+        achieved = self.decode_bytes / self.decode_s if self.decode_s else None
+        out["decode_gb_per_s"] = round(achieved / 1e9, 2) if achieved else None
+        out["roofline_fraction"] = round(achieved / bandwidth, 4) if achieved and bandwidth else None
+        return out
+
+
+@dataclass
+class StepMeter:
+    """Forward hooks on ``model``; use as a context manager around the timed part."""
+
+    model: Any
+    device: torch.device
+    stats: StepStats = field(default_factory=StepStats)
+    _handles: list[Any] = field(default_factory=list)
+    _t0: float = 0.0
+    _kv_bytes: int = 0
+    _weight_bytes: int = 0
+
+    def __enter__(self) -> StepMeter:
+        self.stats = StepStats()
+        self._kv_bytes = kv_bytes_per_token(self.model)
+        self._weight_bytes = parameter_bytes(self.model)
+        # Kept out of torch.compile'd calls (the engine's compiled decode step): a hook
+        # that dynamo traced would sync and read the clock inside the graph.
+        before = torch.compiler.disable(self._before)
+        after = torch.compiler.disable(self._after)
+        self._handles = [
+            self.model.register_forward_pre_hook(before, with_kwargs=True),
+            self.model.register_forward_hook(after, with_kwargs=True),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _before(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        sync(self.device)
+        self._t0 = time.perf_counter()
+
+    def _after(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        sync(self.device)
+        elapsed = time.perf_counter() - self._t0
+        ids = kwargs.get("input_ids")
+        if ids is None and args:
+            ids = args[0]
+        if ids is None:
+            ids = kwargs.get("decoder_input_ids")
+        if ids is None or ids.ndim != 2:
+            return
+        rows, new = int(ids.shape[0]), int(ids.shape[1])
+        mask = kwargs.get("attention_mask")
+        if new > 1:
+            self.stats.prefill_calls += 1
+            self.stats.prefill_s += elapsed
+            self.stats.prefill_tokens += rows * new
+            # a fresh prefill's mask covers its prompts (and, in a static cache, the
+            # empty columns after them): its sum is the real prompt tokens
+            real = int(mask.sum()) if mask is not None and mask.ndim == 2 else rows * new
+            self.stats.prefill_real_tokens += real
+            return
+        if mask is not None and mask.ndim == 2:
+            length = int(mask.shape[1])
+        else:
+            cache = kwargs.get("past_key_values")
+            length = int(cache.get_seq_length()) + 1 if cache is not None else 1
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += rows
+        self.stats.decode_s += elapsed
+        self.stats.decode_bytes += self._weight_bytes + rows * length * self._kv_bytes
+
+
+def memory_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 10) -> float:
+    """Bytes per second of a large on-device copy (each copy reads and writes the buffer)."""
+    n = megabytes * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    src.fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: first touch, allocator
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    del src, dst
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return 2 * n * repeats / elapsed
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
