@@ -429,6 +429,16 @@ def _job_of(db: Database, chunk_id: int) -> int:
     return int(job_id)
 
 
+def result_counts(session: Session, job_id: int) -> tuple[int, int]:
+    """(succeeded, failed) result rows of a job."""
+    counts = dict(
+        session.execute(
+            select(Result.status, func.count()).where(Result.job_id == job_id).group_by(Result.status)
+        ).all()
+    )
+    return counts.get(ResultStatus.SUCCEEDED.value, 0), counts.get(ResultStatus.FAILED.value, 0)
+
+
 def finalize_job_if_done(db: Database, job_id: int) -> str | None:
     """Set the job's final status once no chunk is open. Idempotent; returns the new status.
 
@@ -443,15 +453,7 @@ def finalize_job_if_done(db: Database, job_id: int) -> str | None:
         )
         if open_chunks:
             return None
-        counts = dict(
-            s.execute(
-                select(Result.status, func.count())
-                .where(Result.job_id == job_id)
-                .group_by(Result.status)
-            ).all()
-        )
-        ok = counts.get(ResultStatus.SUCCEEDED.value, 0)
-        bad = counts.get(ResultStatus.FAILED.value, 0)
+        ok, bad = result_counts(s, job_id)
         if bad == 0:
             status = JobStatus.COMPLETED
         elif ok == 0:

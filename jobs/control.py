@@ -20,6 +20,7 @@ from lmjobs.db.models import (
     utcnow,
 )
 from lmjobs.db.session import Database
+from lmjobs.jobs.chunks import result_counts
 from lmjobs.jobs.errors import JobStateError, UnknownJobError
 from lmjobs.jobs.metrics import mean_scores
 
@@ -78,13 +79,7 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
     job = get_job(db, job_id)
     now = now or utcnow()
     with db.session() as s:
-        counts = dict(
-            s.execute(
-                select(Result.status, func.count())
-                .where(Result.job_id == job_id)
-                .group_by(Result.status)
-            ).all()
-        )
+        ok, bad = result_counts(s, job_id)
         tokens = s.execute(
             select(
                 func.coalesce(func.sum(Result.input_tokens), 0),
@@ -108,8 +103,6 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
                 .limit(10)
             ).all()
         )
-    ok = counts.get(ResultStatus.SUCCEEDED.value, 0)
-    bad = counts.get(ResultStatus.FAILED.value, 0)
     pending = max(0, job.requests_total - ok - bad)
     elapsed = rate_tok = rate_req = eta = None
     if job.started_at is not None:
