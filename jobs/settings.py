@@ -51,7 +51,6 @@ class Settings(BaseSettings):
     chunk_time_limit_s: int = Field(default=3600, ge=10)
     query_timeout_s: float = Field(default=30.0, gt=0)
     worker_name: str = ""
-    log_level: str = "INFO"
 
     @field_validator("chunk_size", "max_attempts", mode="before")
     @classmethod
