@@ -89,7 +89,7 @@ class Row:
             self.fail(NON_FINITE)
             return True
         self.generated.append(token)
-        if token in ctx.eos_ids:
+        if token in ctx.eos_ids and not self.req.params.ignore_eos:
             self.finish = FinishReason.STOP
         elif self.req.params.stop and self._hit_stop(ctx):
             self.finish = FinishReason.STOP
@@ -107,7 +107,8 @@ class Row:
         return any(s in tail for s in self.req.params.stop)
 
     def text(self, ctx: DecodeContext) -> str:
-        """The answer: generated tokens without EOS, cut before the first stop string."""
+        """The answer: generated tokens without EOS, cut before the first stop string
+        (with ``ignore_eos``, EOS tokens inside are special tokens: decoding skips them)."""
         ids = self.generated
         if ids and ids[-1] in ctx.eos_ids:
             ids = ids[:-1]
@@ -199,17 +200,19 @@ class CausalBatch:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
 
-    def merge(self, other: CausalBatch) -> None:
-        """Take ``other``'s rows (prefilled separately) into this batch and its cache."""
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            # keys, values: [B, H, T, D]; padding goes in front of the shorter one
-            mine.keys = torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, 2), _pad_left(theirs.values, width, 2)])
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(other.mask, width, 1)])
-        self.pos = torch.cat([self.pos, other.pos])
-        self.last = torch.cat([self.last, other.last])
-        self.rows = self.rows + other.rows
+    def merge(self, *others: CausalBatch) -> None:
+        """Take ``others``' rows (prefilled separately) into this batch and its cache."""
+        batches = [self, *others]
+        width = max(b.mask.shape[1] for b in batches)
+        for layers in zip(*(b.cache.layers for b in batches), strict=True):
+            # keys, values: [B, H, T, D]; padding goes in front of the shorter ones
+            mine = layers[0]
+            mine.keys = torch.cat([_pad_left(x.keys, width, 2) for x in layers])
+            mine.values = torch.cat([_pad_left(x.values, width, 2) for x in layers])
+        self.mask = torch.cat([_pad_left(b.mask, width, 1) for b in batches])
+        self.pos = torch.cat([b.pos for b in batches])
+        self.last = torch.cat([b.last for b in batches])
+        self.rows = [row for b in batches for row in b.rows]
 
 
 class Seq2SeqBatch:

@@ -34,6 +34,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     # Truncate a prompt that does not fit the context (keeping its end) instead of failing it.
     truncate: bool = False
+    # Keep writing past end-of-sequence tokens: the request stops at max_new_tokens (or a
+    # stop string) only. For benchmarks and fixed-length outputs.
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -48,6 +51,7 @@ class SamplingParams:
             "seed": self.seed,
             "stop": list(self.stop),
             "truncate": self.truncate,
+            "ignore_eos": self.ignore_eos,
         }
 
     @classmethod

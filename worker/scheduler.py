@@ -1,13 +1,17 @@
 """Which rows run together, and what happens when a batch fails.
 
-Static batching: take the next rows (longest first) that fit the token budget, decode
-until every one of them has finished (finished rows leave the batch at once, so the
-batch shrinks), then take the next rows.
+Static batching: take the next rows (longest first) that fit the token budget (the largest
+the padded cache can grow to, counting that finished rows leave), decode until every one
+of them has finished (finished rows leave the batch at once, so the batch shrinks), then
+take the next rows. Rows taken together are prefilled in groups of similar prompt length
+and the groups' caches merged into one left-padded batch, so a short prompt is not padded
+to the longest one in its prefill (only its cache is, with columns it never attends).
 
-Continuous batching: the same, but when rows finish, waiting rows are prefilled as a
-group and merged into the running batch, so the batch stays full. It refills once a
-quarter of its slots are free (or the waiting rows all fit): a prefill is a forward pass
-of its own, and refilling one row at a time would pay it once per finished row.
+Continuous batching: the same, but when rows finish, waiting rows are prefilled (in
+groups of similar length) and merged into the running batch, so the batch stays full. It
+refills once a quarter of its slots are free (or the waiting rows all fit): a prefill is a
+forward pass of its own, and refilling one row at a time would pay it once per finished
+row.
 
 Failures: out of memory puts the batch's rows back and halves the batch size (for the
 rest of the call), down to one row; a row that runs out of memory alone fails alone. Any
@@ -32,6 +36,11 @@ logger = logging.getLogger(__name__)
 Batch: TypeAlias = CausalBatch | Seq2SeqBatch | StaticCacheBatch
 
 REFILL_SHARE = 4  # continuous: refill when at least 1/REFILL_SHARE of the slots are free
+# Rows admitted together are prefilled in groups of similar prompt length, each group
+# computing at most PREFILL_SLACK padded prompt tokens per real one, then merged into one
+# left-padded decode batch (a lone long prompt is prefilled alone: on the CPU a single long
+# prefill is already compute-efficient; padding a short prompt to it is pure waste).
+PREFILL_SLACK = 1.25
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -44,6 +53,33 @@ def _one_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def peak_tokens(width: int, remaining: Sequence[int]) -> int:
+    """The largest padded KV cache (rows x columns) of a batch whose cache is ``width``
+    columns wide and whose rows have ``remaining`` tokens left to write: at step t only the
+    rows with more than t tokens left are still there, in at most width + t columns."""
+    peak = 0
+    for k, left in enumerate(sorted(remaining, reverse=True), start=1):
+        peak = max(peak, k * (width + left))
+    return peak
+
+
+def prefill_groups(rows: Sequence[Row]) -> list[list[Row]]:
+    """``rows`` (longest prompt first) in groups whose padded prefill stays within
+    PREFILL_SLACK x their real prompt tokens."""
+    ordered = sorted(rows, key=lambda r: len(r.req.ids), reverse=True)
+    groups: list[list[Row]] = []
+    width = real = 0
+    for row in ordered:
+        n = len(row.req.ids)
+        if groups and width * (len(groups[-1]) + 1) <= PREFILL_SLACK * (real + n):
+            groups[-1].append(row)
+            real += n
+            continue
+        groups.append([row])
+        width = real = n
+    return groups
 
 
 class Scheduler:
@@ -68,6 +104,7 @@ class Scheduler:
         self.static_cache = static_cache and not is_seq2seq
         self.continuous = continuous and not is_seq2seq and not self.static_cache
         self.context = context
+        self._mergeable: bool | None = None  # known after the first causal prefill
 
     def run(self, rows: Sequence[Row], cap: int | None = None) -> None:
         queue = deque(rows)
@@ -79,7 +116,8 @@ class Scheduler:
                 if queue and self._should_admit(batch, cap, len(queue)):
                     admitting = self._take(queue, batch, cap)
                     if admitting:
-                        batch = self._admit(batch, admitting)
+                        batch, later = self._admit(batch, admitting)
+                        queue.extendleft(reversed(later))
                     admitting = []
                 if batch is not None:
                     batch.advance(batch.decode())
@@ -105,32 +143,71 @@ class Scheduler:
     def _take(self, queue: deque[Row], batch: Batch | None, cap: int) -> list[Row]:
         """The next waiting rows that fit beside ``batch`` in ``cap`` rows and the budget.
 
-        A batch costs rows x the longest row's reserve (prompt + max_new_tokens): the
-        padded size its cache can reach. A row alone is always taken, whatever it costs.
+        A batch costs the largest its padded cache can get (``peak_tokens``): finished rows
+        leave at once, so rows with few tokens to write do not hold their columns until the
+        longest one ends. A static cache is allocated whole: there a batch costs rows x the
+        longest row's reserve (prompt + max_new_tokens). A row alone is always taken.
         """
         current = batch.rows if batch is not None else []
-        width = max((r.req.reserved for r in current), default=0)
+        mask = getattr(batch, "mask", None)
+        width = int(mask.shape[1]) if isinstance(mask, torch.Tensor) and mask.ndim == 2 else 0
+        left = [max(1, r.req.params.max_new_tokens - len(r.generated) + 1) for r in current]
+        reserve = max((r.req.reserved for r in current), default=0)
         taken: list[Row] = []
         while queue and len(current) + len(taken) < cap:
-            nxt = max(width, queue[0].req.reserved)
-            if (current or taken) and (len(current) + len(taken) + 1) * nxt > self.batch_tokens:
-                break
-            width = nxt
+            row = queue[0]
+            if current or taken:
+                if self.static_cache:
+                    reserve = max(reserve, row.req.reserved)
+                    cost = (len(current) + len(taken) + 1) * reserve
+                else:
+                    new_width = max(width, len(row.req.ids))
+                    cost = peak_tokens(new_width, [*left, row.req.params.max_new_tokens])
+                if cost > self.batch_tokens:
+                    break
+            width = max(width, len(row.req.ids))
+            left.append(row.req.params.max_new_tokens)
+            reserve = max(reserve, row.req.reserved)
             taken.append(queue.popleft())
         return taken
 
-    def _admit(self, batch: Batch | None, rows: list[Row]) -> Batch | None:
-        """Prefill ``rows``, choose their first tokens, merge them into ``batch``."""
-        for row in rows:
-            row.start(self.ctx.device)
-        fresh = self._new_batch(rows)
-        fresh.advance(fresh.prefill())
-        if not fresh.rows:
+    def _admit(self, batch: Batch | None, rows: list[Row]) -> tuple[Batch | None, list[Row]]:
+        """Prefill ``rows``, choose their first tokens, merge them into ``batch``.
+
+        Causal rows are prefilled in groups of similar length (``prefill_groups``) and the
+        groups merged. Returns the batch and the rows sent back to wait (when the first
+        group's cache turns out not to be mergeable: sliding windows...).
+        """
+        groups = [rows] if not self._splittable() else prefill_groups(rows)
+        fresh: list[Batch] = []
+        for i, group in enumerate(groups):
+            for row in group:
+                row.start(self.ctx.device)
+            new = self._new_batch(group)
+            new.advance(new.prefill())
+            if i == 0 and len(groups) > 1 and not new.can_merge:
+                self._mergeable = False
+                later = [row for g in groups[1:] for row in g]
+                return self._join(batch, [new]), later
+            if i == 0:
+                self._mergeable = new.can_merge
+            fresh.append(new)
+        return self._join(batch, fresh), []
+
+    @staticmethod
+    def _join(batch: Batch | None, fresh: list[Batch]) -> Batch | None:
+        fresh = [b for b in fresh if b.rows]
+        if not fresh:
             return batch
         if batch is None:
-            return fresh
-        batch.merge(fresh)  # type: ignore[arg-type]  # can_merge: same batch class
+            batch, fresh = fresh[0], fresh[1:]
+        if fresh:
+            batch.merge(*fresh)  # type: ignore[arg-type]  # can_merge: same batch class
         return batch
+
+    def _splittable(self) -> bool:
+        """Whether admitted rows may be prefilled in several groups and merged."""
+        return not self.is_seq2seq and not self.static_cache and self._mergeable is not False
 
     def _new_batch(self, rows: list[Row]) -> Batch:
         if self.is_seq2seq:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_models import build_tiny_causal, build_tiny_seq2seq
 
+
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
     """Tiny models run faster on one thread: a 64-wide matmul is cheaper than waking a

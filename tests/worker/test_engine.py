@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 import torch
 
+from lmjobs.worker.decoding import CausalBatch
 from lmjobs.worker.engine import EngineConfig, generate, resolve_mode
 from lmjobs.worker.models import LoadedModel, load_model
 from lmjobs.worker.protocol import EngineInterrupt, FinishReason, Generation, GenRequest, SamplingParams
+from lmjobs.worker.scheduler import PREFILL_SLACK
 
 MODES = ["static", "continuous"]
 PROMPTS = [
@@ -175,10 +177,49 @@ def test_continuous_refills_finished_slots(llama: LoadedModel, monkeypatch: pyte
     prefills = {mode: [s[0] for s in shapes[mode] if s[1] > 1] for mode in MODES}
 
     assert steps["continuous"] < steps["static"]
-    assert len(prefills["continuous"]) > len(prefills["static"]) == 3  # 8 rows, 3 at a time
-    assert sum(prefills["continuous"]) == len(PROMPTS)
+    # 8 rows, 3 at a time: static runs 3 batches (each prefilled in length groups)
+    assert len(prefills["static"]) >= 3 and max(prefills["static"]) <= 3
+    assert sum(prefills["static"]) == sum(prefills["continuous"]) == len(PROMPTS)
     decode_rows = [s[0] for s in shapes["continuous"] if s[1] == 1]
     assert max(decode_rows) == 3 and decode_rows.count(3) > len(decode_rows) // 2
+
+
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_prefill_groups_prompts_of_similar_length(
+    llama: LoadedModel, mode: str, monkeypatch: pytest.MonkeyPatch
+):
+    prompts = ["Hi", "word " * 40, "Tell me a story", "word " * 3, "a b c d e f g h i j k l " * 5]
+    requests = requests_for(prompts)
+    expected = [reference(llama, r) for r in requests]
+    prefills: list[tuple[int, int, int]] = []  # rows, width, real tokens
+
+    def record(kwargs: dict[str, Any]) -> None:
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        if ids.shape[1] > 1:
+            prefills.append((ids.shape[0], ids.shape[1], int(mask.sum())))
+
+    with monkeypatch.context() as patch:
+        patch_forward(patch, llama, record)
+        got = run(llama, requests, mode=mode)
+
+    assert [(g.text, g.output_tokens) for g in got] == expected
+    assert len(prefills) > 1  # one batch, several prefills
+    for rows, width, real in prefills:
+        assert rows == 1 or rows * width <= PREFILL_SLACK * real
+
+
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_unmergeable_cache_prefills_in_one_group(
+    llama: LoadedModel, mode: str, monkeypatch: pytest.MonkeyPatch
+):
+    """A cache that cannot be merged (sliding windows...): rows wait for their own batch."""
+    requests = requests_for(["Hi", "word " * 40, "Tell me a story", "a b c d e f g h i j k l " * 5])
+    expected = [reference(llama, r) for r in requests]
+    monkeypatch.setattr(CausalBatch, "can_merge", property(lambda self: False))
+
+    got = run(llama, requests, mode=mode)
+
+    assert [(g.text, g.output_tokens) for g in got] == expected
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -428,8 +469,8 @@ def test_dedup_generates_identical_greedy_requests_once(llama: LoadedModel, monk
         GenRequest(key=3, prompt="Hi there", params=SamplingParams(max_new_tokens=6)),
         GenRequest(key=4, prompt="Hi there", params=SamplingParams(max_new_tokens=7)),
     ]
-    rows: list[int] = []
-    patch_forward(monkeypatch, llama, lambda kwargs: rows.append(batch_size(kwargs)))
+    shapes: list[tuple[int, int]] = []
+    patch_forward(monkeypatch, llama, lambda kwargs: shapes.append(tuple(kwargs["input_ids"].shape)))
 
     got = run(llama, requests)
 
@@ -437,7 +478,7 @@ def test_dedup_generates_identical_greedy_requests_once(llama: LoadedModel, monk
     assert got[2].text == got[0].text and got[2].key == 3
     assert got[3].text.startswith(got[0].text)
     assert got[2].output_tokens == got[0].output_tokens and got[2].ok
-    assert rows[0] == 3  # the prefill ran three rows, not four
+    assert sum(rows for rows, width in shapes if width > 1) == 3  # prefills: three rows, not four
     monkeypatch.undo()
     assert not any(g.deduplicated for g in run(llama, requests, dedup=False))
     seeded = [GenRequest(key=i, prompt="Hi", params=SamplingParams(6, seed=i)) for i in range(2)]
@@ -506,3 +547,34 @@ def test_logit_rules_mirror_the_generation_config():
     assert out[0].argmax() == 5 and torch.isinf(out[0]).sum() == 9
     assert out[1, 4] == 9.0 and torch.isinf(out[1, [3, 7]]).all()
     assert out[1, [0, 1, 2, 5, 6, 8, 9]].eq(0).all()
+
+
+@pytest.mark.parametrize("mode", ["static", "continuous"])
+def test_ignore_eos_writes_up_to_max_new_tokens(
+    llama: LoadedModel, mode: str, monkeypatch: pytest.MonkeyPatch
+):
+    prompt = "Tell me a story"
+    expected = reference_ids(llama, llama.tokenizer(prompt)["input_ids"], 12)
+    # make the model's first greedy token its end-of-sequence token
+    monkeypatch.setattr(llama.model.generation_config, "eos_token_id", expected[0])
+    stops, ignores = run(
+        llama,
+        [
+            GenRequest(key=1, prompt=prompt, params=SamplingParams(max_new_tokens=12)),
+            GenRequest(key=2, prompt=prompt, params=SamplingParams(max_new_tokens=12, ignore_eos=True)),
+        ],
+        mode=mode,
+    )
+
+    assert (stops.finish_reason, stops.output_tokens) == (FinishReason.STOP, 1)
+    assert (ignores.finish_reason, ignores.output_tokens) == (FinishReason.LENGTH, 12)
+    assert not ignores.deduplicated
+    if expected[-1] != expected[0]:  # (a trailing EOS is cut from the text)
+        assert ignores.text == llama.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_ignore_eos_round_trips():
+    params = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    assert params.to_dict()["ignore_eos"] is True
+    assert SamplingParams.from_dict(params.to_dict()) == params
+    assert SamplingParams.from_dict({"max_new_tokens": 5}).ignore_eos is False
