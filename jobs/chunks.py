@@ -34,6 +34,7 @@ from lmjobs.db.models import (
     Request,
     Result,
     ResultStatus,
+    Score,
     utcnow,
 )
 from lmjobs.db.session import Database
@@ -298,9 +299,7 @@ def _record(
         return res.rowcount == 1
 
 
-def process_chunk(
-    db: Database, chunk_id: int, *, generate: GenerateFn, ctx: ChunkContext
-) -> ChunkOutcome:
+def process_chunk(db: Database, chunk_id: int, *, generate: GenerateFn, ctx: ChunkContext) -> ChunkOutcome:
     """Run one chunk end to end. Safe to call any number of times for the same chunk."""
 
     def claim() -> int | None:
@@ -315,9 +314,7 @@ def process_chunk(
 
     attempt = ctx.db(claim, f"claim chunk {chunk_id}")
     if attempt is None:
-        return ChunkOutcome(
-            chunk_id, claimed=False, reason="not claimable (done, leased or inactive)"
-        )
+        return ChunkOutcome(chunk_id, claimed=False, reason="not claimable (done, leased or inactive)")
 
     outcome = ChunkOutcome(chunk_id, claimed=True, attempt=attempt)
     pending, total = ctx.db(read, f"read chunk {chunk_id}")
@@ -335,16 +332,13 @@ def process_chunk(
             f"release chunk {chunk_id}",
         )
         raise
-    closed = ctx.db(
-        lambda: _record(db, chunk_id, rows, ctx, close=True), f"record chunk {chunk_id}"
-    )
+    closed = ctx.db(lambda: _record(db, chunk_id, rows, ctx, close=True), f"record chunk {chunk_id}")
     outcome.lease_lost = hb.lost or not closed
     outcome.succeeded = sum(r["status"] == ResultStatus.SUCCEEDED.value for r in rows)
     outcome.failed = len(rows) - outcome.succeeded
     if closed:
-        job_id = (
-            pending[0][1].id if pending else ctx.db(lambda: _job_of(db, chunk_id), "job of chunk")
-        )
+        _score_chunk(db, pending, rows)
+        job_id = pending[0][1].id if pending else ctx.db(lambda: _job_of(db, chunk_id), "job of chunk")
         ctx.db(lambda: finalize_job_if_done(db, job_id), f"finalize job {job_id}")
     return outcome
 
@@ -462,15 +456,41 @@ def finalize_job_if_done(db: Database, job_id: int) -> str | None:
             status = JobStatus.COMPLETED_WITH_FAILURES
         res = s.execute(
             update(Job)
-            .where(
-                Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value])
-            )
+            .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
             .values(status=status.value, finished_at=utcnow())
         )
         finished = res.rowcount == 1
     if finished and ok:
         _score_quietly(db, job_id)
     return status.value if finished else None
+
+
+def _score_chunk(db: Database, pending: list[tuple[Request, Job]], rows: list[dict[str, Any]]) -> None:
+    """Score the chunk's new results that have a reference, right after it closes, so
+    scores grow with the job and no worker is left scoring a whole job at its end. A
+    scoring failure never fails the chunk (``lmjobs report`` scores what is missing)."""
+    refs = {r.id: (r.reference, r.task) for r, _ in pending if r.reference is not None}
+    todo = [
+        (row["request_id"], row["output_text"] or "", *refs[row["request_id"]])
+        for row in rows
+        if row["request_id"] in refs and row["status"] == ResultStatus.SUCCEEDED.value
+    ]
+    if not todo:
+        return
+    job_id = pending[0][1].id
+    try:
+        from lmjobs.jobs.metrics import score_pair
+
+        scores = [
+            {"job_id": job_id, "request_id": rid, "metric": metric, "value": value}
+            for rid, output, reference, task in todo
+            for metric, value in score_pair(task, output, reference).items()
+        ]
+        if scores:
+            with db.session() as s:
+                s.execute(insert_ignore(s, Score, scores, ["request_id", "metric"]))
+    except Exception:
+        log.exception("scoring a chunk of job %s failed; `lmjobs report` will try again", job_id)
 
 
 def _score_quietly(db: Database, job_id: int) -> None:

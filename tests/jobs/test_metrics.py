@@ -57,9 +57,7 @@ def _outputs(db: Database, job_id: int) -> dict[int, tuple[str, str | None]]:
 
 def _scores(db: Database, job_id: int) -> dict[tuple[int, str], float]:
     with db.session() as s:
-        rows = s.execute(
-            select(Score.request_id, Score.metric, Score.value).where(Score.job_id == job_id)
-        )
+        rows = s.execute(select(Score.request_id, Score.metric, Score.value).where(Score.job_id == job_id))
         return {(rid, m): v for rid, m, v in rows}
 
 
@@ -84,9 +82,7 @@ def test_translate_job_is_scored_when_it_finishes(
 
     assert metrics.score_job(db, job_id) == 0  # idempotent
     st = job_status(db, job_id)
-    assert st.scores["chrf"] == pytest.approx(
-        sum(v for (_, m), v in scores.items() if m == "chrf") / 9
-    )
+    assert st.scores["chrf"] == pytest.approx(sum(v for (_, m), v in scores.items() if m == "chrf") / 9)
     hyps = [with_ref[r][0] for r in sorted(with_ref)]
     refs = [str(with_ref[r][1]) for r in sorted(with_ref)]
     corpus = metrics.corpus_scores(db, job_id)
@@ -147,9 +143,7 @@ def test_failed_results_are_not_scored(sqlite_url: str, tmp_path: Path) -> None:
     run(db, job_id, _half_failing)
     assert job_status(db, job_id).status == JobStatus.COMPLETED_WITH_FAILURES.value
     with db.session() as s:
-        ok = s.scalar(
-            select(func.count()).where(Result.job_id == job_id, Result.status == "succeeded")
-        )
+        ok = s.scalar(select(func.count()).where(Result.job_id == job_id, Result.status == "succeeded"))
         n = s.scalar(select(func.count()).where(Score.job_id == job_id))
     assert ok == 4 and n == 8
 
@@ -163,8 +157,31 @@ def test_a_scoring_failure_never_fails_the_job(
         raise RuntimeError("scorer exploded")
 
     monkeypatch.setattr(metrics, "score_job", broken)
+    monkeypatch.setattr(metrics, "score_pair", broken)  # the per-chunk scoring too
     job_id = submit_and_run(db, write_jsonl(tmp_path / "t.jsonl", translate_rows(3)), "translate")
     assert job_status(db, job_id).status == JobStatus.COMPLETED.value
     assert job_status(db, job_id).scores == {}
     monkeypatch.undo()
     assert metrics.score_job(db, job_id) == 6  # a later report fills them in
+
+
+def test_scores_grow_chunk_by_chunk_while_the_job_runs(sqlite_url: str, tmp_path: Path) -> None:
+    """Each chunk scores its own results when it closes: analysts see scores of a running
+    job, and no worker is left scoring a whole job at its end."""
+    from analytics_data import FAKE_CTX
+
+    from lmjobs.db.models import Chunk, utcnow
+    from lmjobs.jobs.chunks import process_chunk
+    from lmjobs.jobs.dispatch import start_due_jobs
+
+    db = get_database(sqlite_url)
+    job_id = submit(db, write_jsonl(tmp_path / "t.jsonl", translate_rows(8)), "translate", chunk_size=4)
+    start_due_jobs(db, utcnow())
+    with db.session() as s:
+        first = s.scalars(select(Chunk.id).where(Chunk.job_id == job_id).order_by(Chunk.seq)).first()
+    assert first is not None
+    process_chunk(db, first, generate=FakeEngine(), ctx=FAKE_CTX)
+    assert job_status(db, job_id).status == JobStatus.RUNNING.value
+    scored = {rid for rid, _ in _scores(db, job_id)}
+    assert len(scored) == 4
+    assert set(_scores(db, job_id).values())  # real values, not placeholders
