@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -81,22 +80,22 @@ JsonOut = typer.Option(False, "--json", help="Machine-readable output")
 def run(
     file: Path = typer.Argument(..., help="JSONL prompts"),
     task: str = TaskOpt,
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write results here"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Write results here"),
     fmt: str = typer.Option("jsonl", "--format", "-f", help="jsonl, csv, parquet or openai"),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists"),
-    model: Optional[str] = ModelOpt,
-    max_new_tokens: Optional[int] = MaxTok,
-    temperature: Optional[float] = Temp,
-    top_p: Optional[float] = TopP,
-    seed: Optional[int] = Seed,
-    stop: Optional[list[str]] = Stop,
-    source_lang: Optional[str] = SrcLang,
-    target_lang: Optional[str] = TgtLang,
-    system_prompt: Optional[str] = SysPrompt,
+    model: str | None = ModelOpt,
+    max_new_tokens: int | None = MaxTok,
+    temperature: float | None = Temp,
+    top_p: float | None = TopP,
+    seed: int | None = Seed,
+    stop: list[str] | None = Stop,
+    source_lang: str | None = SrcLang,
+    target_lang: str | None = TgtLang,
+    system_prompt: str | None = SysPrompt,
     truncate: bool = Truncate,
     raw_prompt: bool = RawPrompt,
     strict: bool = Strict,
-    chunk_size: Optional[int] = ChunkSize,
+    chunk_size: int | None = ChunkSize,
     as_json: bool = JsonOut,
 ) -> None:
     """Run a file to completion in this process (no Redis needed) and print or write results."""
@@ -112,23 +111,23 @@ def run(
 def submit(
     file: Path = typer.Argument(..., help="JSONL prompts"),
     task: str = TaskOpt,
-    model: Optional[str] = ModelOpt,
-    max_new_tokens: Optional[int] = MaxTok,
-    temperature: Optional[float] = Temp,
-    top_p: Optional[float] = TopP,
-    seed: Optional[int] = Seed,
-    stop: Optional[list[str]] = Stop,
-    source_lang: Optional[str] = SrcLang,
-    target_lang: Optional[str] = TgtLang,
-    system_prompt: Optional[str] = SysPrompt,
+    model: str | None = ModelOpt,
+    max_new_tokens: int | None = MaxTok,
+    temperature: float | None = Temp,
+    top_p: float | None = TopP,
+    seed: int | None = Seed,
+    stop: list[str] | None = Stop,
+    source_lang: str | None = SrcLang,
+    target_lang: str | None = TgtLang,
+    system_prompt: str | None = SysPrompt,
     truncate: bool = Truncate,
     raw_prompt: bool = RawPrompt,
     strict: bool = Strict,
-    chunk_size: Optional[int] = ChunkSize,
+    chunk_size: int | None = ChunkSize,
     priority: int = typer.Option(0, "--priority", help="Higher runs first"),
-    name: Optional[str] = typer.Option(None, "--name"),
-    start_at: Optional[str] = typer.Option(None, "--start-at", help="HH:MM or ISO time; held until then"),
-    finish_by: Optional[str] = typer.Option(None, "--finish-by", help="Deadline: HH:MM or ISO time"),
+    name: str | None = typer.Option(None, "--name"),
+    start_at: str | None = typer.Option(None, "--start-at", help="HH:MM or ISO time; held until then"),
+    finish_by: str | None = typer.Option(None, "--finish-by", help="Deadline: HH:MM or ISO time"),
     yes: bool = typer.Option(False, "--yes", "-y", help="Submit even if the same file was submitted before"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Read and count, submit nothing"),
     as_json: bool = JsonOut,
@@ -145,9 +144,9 @@ def submit(
 
 @app.command()
 def worker(
-    model: Optional[str] = ModelOpt,
+    model: str | None = ModelOpt,
     loglevel: str = typer.Option("INFO", "--loglevel", "-l"),
-    name: Optional[str] = typer.Option(None, "--name", "-n", help="Celery node name"),
+    name: str | None = typer.Option(None, "--name", "-n", help="Celery node name"),
 ) -> None:
     """Start a Celery worker for one model (one per GPU: set CUDA_VISIBLE_DEVICES)."""
     from lmjobs.cli import commands
@@ -165,7 +164,7 @@ def beat(loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
 
 @app.command()
 def status(
-    job: Optional[int] = typer.Argument(None, help="Job id [default: the latest job]"),
+    job: int | None = typer.Argument(None, help="Job id [default: the latest job]"),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the job finishes"),
     interval: float = typer.Option(2.0, "--interval"),
     as_json: bool = JsonOut,
@@ -179,7 +178,7 @@ def status(
 @app.command("list")
 def list_(
     limit: int = typer.Option(20, "--limit", "-n"),
-    state: Optional[str] = typer.Option(None, "--status", help="Only jobs in this status"),
+    state: str | None = typer.Option(None, "--status", help="Only jobs in this status"),
     as_json: bool = JsonOut,
 ) -> None:
     """The latest jobs."""
@@ -192,7 +191,7 @@ def list_(
 def results(
     job: int = typer.Argument(...),
     fmt: str = typer.Option("jsonl", "--format", "-f", help="jsonl, csv, parquet or openai"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write [default: stdout]"),
+    output: Path | None = typer.Option(None, "--output", "-o", help="File to write [default: stdout]"),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists"),
     only_finished: bool = typer.Option(False, "--only-finished", help="Leave out pending requests"),
 ) -> None:
@@ -229,7 +228,7 @@ def retry(job: int = typer.Argument(...), as_json: bool = JsonOut) -> None:
 @app.command()
 def resume(
     job: int = typer.Argument(...),
-    finish_by: Optional[str] = typer.Option(None, "--finish-by", help="A new deadline"),
+    finish_by: str | None = typer.Option(None, "--finish-by", help="A new deadline"),
     as_json: bool = JsonOut,
 ) -> None:
     """Continue a job paused at its deadline (or re-dispatch a stalled one)."""
