@@ -24,7 +24,7 @@ import torch
 
 from lmjobs.worker.bench_measure import PeakMemory, StepMeter, StepStats, sync
 from lmjobs.worker.bench_workloads import BenchRequest
-from lmjobs.worker.engine import EngineConfig, generate
+from lmjobs.worker.engine import EngineConfig, eos_ids, generate
 
 logger = logging.getLogger(__name__)
 
@@ -74,21 +74,6 @@ class ArmResult:
 ArmFn = Callable[[Any, Any, Sequence[BenchRequest]], ArmOutput]
 
 
-def eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """EOS ids as the engine reads them: the generation config's and the tokenizer's."""
-    ids: set[int] = set()
-    configured = getattr(model.generation_config, "eos_token_id", None)
-    if configured is None:
-        configured = getattr(model.config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return sorted(ids)
-
-
 def _record(out: ArmOutput, key: int, ids: list[int], limit: int, eos: Sequence[int], tokenizer: Any) -> None:
     """Cut ``ids`` to ``limit`` and just after the first EOS; store text, count, finish."""
     ids = ids[:limit]
@@ -111,7 +96,7 @@ def _generate_kwargs(model: Any, tokenizer: Any) -> dict[str, Any]:
         "do_sample": False,
         "num_beams": 1,
         "pad_token_id": pad,
-        "eos_token_id": eos_ids(model, tokenizer),
+        "eos_token_id": sorted(eos_ids(model, tokenizer)),
     }
 
 

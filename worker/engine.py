@@ -150,7 +150,7 @@ def _device_of(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     """EOS of the generation config (an id or a list) and of the tokenizer."""
     ids: set[int] = set()
     configured = getattr(model.generation_config, "eos_token_id", None)
@@ -183,7 +183,7 @@ def _context(model: Any, tokenizer: Any, device: torch.device) -> DecodeContext:
         model=model,
         device=device,
         pad_id=int(pad),
-        eos_ids=_eos_ids(model, tokenizer),
+        eos_ids=eos_ids(model, tokenizer),
         rules=LogitRules.from_generation_config(model.generation_config),
         decode=decode,
         decoder_start_id=int(start) if isinstance(start, int) else None,
