@@ -81,10 +81,6 @@ def run_local(
             rate = done / max(time.perf_counter() - t0, 1e-9)
             bar.update(task_id, completed=done, rate=f"{rate:.1f} req/s")
 
-        from lmjobs.db.models import utcnow
-        from lmjobs.jobs.dispatch import start_due_jobs
-
-        start_due_jobs(db, utcnow())
         run_job_locally(db, rep.job_id, generate=rt.generate, ctx=rt.ctx, on_chunk=on_chunk)
     st = job_status(db, rep.job_id)
     if sink is not None:

@@ -8,7 +8,8 @@ from lmjobs.db.models import Job, Request
 from lmjobs.jobs.templates import render
 from lmjobs.worker.protocol import GenRequest, SamplingParams
 
-SAMPLING_KEYS = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "truncate")
+# The engine's own fields, so a new sampling option needs no second list here.
+SAMPLING_KEYS = tuple(SamplingParams.__dataclass_fields__)
 
 
 def sampling_params(job_params: dict[str, Any], overrides: dict[str, Any] | None) -> SamplingParams:
