@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
 from transformers.modeling_outputs import BaseModelOutput
 
 from lmjobs.worker.batching import Prepared
+from lmjobs.worker.kvcache import GrowingLayer, fill_holes, make_growing
 from lmjobs.worker.protocol import FinishReason
 from lmjobs.worker.sampling import LogitRules, choose_tokens, make_generator
 
@@ -130,7 +130,8 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class CausalBatch:
-    """Rows of a decoder-only model sharing a left-padded DynamicCache."""
+    """Rows of a decoder-only model sharing a left-padded DynamicCache (whose plain layers
+    become ``GrowingLayer``s after the prefill: no copy of the cache per step)."""
 
     def __init__(self, ctx: DecodeContext, rows: list[Row]) -> None:
         self.ctx = ctx
@@ -139,11 +140,7 @@ class CausalBatch:
         self.mask = torch.empty(0)  # [B, T] 1 for real tokens, 0 for left padding
         self.pos = torch.empty(0)  # [B] position of the next token of each row
         self.last = torch.empty(0)  # [B] token to feed at the next step
-
-    @property
-    def can_merge(self) -> bool:
-        # Only plain dynamic layers can be padded and cut freely (not sliding windows...).
-        return self.cache is not None and all(type(x) is DynamicLayer for x in self.cache.layers)
+        self.can_merge = False  # only growing layers can be padded and cut freely
 
     def prefill(self) -> torch.Tensor:
         """Run the prompts; return the logits of each row's next token: [B, V]."""
@@ -165,6 +162,7 @@ class CausalBatch:
             **ctx.optional_args(positions, prefill=True),
         )
         self.cache, self.mask, self.pos = out.past_key_values, mask, mask.sum(-1)
+        self.can_merge = make_growing(self.cache)  # not with sliding windows and the like
         return out.logits[:, -1, :]
 
     def decode(self) -> torch.Tensor:
@@ -187,32 +185,51 @@ class CausalBatch:
         return advance_rows(self, logits)
 
     def select(self, keep: list[int]) -> None:
-        """Keep only rows ``keep``; cut the cache columns that are padding in every row."""
-        index = torch.tensor(keep, device=self.mask.device)
-        self.rows = [self.rows[i] for i in keep]
-        self.cache.batch_select_indices(index)
-        self.mask, self.pos, self.last = self.mask[index], self.pos[index], self.last[index]
+        """Keep only rows ``keep``; cut the cache columns that are padding in every row.
+
+        Growing caches keep their rows in place and move the last ones into the holes
+        (``fill_holes``): the batch's order changes, the copy is a few rows, not all."""
         if not self.can_merge:
+            index = torch.tensor(keep, device=self.mask.device)
+            self.rows = [self.rows[i] for i in keep]
+            self.cache.batch_select_indices(index)
+            self.mask, self.pos, self.last = self.mask[index], self.pos[index], self.last[index]
             return
+        order = fill_holes(keep)
+        for layer in self.cache.layers:
+            layer.compact(order)
+        index = torch.tensor(order, device=self.mask.device)
+        self.rows = [self.rows[i] for i in order]
+        self.mask, self.pos, self.last = self.mask[index], self.pos[index], self.last[index]
         lead = int(self.mask.any(dim=0).int().argmax())  # first column any row uses
         if lead > 0:
             self.mask = self.mask[:, lead:]
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+                layer.drop_front(lead)
 
     def merge(self, *others: CausalBatch) -> None:
-        """Take ``others``' rows (prefilled separately) into this batch and its cache."""
+        """Take ``others``' rows (prefilled separately) into this batch and its cache.
+
+        The merged rows are ordered longest first (by real columns, so by first real
+        column): ``attention.ragged_sdpa`` reads runs of neighbouring rows, and rows moved
+        by ``select`` get back in order here. The cache is written once, with room to grow.
+        """
         batches = [self, *others]
         width = max(b.mask.shape[1] for b in batches)
+        mask = torch.cat([_pad_left(b.mask, width, 1) for b in batches])  # [B, width]
+        order = torch.argsort(mask.sum(-1), descending=True, stable=True)  # new row j = old order[j]
+        where = torch.empty_like(order)
+        where[order] = torch.arange(len(order), device=order.device)  # old row i goes to where[i]
+        sizes = [len(b.rows) for b in batches]
+        targets = list(torch.split(where, sizes))
         for layers in zip(*(b.cache.layers for b in batches), strict=True):
-            # keys, values: [B, H, T, D]; padding goes in front of the shorter ones
-            mine = layers[0]
-            mine.keys = torch.cat([_pad_left(x.keys, width, 2) for x in layers])
-            mine.values = torch.cat([_pad_left(x.values, width, 2) for x in layers])
-        self.mask = torch.cat([_pad_left(b.mask, width, 1) for b in batches])
-        self.pos = torch.cat([b.pos for b in batches])
-        self.last = torch.cat([b.last for b in batches])
-        self.rows = [row for b in batches for row in b.rows]
+            mine: GrowingLayer = layers[0]
+            mine.assemble([(x.keys, x.values, t) for x, t in zip(layers, targets, strict=True)], width)
+        self.mask = mask[order]
+        self.pos = torch.cat([b.pos for b in batches])[order]
+        self.last = torch.cat([b.last for b in batches])[order]
+        rows = [row for b in batches for row in b.rows]
+        self.rows = [rows[i] for i in order.tolist()]
 
 
 class Seq2SeqBatch:

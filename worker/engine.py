@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from lmjobs.worker.attention import ragged_attention
 from lmjobs.worker.batching import (
     Prepared,
     dedup,
@@ -119,7 +120,8 @@ def generate(
         context=context,
     )
     if todo:
-        with torch.inference_mode():
+        # decode steps skip the cache's left padding (not under torch.compile: static shapes)
+        with torch.inference_mode(), ragged_attention(model, enabled=not config.compile):
             scheduler.run(todo)
 
     for row in rows:

@@ -1,0 +1,144 @@
+"""Ragged decode attention: runs of rows read only the columns they attend, and the
+engine's output stays the one-prompt-at-a-time output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from lmjobs.worker import attention
+from lmjobs.worker.attention import MAX_RUNS, NAME, plan, ragged_attention, ragged_sdpa, runs
+from lmjobs.worker.engine import EngineConfig, generate
+from lmjobs.worker.models import load_model
+from lmjobs.worker.protocol import GenRequest, SamplingParams
+
+
+def test_runs_group_neighbouring_rows_with_similar_starts():
+    # a cache 100 wide: two long rows, then three short ones
+    assert runs([0, 2, 80, 81, 85], 100) == [(0, 2, 0), (2, 5, 80)]
+    assert runs([5, 5, 5], 100) == [(0, 3, 5)]
+    assert runs([], 100) == []
+    # unsorted rows make more runs, never a wrong one: each run starts at its lowest start
+    got = runs([80, 0, 81, 1], 100)
+    assert got == [(0, 1, 80), (1, 2, 0), (2, 3, 81), (3, 4, 1)]
+
+
+def test_plan_caps_the_runs_and_skips_small_savings():
+    starts = [0, 90] * 20  # alternating: 40 runs at the tightest slack
+    groups = plan(starts, 100)
+    assert len(groups) <= MAX_RUNS
+    assert sum(b - a for a, b, _ in groups) == 40  # every row exactly once
+    assert plan([0, 1, 2, 3], 100) == [(0, 4, 0)]  # 1.5% padding: one plain call
+
+
+class Module(torch.nn.Module):
+    """What SDPA attention reads from the attention module."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.num_key_value_groups = groups
+        self.is_causal = True
+        self.training = False
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_ragged_sdpa_equals_sdpa_on_a_left_padded_cache(groups: int):
+    torch.manual_seed(0)
+    batch, kv_heads, width, dim = 6, 2, 50, 8
+    starts = [0, 3, 30, 31, 45, 49]
+    query = torch.randn(batch, kv_heads * groups, 1, dim)
+    key, value = torch.randn(batch, kv_heads, width, dim), torch.randn(batch, kv_heads, width, dim)
+    mask = torch.zeros(batch, 1, 1, width, dtype=torch.bool)
+    for row, start in enumerate(starts):
+        mask[row, ..., start:] = True
+    module = Module(groups)
+    seen: list[int] = []
+    original = attention.sdpa_attention_forward
+
+    def spy(module: Any, q: torch.Tensor, k: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(k.shape[2])
+        return original(module, q, k, *args, **kwargs)
+
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask)
+    attention._last.mask = None
+    try:
+        attention.sdpa_attention_forward = spy
+        got, _ = ragged_sdpa(module, query, key, value, mask)
+    finally:
+        attention.sdpa_attention_forward = original
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert len(seen) > 1 and sum(seen) < len(seen) * width  # it did read fewer columns
+
+
+def test_prompts_and_unusual_masks_go_to_sdpa_unchanged():
+    torch.manual_seed(1)
+    module = Module(1)
+    query, key, value = torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8), torch.randn(2, 2, 4, 8)
+    mask = torch.ones(2, 1, 4, 4, dtype=torch.bool).tril()
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask)
+    assert torch.equal(ragged_sdpa(module, query, key, value, mask)[0], expected)  # a prompt
+    one = query[:, :, -1:]
+    bias = torch.zeros(2, 2, 1, 4)
+    for extra in ({"position_bias": bias}, {}):
+        floats = torch.zeros(2, 1, 1, 4)  # an additive float mask
+        want, _ = sdpa_attention_forward(module, one, key, value, floats, **extra)
+        assert torch.equal(ragged_sdpa(module, one, key, value, floats, **extra)[0], want)
+
+
+def test_the_model_is_switched_for_the_call_only(tiny_llama_dir: Path, model_cache_dir: Path):
+    lm = load_model(str(tiny_llama_dir), device="cpu", dtype="float32", cache_dir=model_cache_dir)
+    assert lm.model.config._attn_implementation == "sdpa"
+    with ragged_attention(lm.model) as on:
+        assert on and lm.model.config._attn_implementation == NAME
+    assert lm.model.config._attn_implementation == "sdpa"
+    with ragged_attention(lm.model, enabled=False) as on:
+        assert not on and lm.model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError), ragged_attention(lm.model):
+        raise RuntimeError("a failing batch")
+    assert lm.model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_engine_output_with_ragged_runs_equals_one_prompt_at_a_time(
+    arch: str,
+    tiny_llama_dir: Path,
+    tiny_gpt2_dir: Path,
+    model_cache_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    path = tiny_llama_dir if arch == "llama" else tiny_gpt2_dir
+    lm = load_model(str(path), device="cpu", dtype="float32", cache_dir=model_cache_dir)
+    prompts = ["word " * 60, "Hi", "a b c", "The capital of France is", "x " * 30, "ok"]
+    requests = [
+        GenRequest(key=i, prompt=p, params=SamplingParams(max_new_tokens=4 + 5 * i))
+        for i, p in enumerate(prompts)
+    ]
+    cut: list[int] = []
+    original = attention.plan
+
+    def spy(starts: list[int], width: int) -> list[tuple[int, int, int]]:
+        groups = original(starts, width)
+        cut.append(sum((b - a) * c for a, b, c in groups))  # columns not read
+        return groups
+
+    monkeypatch.setattr(attention, "plan", spy)
+    got = generate(lm.model, lm.tokenizer, requests, EngineConfig(mode="continuous", max_batch_size=4))
+
+    for request, answer in zip(requests, got, strict=True):
+        ids = lm.tokenizer(request.prompt)["input_ids"]
+        out = lm.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=request.params.max_new_tokens,
+            pad_token_id=lm.tokenizer.pad_token_id,
+        )[0, len(ids) :].tolist()
+        assert (answer.text, answer.output_tokens) == (
+            lm.tokenizer.decode(out, skip_special_tokens=True),
+            len(out),
+        )
+    assert any(cut)  # the ragged path ran and skipped padding
