@@ -38,7 +38,7 @@ from lmjobs.db.models import (
     utcnow,
 )
 from lmjobs.db.session import Database
-from lmjobs.db.upsert import insert_ignore
+from lmjobs.db.upsert import insert_ignore_many
 from lmjobs.jobs.dedup import reuse_finished
 from lmjobs.jobs.requests import build_gen_request
 from lmjobs.worker.protocol import (
@@ -279,7 +279,7 @@ def _record(
     """
     with db.session() as s:
         if rows:
-            s.execute(insert_ignore(s, Result, rows, ["job_id", "request_id"]))
+            s.execute(insert_ignore_many(s, Result, ["job_id", "request_id"]), rows)
         if not close:
             return True
         res = s.execute(
@@ -488,7 +488,7 @@ def _score_chunk(db: Database, pending: list[tuple[Request, Job]], rows: list[di
         ]
         if scores:
             with db.session() as s:
-                s.execute(insert_ignore(s, Score, scores, ["request_id", "metric"]))
+                s.execute(insert_ignore_many(s, Score, ["request_id", "metric"]), scores)
     except Exception:
         log.exception("scoring a chunk of job %s failed; `lmjobs report` will try again", job_id)
 

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, JobStatus, Reject, Request, utcnow
 from lmjobs.db.session import Database
-from lmjobs.db.upsert import insert_ignore
+from lmjobs.db.upsert import insert_ignore_many
 from lmjobs.jobs.errors import InputFileError
 from lmjobs.jobs.inputs import TASKS, LineError, ParsedRequest, read_requests, sha256_file
 from lmjobs.jobs.queues import queue_for_model
@@ -134,7 +134,7 @@ class _Writer:
             if self.batch:
                 self._write_chunk(s)
             if self.pending_rejects:
-                s.execute(insert_ignore(s, Reject, self.pending_rejects, ["job_id", "line_number"]))
+                s.execute(insert_ignore_many(s, Reject, ["job_id", "line_number"]), self.pending_rejects)
                 self.pending_rejects = []
         self.batch = []
 
