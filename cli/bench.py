@@ -178,7 +178,8 @@ def show(report: dict[str, Any], *, as_markdown: bool = False) -> None:
     if report["e2e"]:
         e = report["e2e"]
         render.out.print(
-            f"E2E: {_fmt(e['ratio_to_engine'], 3)} of {e['engine_arm']}'s tokens/s "
+            f"E2E: {_fmt(e['ratio_to_engine'], 3)} of {e['engine_arm']}'s tokens/s, "
+            f"{_fmt(e.get('ratio_to_engine_on_chunks'), 3)} of the same chunks in process (A3c) "
             f"(chunks of {e['chunk_size']}, {e['chunks']} in all, {e['database']}; "
             f"first claim to last result {e['first_claim_to_last_result_s']} s)"
         )

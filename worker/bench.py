@@ -7,9 +7,10 @@ memory, warm-up time, decode-step accounting and the fraction of the decode roof
 checks greedy outputs against A0 token for token.
 
 Arms: A0 naive loop, A1 ``model.generate`` batches of 32, A2 engine static, A3 engine
-continuous, A4 engine on an int8 model, A5 engine with ``compile=True`` (CUDA only),
-E2E the queue. A0 (and A1) may run on the first N requests only: their rate then stands
-for the full run, and the report says so.
+continuous, A4 engine on an int8 model, A5 engine with ``compile=True`` (CUDA only), A6
+transformers' own continuous batching, A3c the worker's engine calls in process (one per
+E2E chunk), E2E the queue. A0 (and A1) may run on the first N requests only: their rate
+then stands for the full run, and the report says so.
 """
 
 from __future__ import annotations
@@ -42,9 +43,18 @@ ARMS: dict[str, str] = {
     "A3": "engine, mode=continuous",
     "A4": "engine, int8 weights (mode=auto)",
     "A5": "engine, compile=True (mode=auto)",
+    "A6": "transformers continuous batching (paged cache)",
+    "A3c": "engine (worker's mode), one call per E2E chunk, in process",
     "E2E": "lmjobs submit -> Redis -> lmjobs worker -> SQL",
 }
-ALIASES = {"static": "A2", "continuous": "A3", "int8": "A4", "compile": "A5", "e2e": "E2E"}
+ALIASES = {
+    "static": "A2",
+    "continuous": "A3",
+    "int8": "A4",
+    "compile": "A5",
+    "hf-cb": "A6",
+    "e2e": "E2E",
+}
 RANDOM_PREFIX = "random:"
 
 
@@ -99,8 +109,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "a0_requests": 6,
         "a1_requests": 0,
         "max_batch_size": 64,
-        "chunk_size": 16,
-        "arms": ("A0", "A1", "A2", "A3", "A4", "E2E"),
+        # one chunk: the worker makes the same engine call as A3, so E2E / A3 is what the
+        # queue and the database cost (chunks smaller than the engine's batch also cost
+        # batching: A3c measures that when chunks are smaller than the job)
+        "chunk_size": 32,
+        "arms": ("A0", "A1", "A2", "A3", "A6", "A4", "E2E"),
     },
     # A tiny random llama: every arm in seconds (smoke runs, CI).
     "cpu-tiny": {
@@ -113,7 +126,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "a0_requests": 16,
         "max_batch_size": 32,
         "chunk_size": 32,
-        "arms": ("A0", "A1", "A2", "A3", "A4", "E2E"),
+        "arms": ("A0", "A1", "A2", "A3", "A6", "A4", "E2E"),
     },
     # One GPU, a Qwen2.5-0.5B-shaped random model in bf16, 128 in / 128 out.
     "gpu": {
@@ -128,7 +141,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_batch_size": 256,
         "chunk_size": 512,
         "budget_s": 390.0,
-        "arms": ("A0", "A1", "A2", "A3", "A4", "A5", "E2E"),
+        "arms": ("A0", "A1", "A2", "A3", "A5", "A6", "E2E", "A4"),
     },
 }
 
@@ -265,6 +278,26 @@ def run_bench(
             result.notes.append("the engine compiles on CUDA only: its static cache ran eagerly")
         report.add(result)
         saved(report)
+    one_chunk = _chunk_size(config) >= len(requests)  # then A3c would be A3 again
+    if "E2E" in config.arms and not one_chunk and not _over_budget(config, started, "A3c", report, say):
+        # the worker's engine calls without the queue: what E2E loses to Redis and SQL alone
+        chunk = _chunk_size(config)
+        say(f"A3c: {ARMS['A3c']} ({len(requests)} requests, chunks of {chunk})")
+        try:
+            report.add(
+                measure(
+                    "A3c",
+                    ARMS["A3c"],
+                    bench_arms.chunked(bench_arms.engine_arm(config.engine(mode="auto")), chunk),
+                    model,
+                    tok,
+                    requests,
+                    device=device,
+                )
+            )
+            saved(report)
+        except Exception as exc:
+            _failed(report, "A3c", exc, say)
     if config.profile:
         say("profiling the engine (torch.profiler)")
         report.profile = profile_engine(
@@ -311,6 +344,8 @@ def _arm_fn(config: BenchConfig, arm: str) -> bench_arms.ArmFn:
         return bench_arms.engine_arm(config.engine(mode="continuous"))
     if arm == "A5":
         return bench_arms.engine_arm(config.engine(mode="auto", compile=True))
+    if arm == "A6":
+        return bench_arms.run_transformers_cb
     raise ValueError(f"arm {arm} does not run in process with the main model")
 
 
@@ -349,6 +384,10 @@ def _failed(report: BenchReport, arm: str, exc: Exception, say: Progress) -> Non
     say(f"{arm}: {report.skipped[arm]}")
 
 
+def _chunk_size(config: BenchConfig) -> int:
+    return config.chunk_size or 4 * config.max_batch_size
+
+
 def _run_e2e(
     config: BenchConfig,
     ref: str,
@@ -357,7 +396,7 @@ def _run_e2e(
     report: BenchReport,
     say: Progress,
 ) -> None:
-    chunk = config.chunk_size or 4 * config.max_batch_size
+    chunk = _chunk_size(config)
     say(f"E2E: {ARMS['E2E']} ({len(workload.requests)} requests, chunks of {chunk})")
     opts = E2EOptions(
         model=ref,
