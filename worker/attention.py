@@ -105,10 +105,8 @@ def ragged_sdpa(
         or attention_mask.shape[0] != query.shape[0]
         or any(kwargs.get(k) is not None for k in _PER_COLUMN)
     )
-    if plain:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    groups = _plan_for(attention_mask)
-    if len(groups) == 1 and groups[0][2] == 0:
+    groups = None if plain else _plan_for(attention_mask)
+    if groups is None or (len(groups) == 1 and groups[0][2] == 0):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outs = [
         sdpa_attention_forward(

@@ -251,7 +251,12 @@ def run_bench(
     report.bandwidth = memory_bandwidth(device, megabytes=1024 if device.type == "cuda" else 256)
 
     model, tok = loaded.model, loaded.tokenizer
-    for arm in config.arms:
+    in_process = list(config.arms)
+    if "E2E" in config.arms and _chunk_size(config) < len(requests):
+        # the worker's engine calls without the queue: what E2E loses to Redis and SQL
+        # alone (with one chunk they are A3's call, so A3 serves)
+        in_process.append("A3c")
+    for arm in in_process:
         if arm in ("A4", "E2E"):
             continue  # another process / another model: after the in-process fp arms
         if _over_budget(config, started, arm, report, say):
@@ -278,26 +283,6 @@ def run_bench(
             result.notes.append("the engine compiles on CUDA only: its static cache ran eagerly")
         report.add(result)
         saved(report)
-    one_chunk = _chunk_size(config) >= len(requests)  # then A3c would be A3 again
-    if "E2E" in config.arms and not one_chunk and not _over_budget(config, started, "A3c", report, say):
-        # the worker's engine calls without the queue: what E2E loses to Redis and SQL alone
-        chunk = _chunk_size(config)
-        say(f"A3c: {ARMS['A3c']} ({len(requests)} requests, chunks of {chunk})")
-        try:
-            report.add(
-                measure(
-                    "A3c",
-                    ARMS["A3c"],
-                    bench_arms.chunked(bench_arms.engine_arm(config.engine(mode="auto")), chunk),
-                    model,
-                    tok,
-                    requests,
-                    device=device,
-                )
-            )
-            saved(report)
-        except Exception as exc:
-            _failed(report, "A3c", exc, say)
     if config.profile:
         say("profiling the engine (torch.profiler)")
         report.profile = profile_engine(
@@ -346,6 +331,9 @@ def _arm_fn(config: BenchConfig, arm: str) -> bench_arms.ArmFn:
         return bench_arms.engine_arm(config.engine(mode="auto", compile=True))
     if arm == "A6":
         return bench_arms.run_transformers_cb
+    if arm == "A3c":
+        worker_calls = bench_arms.engine_arm(config.engine(mode="auto"))
+        return bench_arms.chunked(worker_calls, _chunk_size(config))
     raise ValueError(f"arm {arm} does not run in process with the main model")
 
 

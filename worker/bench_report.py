@@ -97,11 +97,13 @@ class BenchReport:
         if res.succeeded < res.requests:
             result.notes.append(f"{res.requests - res.succeeded} requests did not succeed")
         self.add(result)
+        def share_of(arm: ArmResult | None) -> float | None:
+            return result.tokens_per_s / arm.tokens_per_s if arm and arm.tokens_per_s else None
+
         engine = self.arms.get(engine_arm)
-        ratio = result.tokens_per_s / engine.tokens_per_s if engine and engine.tokens_per_s else None
+        ratio = share_of(engine)
         # one chunk: the worker's one engine call is the engine arm's call
-        chunked = self.arms.get("A3c") or (engine if res.chunks == 1 else None)
-        per_chunk = result.tokens_per_s / chunked.tokens_per_s if chunked and chunked.tokens_per_s else None
+        per_chunk = share_of(self.arms.get("A3c") or (engine if res.chunks == 1 else None))
         self.e2e = {
             "engine_arm": engine_arm,
             "ratio_to_engine": round(ratio, 3) if ratio is not None else None,

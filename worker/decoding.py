@@ -129,6 +129,23 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def pad_prompts(
+    rows: Sequence[Row], pad_id: int, *, left: bool, slots: int = 0, columns: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids [slots, W] and their mask [slots, columns] (1 on real tokens), W the
+    longest prompt; rows beyond ``rows`` (``slots``) stay padding. Left padding for
+    decoders (every row's tokens end in the same column), right for encoders."""
+    width = max(len(r.req.ids) for r in rows)
+    ids = torch.full((slots or len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((slots or len(rows), columns or width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row.req.ids)
+        start = width - n if left else 0
+        ids[i, start : start + n] = torch.tensor(row.req.ids)
+        mask[i, start : start + n] = 1
+    return ids, mask
+
+
 class CausalBatch:
     """Rows of a decoder-only model sharing a left-padded DynamicCache (whose plain layers
     become ``GrowingLayer``s after the prefill: no copy of the cache per step)."""
@@ -145,13 +162,7 @@ class CausalBatch:
     def prefill(self) -> torch.Tensor:
         """Run the prompts; return the logits of each row's next token: [B, V]."""
         ctx = self.ctx
-        width = max(len(r.req.ids) for r in self.rows)
-        ids = torch.full((len(self.rows), width), ctx.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(self.rows), width), dtype=torch.long)
-        for i, row in enumerate(self.rows):
-            n = len(row.req.ids)
-            ids[i, width - n :] = torch.tensor(row.req.ids)
-            mask[i, width - n :] = 1
+        ids, mask = pad_prompts(self.rows, ctx.pad_id, left=True)
         ids, mask = ids.to(ctx.device), mask.to(ctx.device)
         # input_ids, mask, positions: [B, S]; pad positions are clamped to 0 (never attended)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -189,18 +200,17 @@ class CausalBatch:
 
         Growing caches keep their rows in place and move the last ones into the holes
         (``fill_holes``): the batch's order changes, the copy is a few rows, not all."""
-        if not self.can_merge:
-            index = torch.tensor(keep, device=self.mask.device)
-            self.rows = [self.rows[i] for i in keep]
-            self.cache.batch_select_indices(index)
-            self.mask, self.pos, self.last = self.mask[index], self.pos[index], self.last[index]
-            return
-        order = fill_holes(keep)
-        for layer in self.cache.layers:
-            layer.compact(order)
+        order = fill_holes(keep) if self.can_merge else keep
         index = torch.tensor(order, device=self.mask.device)
+        if self.can_merge:
+            for layer in self.cache.layers:
+                layer.compact(order)
+        else:
+            self.cache.batch_select_indices(index)
         self.rows = [self.rows[i] for i in order]
         self.mask, self.pos, self.last = self.mask[index], self.pos[index], self.last[index]
+        if not self.can_merge:
+            return
         lead = int(self.mask.any(dim=0).int().argmax())  # first column any row uses
         if lead > 0:
             self.mask = self.mask[:, lead:]
@@ -248,13 +258,7 @@ class Seq2SeqBatch:
     def prefill(self) -> torch.Tensor:
         """Encode the prompts and run the decoder's first step: logits [B, V]."""
         ctx = self.ctx
-        width = max(len(r.req.ids) for r in self.rows)
-        ids = torch.full((len(self.rows), width), ctx.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(self.rows), width), dtype=torch.long)
-        for i, row in enumerate(self.rows):
-            n = len(row.req.ids)
-            ids[i, :n] = torch.tensor(row.req.ids)  # right padding: the encoder sees a mask
-            mask[i, :n] = 1
+        ids, mask = pad_prompts(self.rows, ctx.pad_id, left=False)  # the encoder sees a mask
         ids, mask = ids.to(ctx.device), mask.to(ctx.device)
         encoder = ctx.model.get_encoder()
         self.encoded = encoder(input_ids=ids, attention_mask=mask).last_hidden_state

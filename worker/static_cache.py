@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import StaticCache
 
-from lmjobs.worker.decoding import DecodeContext, Row, advance_rows
+from lmjobs.worker.decoding import DecodeContext, Row, advance_rows, pad_prompts
 
 LENGTH_BUCKET = 256
 # Compiled graphs kept per model: one per (batch bucket, length bucket) in use.
@@ -76,13 +76,8 @@ class StaticCacheBatch:
         width = max(len(r.req.ids) for r in self.rows)
         longest = max(len(r.req.ids) + r.req.params.max_new_tokens for r in self.rows)
         length = bucket_length(max(longest, width + 1), self.context)
-        ids = torch.full((self.slots, width), ctx.pad_id, dtype=torch.long)
-        mask = torch.zeros((self.slots, length), dtype=torch.long)
+        ids, mask = pad_prompts(self.rows, ctx.pad_id, left=True, slots=self.slots, columns=length)
         mask[len(self.rows) :, width - 1] = 1  # dummy slots: one pad token, never all-masked
-        for i, row in enumerate(self.rows):
-            n = len(row.req.ids)
-            ids[i, width - n :] = torch.tensor(row.req.ids)
-            mask[i, width - n : width] = 1
         ids, mask = ids.to(ctx.device), mask.to(ctx.device)
         positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)  # [slots, S]
         self.cache = StaticCache(config=ctx.model.config, max_cache_len=length)
