@@ -54,50 +54,57 @@ COLUMNS = [
 ]
 
 
-def iter_result_rows(
-    db: Database, job_id: int, *, only_finished: bool = False
-) -> Iterator[dict[str, Any]]:
-    """One dict per request in input order (keyset pagination on line_number)."""
+def rows_in_line_order(db: Database, job_id: int, *columns: Any, page: int = PAGE) -> Iterator[Any]:
+    """``(line_number, *columns)`` for every request of the job, outer-joined with its
+    result, in input order: a page at a time (keyset pagination on line_number), each page
+    in its own short session, so a job of millions of lines never sits in memory."""
     last = 0
     while True:
         q = (
-            select(Request, Result)
+            select(Request.line_number, *columns)
             .outerjoin(Result, and_(Result.request_id == Request.id, Result.job_id == job_id))
             .where(Request.job_id == job_id, Request.line_number > last)
             .order_by(Request.line_number)
-            .limit(PAGE)
+            .limit(page)
         )
         with db.session() as s:
-            page = s.execute(q).all()
-        if not page:
+            rows = s.execute(q).all()
+        if not rows:
             return
-        for req, res in page:
-            last = req.line_number
-            if res is None and only_finished:
-                continue
-            yield {
-                "job_id": req.job_id,
-                "request_id": req.id,
-                "line_number": req.line_number,
-                "custom_id": req.custom_id,
-                "status": res.status if res else "pending",
-                "output_text": res.output_text if res else None,
-                "error": res.error if res else None,
-                "finish_reason": res.finish_reason if res else None,
-                "input_tokens": res.input_tokens if res else None,
-                "output_tokens": res.output_tokens if res else None,
-                "latency_ms": res.latency_ms if res else None,
-                "model": res.model if res else None,
-                "model_revision": res.model_revision if res else None,
-                "dtype": res.dtype if res else None,
-                "template_version": res.template_version if res else None,
-                "worker": res.worker if res else None,
-                "attempt": res.attempt if res else None,
-                "deduplicated": res.deduplicated if res else None,
-                "finished_at": res.created_at if res else None,
-                "reference": req.reference,
-                "input_json": req.input_json,
-            }
+        last = rows[-1][0]
+        yield from rows
+
+
+def iter_result_rows(
+    db: Database, job_id: int, *, only_finished: bool = False
+) -> Iterator[dict[str, Any]]:
+    """One dict per request in input order."""
+    for _, req, res in rows_in_line_order(db, job_id, Request, Result):
+        if res is None and only_finished:
+            continue
+        yield {
+            "job_id": req.job_id,
+            "request_id": req.id,
+            "line_number": req.line_number,
+            "custom_id": req.custom_id,
+            "status": res.status if res else "pending",
+            "output_text": res.output_text if res else None,
+            "error": res.error if res else None,
+            "finish_reason": res.finish_reason if res else None,
+            "input_tokens": res.input_tokens if res else None,
+            "output_tokens": res.output_tokens if res else None,
+            "latency_ms": res.latency_ms if res else None,
+            "model": res.model if res else None,
+            "model_revision": res.model_revision if res else None,
+            "dtype": res.dtype if res else None,
+            "template_version": res.template_version if res else None,
+            "worker": res.worker if res else None,
+            "attempt": res.attempt if res else None,
+            "deduplicated": res.deduplicated if res else None,
+            "finished_at": res.created_at if res else None,
+            "reference": req.reference,
+            "input_json": req.input_json,
+        }
 
 
 def open_output(path: Path | None, *, force: bool, binary: bool = False) -> IO[Any]:

@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import func, select
 
 from lmjobs.db.models import Job, Reject, Request, Result, ResultStatus
 from lmjobs.db.session import Database
 from lmjobs.jobs.control import get_job
+from lmjobs.jobs.export import rows_in_line_order
 from lmjobs.jobs.metrics import corpus_scores, mean_scores, score_values
 
 PAGE = 5000
@@ -194,29 +195,17 @@ def _time_span(db: Database, job: Job) -> tuple[datetime | None, datetime | None
 
 
 def _rows(db: Database, job_id: int) -> Any:
-    last = 0
-    while True:
-        q = (
-            select(
-                Request.line_number,
-                Request.task,
-                Result.status,
-                Result.input_tokens,
-                Result.output_tokens,
-                Result.latency_ms,
-                Result.created_at,
-            )
-            .outerjoin(Result, and_(Result.request_id == Request.id, Result.job_id == job_id))
-            .where(Request.job_id == job_id, Request.line_number > last)
-            .order_by(Request.line_number)
-            .limit(PAGE)
-        )
-        with db.session() as s:
-            page = s.execute(q).all()
-        if not page:
-            return
-        last = page[-1][0]
-        yield from page
+    return rows_in_line_order(
+        db,
+        job_id,
+        Request.task,
+        Result.status,
+        Result.input_tokens,
+        Result.output_tokens,
+        Result.latency_ms,
+        Result.created_at,
+        page=PAGE,
+    )
 
 
 def _failures(db: Database, job_id: int) -> list[tuple[str, int]]:
