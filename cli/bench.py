@@ -38,7 +38,7 @@ def bench(
     markdown_table: bool = False,
 ) -> None:
     """Parse the options into a BenchConfig, run it, render the report, write its JSON."""
-    from lmjobs.worker.bench import preset_config, run_bench
+    from lmjobs.bench.runner import preset_config, run_bench
 
     if preset is None and model is None:
         preset = "cpu-smollm2"

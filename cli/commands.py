@@ -57,9 +57,9 @@ def run_local(
     as_json: bool,
 ) -> None:
     from lmjobs.jobs.control import job_status
+    from lmjobs.jobs.embedded import run_job_locally
     from lmjobs.jobs.export import FORMATS, open_output, write_results
     from lmjobs.jobs.ingest import create_job
-    from lmjobs.jobs.local import run_job_locally
     from lmjobs.worker.runtime import init_runtime
 
     if fmt not in FORMATS:

@@ -20,7 +20,7 @@ from lmjobs.jobs.settings import Settings
 
 def load_tokenizer(model: str, settings: Settings) -> Tokenizer:
     """The model's tokenizer as a counter, or a marked guess when it cannot be loaded."""
-    from lmjobs.worker.tokenize import load_token_counter
+    from lmjobs.worker.token_count import load_token_counter
 
     assert settings.model_cache is not None
     render.err.print(f"reading the tokenizer of {model} ...", highlight=False)

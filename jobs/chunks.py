@@ -40,14 +40,14 @@ from lmjobs.db.models import (
 from lmjobs.db.session import Database
 from lmjobs.db.upsert import insert_ignore_many
 from lmjobs.jobs.dedup import reuse_finished
-from lmjobs.jobs.requests import build_gen_request
-from lmjobs.worker.protocol import (
+from lmjobs.jobs.engine_api import (
     FinishReason,
     GenerateFn,
     Generation,
     GenRequest,
     ModelInfo,
 )
+from lmjobs.jobs.engine_requests import build_gen_request
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from lmjobs.db.models import Request, Result, ResultStatus
 from lmjobs.db.session import Database
-from lmjobs.worker.protocol import FinishReason, Generation, GenRequest
+from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
 
 
 def reuse_finished(

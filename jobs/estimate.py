@@ -2,7 +2,7 @@
 
 One streaming pass over the file with the same reader, templates and content hash as
 the ingest, and the model's own tokenizer through an injected ``count_tokens`` (this
-package never loads a tokenizer: ``lmjobs.worker.tokenize`` does). Nothing is written.
+package never loads a tokenizer: ``lmjobs.worker.token_count`` does). Nothing is written.
 
 Figures and where they come from:
 
@@ -33,11 +33,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, Request, Result, ResultStatus
 from lmjobs.db.session import Database
+from lmjobs.jobs.engine_api import GenRequest
+from lmjobs.jobs.engine_requests import sampling_params
 from lmjobs.jobs.errors import InputFileError
 from lmjobs.jobs.inputs import TASKS, LineError, read_requests
-from lmjobs.jobs.requests import sampling_params
 from lmjobs.jobs.templates import content_hash, render
-from lmjobs.worker.protocol import GenRequest
 
 CountTokens = Callable[[Sequence[GenRequest]], list[int]]
 GUESS_TOKENS_PER_S = 100.0  # one worker, no history: a placeholder, shown as a guess

@@ -22,10 +22,10 @@ from sqlalchemy.orm import Session
 from lmjobs.db.models import Chunk, ChunkStatus, Job, JobStatus, Reject, Request, utcnow
 from lmjobs.db.session import Database
 from lmjobs.db.upsert import insert_ignore_many
+from lmjobs.jobs.engine_requests import sampling_params
 from lmjobs.jobs.errors import InputFileError
 from lmjobs.jobs.inputs import TASKS, LineError, ParsedRequest, read_requests, sha256_file
 from lmjobs.jobs.queues import queue_for_model
-from lmjobs.jobs.requests import sampling_params
 from lmjobs.jobs.templates import TEMPLATE_VERSIONS, content_hash, render
 
 MAX_REPORTED_REJECTS = 20

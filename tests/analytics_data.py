@@ -12,10 +12,10 @@ from lmjobs.db.models import utcnow
 from lmjobs.db.session import Database
 from lmjobs.jobs.chunks import ChunkContext
 from lmjobs.jobs.dispatch import start_due_jobs
+from lmjobs.jobs.embedded import run_job_locally
+from lmjobs.jobs.engine_api import GenerateFn
 from lmjobs.jobs.ingest import SubmitOptions, create_job
-from lmjobs.jobs.local import run_job_locally
 from lmjobs.worker.fake import FakeEngine
-from lmjobs.worker.protocol import GenerateFn
 
 FAKE_CTX = ChunkContext(worker="test-worker", model_info=FakeEngine().info)
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lmjobs.worker.protocol import FinishReason, Generation, GenRequest, ModelInfo
+from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest, ModelInfo
 
 
 def _text_of(req: GenRequest) -> str:

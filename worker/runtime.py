@@ -11,9 +11,9 @@ from typing import Any
 
 from lmjobs.db.session import Database, get_database
 from lmjobs.jobs.chunks import ChunkContext
+from lmjobs.jobs.engine_api import GenerateFn, Generation, GenRequest, ModelInfo
 from lmjobs.jobs.queues import queue_for_model
 from lmjobs.jobs.settings import Settings, get_settings
-from lmjobs.worker.protocol import GenerateFn, Generation, GenRequest, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def load_engine(settings: Settings, model_name: str) -> tuple[GenerateFn, ModelI
 
         fake = FakeEngine.from_env()
         return fake, fake.info
-    from lmjobs.worker.engine import EngineConfig, generate
+    from lmjobs.worker.engine.core import EngineConfig, generate
     from lmjobs.worker.models import load_model
 
     assert settings.model_cache is not None

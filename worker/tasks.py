@@ -28,10 +28,10 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from lmjobs.jobs.chunks import process_chunk
 from lmjobs.jobs.dispatch import dispatch
 from lmjobs.jobs.dispatch import tick as tick_service
+from lmjobs.jobs.engine_api import EngineInterrupt, GenerateFn, Generation, GenRequest
 from lmjobs.jobs.settings import get_settings, mask_secrets
 from lmjobs.worker.app import app
 from lmjobs.worker.broker import CeleryPublisher, redis_chunk_ids
-from lmjobs.worker.protocol import EngineInterrupt, GenerateFn, Generation, GenRequest
 from lmjobs.worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from lmjobs.db.example_queries import EXAMPLES
 from lmjobs.db.models import Base
 from lmjobs.db.readonly import run_readonly_query
 from lmjobs.db.session import get_database
+from lmjobs.jobs.engine_api import FinishReason, Generation
 from lmjobs.worker.fake import FakeEngine
-from lmjobs.worker.protocol import FinishReason, Generation
 
 SCHEMA_MD = Path(__file__).resolve().parents[2] / "docs" / "schema.md"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 from lmjobs.db.session import get_database
 from lmjobs.jobs.chunks import ChunkContext
 from lmjobs.jobs.control import job_status
+from lmjobs.jobs.embedded import run_job_locally
 from lmjobs.jobs.ingest import SubmitOptions, create_job
-from lmjobs.jobs.local import run_job_locally
 from lmjobs.worker.fake import FakeEngine
 
 

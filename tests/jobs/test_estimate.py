@@ -13,9 +13,9 @@ from sqlalchemy import func, select, update
 
 from lmjobs.db.models import Base, Chunk, Result
 from lmjobs.db.session import Database, get_database
+from lmjobs.jobs.engine_api import GenRequest
 from lmjobs.jobs.errors import InputFileError, ModelLoadError
 from lmjobs.jobs.estimate import GUESS_TOKENS_PER_S, Tokenizer, estimate_file
-from lmjobs.worker.protocol import GenRequest
 
 PARAMS = {"max_new_tokens": 10}
 
@@ -122,9 +122,9 @@ def test_tokenizer_counts_equal_the_engine(tmp_path: Path, arch: str) -> None:
     from tiny_models import build_tiny_causal
     from transformers import AutoConfig, AutoTokenizer
 
-    from lmjobs.worker.batching import tokenize
+    from lmjobs.worker.engine.batching import tokenize
     from lmjobs.worker.models import context_length
-    from lmjobs.worker.tokenize import load_token_counter
+    from lmjobs.worker.token_count import load_token_counter
 
     folder = build_tiny_causal(tmp_path / arch, arch=arch)
     counter = load_token_counter(str(folder), cache_dir=tmp_path)
@@ -146,7 +146,7 @@ def test_tokenizer_counts_equal_the_engine(tmp_path: Path, arch: str) -> None:
 
 
 def test_tokenizer_that_cannot_load_is_a_one_line_error(tmp_path: Path) -> None:
-    from lmjobs.worker.tokenize import load_token_counter
+    from lmjobs.worker.token_count import load_token_counter
 
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_token_counter(str(tmp_path / "missing" / "model"), cache_dir=tmp_path)

@@ -20,10 +20,10 @@ from lmjobs.db.models import Chunk
 from lmjobs.db.session import Database, get_database
 from lmjobs.jobs.chunks import process_chunk
 from lmjobs.jobs.dispatch import start_due_jobs
+from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
 from lmjobs.jobs.errors import OutputPathError
 from lmjobs.jobs.export import COLUMNS, FORMATS, open_output, write_results
 from lmjobs.worker.fake import FakeEngine
-from lmjobs.worker.protocol import FinishReason, Generation, GenRequest
 
 
 def _one_fails(requests: Sequence[GenRequest]) -> list[Generation]:

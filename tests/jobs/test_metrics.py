@@ -15,8 +15,8 @@ from lmjobs.db.models import JobStatus, Request, Result, Score
 from lmjobs.db.session import Database, get_database
 from lmjobs.jobs import metrics
 from lmjobs.jobs.control import job_status
+from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
 from lmjobs.worker.fake import FakeEngine
-from lmjobs.worker.protocol import FinishReason, Generation, GenRequest
 
 PAIRS = [
     ("The cat sat on the mat.", "The cat is sitting on the mat."),

@@ -14,9 +14,9 @@ from lmjobs.db.session import get_database
 from lmjobs.jobs.chunks import process_chunk
 from lmjobs.jobs.control import job_status, resume_job
 from lmjobs.jobs.dispatch import ChunkMessage, dispatch, tick
-from lmjobs.jobs.local import run_job_locally
+from lmjobs.jobs.embedded import run_job_locally
+from lmjobs.jobs.engine_api import Generation, GenRequest
 from lmjobs.worker.fake import FakeEngine
-from lmjobs.worker.protocol import Generation, GenRequest
 
 
 def test_higher_priority_job_is_dispatched_first(db_url: str, tmp_path: Path) -> None:

@@ -19,10 +19,10 @@ from lmjobs.db.example_queries import EXAMPLES
 from lmjobs.db.models import Job, Result
 from lmjobs.db.readonly import run_readonly_query
 from lmjobs.db.session import Database, get_database
+from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
 from lmjobs.jobs.metrics import mean_scores, score_job
 from lmjobs.jobs.report import LATENCY_BINS, SCORE_BINS, JobReport, build_report, percentile
 from lmjobs.worker.fake import FakeEngine
-from lmjobs.worker.protocol import FinishReason, Generation, GenRequest
 
 N = 40
 EVIL = "<script>alert('x')</script> & out of memory"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmjobs.jobs.engine_api import FinishReason, GenRequest, SamplingParams
 from lmjobs.jobs.errors import ConfigError, ModelLoadError
 from lmjobs.worker import models
-from lmjobs.worker.engine import EngineConfig, generate, generate_loaded
+from lmjobs.worker.engine.core import EngineConfig, generate
 from lmjobs.worker.models import load_model, resolve_device, resolve_dtype
-from lmjobs.worker.protocol import FinishReason, GenRequest, SamplingParams
 
 
 def test_loads_a_causal_folder(tiny_llama_dir: Path, tmp_path: Path):
@@ -46,7 +46,7 @@ def test_loads_a_seq2seq_folder(tiny_t5_dir: Path, tmp_path: Path):
 def test_bfloat16_on_cpu(tiny_llama_dir: Path, tmp_path: Path):
     lm = load_model(str(tiny_llama_dir), dtype="bf16", cache_dir=tmp_path)
     assert lm.model.dtype == torch.bfloat16 and lm.info.dtype == "bfloat16"
-    got = generate_loaded(lm, [GenRequest(key=1, prompt="Hi", params=SamplingParams(4))])[0]
+    got = generate(lm.model, lm.tokenizer, [GenRequest(key=1, prompt="Hi", params=SamplingParams(4))])[0]
     assert got.ok and got.output_tokens == 4
 
 
@@ -95,7 +95,7 @@ def test_int8_loads_and_generates(tiny_llama_dir: Path, tmp_path: Path):
     assert "quantized" in type(linear).__module__
     assert lm.info.dtype == "float32+int8"
 
-    got = generate_loaded(lm, [GenRequest(key=1, prompt="Hello", params=SamplingParams(8))])[0]
+    got = generate(lm.model, lm.tokenizer, [GenRequest(key=1, prompt="Hello", params=SamplingParams(8))])[0]
 
     assert got.ok and got.output_tokens == 8 and got.text
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from lmjobs.db.models import Job, Request
+from lmjobs.jobs.engine_api import GenRequest, SamplingParams
 from lmjobs.jobs.templates import render
-from lmjobs.worker.protocol import GenRequest, SamplingParams
 
 # The engine's own fields, so a new sampling option needs no second list here.
 SAMPLING_KEYS = tuple(SamplingParams.__dataclass_fields__)

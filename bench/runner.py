@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 
-from lmjobs.worker import bench_arms, bench_workloads
-from lmjobs.worker.bench_arms import measure
-from lmjobs.worker.bench_e2e import DEFAULT_BROKER, E2EOptions, E2EResult, run_e2e
-from lmjobs.worker.bench_measure import load_average, memory_bandwidth
-from lmjobs.worker.bench_models import SHAPES, build_random_model
-from lmjobs.worker.bench_report import BenchReport, profile_engine
-from lmjobs.worker.engine import EngineConfig, resolve_mode
+from lmjobs.bench import arms as bench_arms
+from lmjobs.bench import workloads as bench_workloads
+from lmjobs.bench.arms import measure
+from lmjobs.bench.e2e import DEFAULT_BROKER, E2EOptions, E2EResult, run_e2e
+from lmjobs.bench.measure import load_average, memory_bandwidth
+from lmjobs.bench.models import SHAPES, build_random_model
+from lmjobs.bench.report import BenchReport, profile_engine
+from lmjobs.worker.engine.core import EngineConfig, resolve_mode
 from lmjobs.worker.models import LoadedModel, load_model, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from lmjobs.worker.batching import Prepared
-from lmjobs.worker.kvcache import GrowingLayer, fill_holes, make_growing
-from lmjobs.worker.protocol import FinishReason
-from lmjobs.worker.sampling import LogitRules, choose_tokens, make_generator
+from lmjobs.jobs.engine_api import FinishReason
+from lmjobs.worker.engine.batching import Prepared
+from lmjobs.worker.engine.kvcache import GrowingLayer, fill_holes, make_growing
+from lmjobs.worker.engine.sampling import LogitRules, choose_tokens, make_generator
 
 NON_FINITE = "non-finite logits (NaN or inf) from the model"
 

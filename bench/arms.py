@@ -5,7 +5,7 @@
 - A1: ``model.generate`` on batches of 32 in input order, left padding, no sorting, with
   the batch's largest ``max_new_tokens`` (each row is then cut to its own limit and its
   first EOS, and only those tokens count).
-- engine arms: ``lmjobs.worker.engine.generate`` with an ``EngineConfig``.
+- engine arms: ``lmjobs.worker.engine.core.generate`` with an ``EngineConfig``.
 - A6: transformers' own continuous batching (``ContinuousBatchingManager``: a paged KV
   cache, requests scheduled by transformers), each request with its own
   ``max_new_tokens``: the issue asks which of it and the engine's scheduler is faster.
@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from lmjobs.worker.bench_measure import PeakMemory, StepMeter, StepStats, sync
-from lmjobs.worker.bench_workloads import BenchRequest
-from lmjobs.worker.engine import EngineConfig, eos_ids, generate
+from lmjobs.bench.measure import PeakMemory, StepMeter, StepStats, sync
+from lmjobs.bench.workloads import BenchRequest
+from lmjobs.worker.engine.core import EngineConfig, eos_ids, generate
 
 logger = logging.getLogger(__name__)
 

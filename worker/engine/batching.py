@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from lmjobs.worker.protocol import FinishReason, Generation, GenRequest, SamplingParams
+from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest, SamplingParams
+from lmjobs.worker.engine.prompts import render
 
 logger = logging.getLogger(__name__)
 
@@ -48,23 +49,6 @@ def failed(request: GenRequest, error: str, input_tokens: int = 0) -> Generation
         latency_ms=0.0,
         error=error,
     )
-
-
-def render(request: GenRequest, tokenizer: Any) -> tuple[str, bool]:
-    """The request as text, and whether the tokenizer should add its special tokens.
-
-    Chat messages go through the tokenizer's chat template (which writes BOS and turn
-    markers itself); without a template their contents are joined as plain text.
-    """
-    if request.messages is not None:
-        messages = [dict(m) for m in request.messages]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            return str(text), False
-        return "\n\n".join(str(m.get("content", "")) for m in messages), True
-    if request.prompt is None:
-        raise ValueError("request has neither prompt nor messages")
-    return request.prompt, True
 
 
 def tokenize(requests: Sequence[GenRequest], tokenizer: Any) -> list[list[int] | str]:

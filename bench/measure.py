@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from lmjobs.worker.batching import kv_bytes_per_token
-from lmjobs.worker.bench_models import parameter_bytes
+from lmjobs.bench.models import parameter_bytes
+from lmjobs.worker.engine.batching import kv_bytes_per_token
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 _STATUS = Path("/proc/self/status")

@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lmjobs.worker import attention
-from lmjobs.worker.attention import MAX_RUNS, NAME, plan, ragged_attention, ragged_sdpa, runs
-from lmjobs.worker.engine import EngineConfig, generate
+from lmjobs.jobs.engine_api import GenRequest, SamplingParams
+from lmjobs.worker.engine import attention
+from lmjobs.worker.engine.attention import MAX_RUNS, NAME, plan, ragged_attention, ragged_sdpa, runs
+from lmjobs.worker.engine.core import EngineConfig, generate
 from lmjobs.worker.models import load_model
-from lmjobs.worker.protocol import GenRequest, SamplingParams
 
 
 def test_runs_group_neighbouring_rows_with_similar_starts():

@@ -21,19 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmjobs.jobs.engine_api import SMOLLM2_ALIAS, GenRequest
 from lmjobs.jobs.errors import ModelLoadError
-from lmjobs.worker.protocol import GenRequest
-
-SMOLLM2_ALIAS = "smollm2-135m"  # = lmjobs.worker.models.SMOLLM2_ALIAS (that module imports torch)
-# Config fields that name the context length, as lmjobs.worker.models.context_length reads them.
-CONTEXT_FIELDS = (
-    "max_position_embeddings",
-    "n_positions",
-    "max_sequence_length",
-    "seq_length",
-    "n_ctx",
-    "max_seq_len",
-)
+from lmjobs.worker.engine.prompts import declared_context_length, render
 
 
 @dataclass
@@ -57,19 +47,6 @@ class TokenCounter:
                 for (i, _), ids in zip(items, enc["input_ids"], strict=True):
                     out[i] = len(ids)
         return out
-
-
-def render(request: GenRequest, tokenizer: Any) -> tuple[str, bool]:
-    """The request as text and whether to add special tokens (as worker/batching.render)."""
-    if request.messages is not None:
-        messages = [dict(m) for m in request.messages]
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-            return str(text), False
-        return "\n\n".join(str(m.get("content", "")) for m in messages), True
-    return request.prompt or "", True
 
 
 def model_source(model: str, cache_dir: Path) -> str:
@@ -101,15 +78,6 @@ def _config(source: str, trust_remote_code: bool) -> dict[str, Any]:
     return dict(cfg.to_dict())
 
 
-def _context_length(config: dict[str, Any], tokenizer: Any) -> int | None:
-    for name in CONTEXT_FIELDS:
-        value = config.get(name)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
-
-
 def load_token_counter(
     model: str, *, cache_dir: Path, trust_remote_code: bool = False
 ) -> TokenCounter:
@@ -131,6 +99,6 @@ def load_token_counter(
     return TokenCounter(
         tokenizer=tokenizer,
         source=source,
-        context_length=_context_length(config, tokenizer),
+        context_length=declared_context_length(config.get, tokenizer),
         is_seq2seq=bool(config.get("is_encoder_decoder", False)),
     )

@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 
-from lmjobs.worker import decoding
-from lmjobs.worker.engine import EngineConfig, generate, resolve_mode
+from lmjobs.jobs.engine_api import EngineInterrupt, FinishReason, Generation, GenRequest, SamplingParams
+from lmjobs.worker.engine import decoding
+from lmjobs.worker.engine.core import EngineConfig, generate, resolve_mode
+from lmjobs.worker.engine.scheduler import PREFILL_SLACK
 from lmjobs.worker.models import LoadedModel, load_model
-from lmjobs.worker.protocol import EngineInterrupt, FinishReason, Generation, GenRequest, SamplingParams
-from lmjobs.worker.scheduler import PREFILL_SLACK
 
 MODES = ["static", "continuous"]
 PROMPTS = [
@@ -534,7 +534,7 @@ def test_suppressed_tokens_of_the_generation_config_are_honoured(
 def test_logit_rules_mirror_the_generation_config():
     from transformers import GenerationConfig
 
-    from lmjobs.worker.sampling import LogitRules
+    from lmjobs.worker.engine.sampling import LogitRules
 
     config = GenerationConfig(bad_words_ids=[[7], [8, 9]], suppress_tokens=[3], begin_suppress_tokens=[4])
     config.forced_bos_token_id = 5

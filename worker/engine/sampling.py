@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmjobs.worker.protocol import SamplingParams
+from lmjobs.jobs.engine_api import SamplingParams
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

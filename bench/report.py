@@ -14,15 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmjobs.worker.bench_arms import ArmOutput, ArmResult
-from lmjobs.worker.bench_measure import StepStats
-from lmjobs.worker.protocol import ModelInfo
+from lmjobs.bench.arms import ArmOutput, ArmResult
+from lmjobs.bench.measure import StepStats
+from lmjobs.jobs.engine_api import ModelInfo
 
 if TYPE_CHECKING:
-    from lmjobs.worker.bench import BenchConfig
-    from lmjobs.worker.bench_e2e import E2EResult
-    from lmjobs.worker.bench_workloads import BenchRequest, Workload
-    from lmjobs.worker.engine import EngineConfig
+    from lmjobs.bench.e2e import E2EResult
+    from lmjobs.bench.runner import BenchConfig
+    from lmjobs.bench.workloads import BenchRequest, Workload
+    from lmjobs.worker.engine.core import EngineConfig
 
 ENGINE_ARMS = ("A2", "A3", "A4", "A5")
 FP_ENGINE_ARMS = ("A2", "A3", "A5")  # same weights as A0: must match it exactly in fp32
@@ -336,7 +336,7 @@ def profile_engine(
 
     from torch.profiler import ProfilerActivity, profile
 
-    from lmjobs.worker.engine import generate
+    from lmjobs.worker.engine.core import generate
 
     activities = [ProfilerActivity.CPU]
     cuda = next(model.parameters()).device.type == "cuda"

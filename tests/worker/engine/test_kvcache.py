@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lmjobs.worker.kvcache import MIN_SPARE, GrowingLayer, fill_holes, make_growing, spare_columns
+from lmjobs.worker.engine.kvcache import MIN_SPARE, GrowingLayer, fill_holes, make_growing, spare_columns
 
 
 def states(batch: int, columns: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -50,19 +50,19 @@ from typing import Any
 
 import torch
 
-from lmjobs.worker.attention import ragged_attention
-from lmjobs.worker.batching import (
+from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
+from lmjobs.worker.engine.attention import ragged_attention
+from lmjobs.worker.engine.batching import (
     Prepared,
     dedup,
     default_batch_tokens,
     order,
     prepare,
 )
-from lmjobs.worker.decoding import DecodeContext, Row
-from lmjobs.worker.models import LoadedModel, context_length
-from lmjobs.worker.protocol import FinishReason, Generation, GenRequest
-from lmjobs.worker.sampling import LogitRules
-from lmjobs.worker.scheduler import Scheduler
+from lmjobs.worker.engine.decoding import DecodeContext, Row
+from lmjobs.worker.engine.prompts import context_length
+from lmjobs.worker.engine.sampling import LogitRules
+from lmjobs.worker.engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
@@ -129,13 +129,6 @@ def generate(
     for index, source in copies.items():
         answers[index] = _copy(answers[source], requests[index].key)
     return [answers[i] for i in range(len(requests))]
-
-
-def generate_loaded(
-    loaded: LoadedModel, requests: Sequence[GenRequest], config: EngineConfig = EngineConfig()
-) -> list[Generation]:
-    """``generate`` for a ``LoadedModel``."""
-    return generate(loaded.model, loaded.tokenizer, requests, config)
 
 
 def resolve_mode(mode: str, device: torch.device) -> str:

@@ -26,8 +26,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lmjobs.worker.bench_arms import ArmOutput
-from lmjobs.worker.bench_workloads import BenchRequest
+from lmjobs.bench.arms import ArmOutput
+from lmjobs.bench.workloads import BenchRequest
 
 LMJOBS = [sys.executable, "-m", "lmjobs.cli"]
 DEFAULT_BROKER = "redis://127.0.0.1:6379/12"

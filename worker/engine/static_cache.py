@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import StaticCache
 
-from lmjobs.worker.decoding import DecodeContext, Row, advance_rows, pad_prompts
+from lmjobs.worker.engine.decoding import DecodeContext, Row, advance_rows, pad_prompts
 
 LENGTH_BUCKET = 256
 # Compiled graphs kept per model: one per (batch bucket, length bucket) in use.

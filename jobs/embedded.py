@@ -10,7 +10,7 @@ from lmjobs.db.models import Chunk, ChunkStatus, utcnow
 from lmjobs.db.session import Database
 from lmjobs.jobs.chunks import ChunkContext, ChunkOutcome, finalize_job_if_done, process_chunk
 from lmjobs.jobs.dispatch import requeue_expired_leases
-from lmjobs.worker.protocol import GenerateFn
+from lmjobs.jobs.engine_api import GenerateFn
 
 ProgressFn = Callable[[ChunkOutcome], None]
 

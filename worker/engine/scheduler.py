@@ -27,9 +27,9 @@ from typing import TypeAlias
 
 import torch
 
-from lmjobs.worker.decoding import CausalBatch, DecodeContext, Row, Seq2SeqBatch
-from lmjobs.worker.protocol import EngineInterrupt
-from lmjobs.worker.static_cache import StaticCacheBatch
+from lmjobs.jobs.engine_api import EngineInterrupt
+from lmjobs.worker.engine.decoding import CausalBatch, DecodeContext, Row, Seq2SeqBatch
+from lmjobs.worker.engine.static_cache import StaticCacheBatch
 
 logger = logging.getLogger(__name__)
 
