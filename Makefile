@@ -2,6 +2,7 @@
 #   make demo   installs into .venv and runs a real job end to end on the embedded default
 #               (no Redis, SQLite, the offline SmolLM2-135M model), printing its results
 #   make test   installs the test tools and runs the test suite (needs Redis and PostgreSQL)
+#   make lint   ruff (lint and format), the import contract (lint-imports) and mypy
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch; CUDA users: make TORCH_SPEC='torch>=2.4' (PyPI's default is a CUDA build)
@@ -9,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint typecheck-tree
 
 $(STAMP): pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,5 +28,21 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-lint: $(STAMP)
-	$(BIN)/ruff check cli jobs worker db tests
+# The folders install as lmjobs.* through the editable install's import hook, which static
+# tools cannot see. build/typecheck/lmjobs/ holds links to them, so mypy (mypy_path) and
+# lint-imports (PYTHONPATH) find lmjobs.cli, ... in this checkout, laid out as installed.
+TYPECHECK := build/typecheck
+PACKAGES := cli jobs worker db bench
+
+typecheck-tree:
+	@mkdir -p $(TYPECHECK)/lmjobs
+	@for p in $(PACKAGES); do ln -sfn ../../../$$p $(TYPECHECK)/lmjobs/$$p; done
+
+# Every check runs, even after one fails, so one run shows everything; then it fails if any did.
+lint: $(STAMP) typecheck-tree
+	@status=0; \
+	echo "ruff check"; $(BIN)/ruff check $(PACKAGES) tests || status=1; \
+	echo "ruff format --check"; $(BIN)/ruff format --check $(PACKAGES) tests || status=1; \
+	echo "lint-imports"; PYTHONPATH=$(TYPECHECK) $(BIN)/lint-imports --no-logo || status=1; \
+	echo "mypy"; $(BIN)/mypy || status=1; \
+	exit $$status
