@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from sqlalchemy.exc import OperationalError
 
 from lmjobs.db.migrate import ensure_current, is_current
 from lmjobs.db.session import Database, get_database, is_sqlite
 from lmjobs.jobs.errors import ConfigError
 from lmjobs.jobs.settings import Settings, get_settings, mask_url
+
+if TYPE_CHECKING:
+    from lmjobs.jobs.dispatch import Publisher
 
 
 def settings() -> Settings:
@@ -40,7 +45,9 @@ def database(*, check_schema: bool = True) -> Database:
         ) from None
 
 
-def publisher():  # type: ignore[no-untyped-def]
+def publisher() -> Publisher:
+    """Publishes chunk messages through Celery (imported here: only the commands that
+    publish pay for loading Celery)."""
     from lmjobs.worker.app import make_celery
     from lmjobs.worker.broker import CeleryPublisher
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -264,8 +265,10 @@ def sqlite_readonly_connect(
             conn = _sqlite_open(uri + "&immutable=1", path)
         except sqlite3.Error as e2:
             raise QueryError(f"cannot read {path}: {_first_line(str(e2))}") from None
-    conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
-    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _SQLITE_MAX_LENGTH)
+    if sys.version_info >= (3, 11):  # Connection.setlimit is new in 3.11: on 3.10 the
+        # authorizer alone refuses ATTACH, and strings may grow to SQLite's default 1e9 bytes.
+        conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _SQLITE_MAX_LENGTH)
     conn.execute("PRAGMA query_only = ON")
     for warm in _WARM_UP:
         try:

@@ -15,6 +15,7 @@ def insert_ignore_many(session: Session, model: type, conflict_cols: Sequence[st
     statement is the same for any number of rows, so SQLAlchemy compiles it once; a
     multi-row VALUES is compiled anew for every batch size (0.3 s for 512 results)."""
     name = session.get_bind().dialect.name
+    stmt: postgresql.Insert | sqlite.Insert
     if name == "postgresql":
         stmt = postgresql.insert(model)
     elif name == "sqlite":

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 import uuid
+from typing import cast
 
 from celery import Celery
 
@@ -71,12 +72,14 @@ def redis_chunk_ids(
 
     try:
         r = redis.Redis.from_url(broker_url, socket_timeout=10)
-        payloads: list[bytes] = []
+        payloads: list[bytes | str] = []
         for key in r.scan_iter(match=f"{PREFIX}.*", count=500):
             if r.type(key) == b"list":
                 payloads.extend(r.lrange(key, 0, -1))
         cutoff = (time.time() if now is None else now) - unacked_grace_s
-        fetched_at = dict(r.zrange("unacked_index", 0, -1, withscores=True))
+        # withscores=True: (member, score) pairs, which redis-py's return type does not say
+        scored = cast("list[tuple[bytes | str, float]]", r.zrange("unacked_index", 0, -1, withscores=True))
+        fetched_at = dict(scored)
         for tag, raw in r.hgetall("unacked").items():
             if fetched_at.get(tag, 0.0) >= cutoff:
                 payloads.append(raw)
