@@ -14,7 +14,8 @@ from typing import Any
 import typer
 
 from lmjobs.cli import context, render
-from lmjobs.jobs.errors import InputFileError, LmjobsError
+from lmjobs.cli.options import job_options
+from lmjobs.jobs.errors import LmjobsError, UsageError
 
 JsonOut = typer.Option(False, "--json", help="Machine-readable output")
 _SPARK = "▁▂▃▄▅▆▇█"
@@ -152,12 +153,13 @@ def parse_duration(text: str) -> float:
         return float(text)
     m = _DURATION.match(text)
     if not text or not m or not any(m.groups()):
-        raise InputFileError(f"cannot read {text!r} as a duration: use e.g. 90m, 6h or 1h30m")
+        raise UsageError(f"cannot read {text!r} as a duration: use e.g. 90m, 6h or 1h30m")
     d, h, mi, s = (int(g or 0) for g in m.groups())
     return float(((d * 24 + h) * 60 + mi) * 60 + s)
 
 
 @schedule_app.command("add")
+@job_options
 def schedule_add(
     file: Path = typer.Argument(..., help="JSONL prompts (read anew at each run)"),
     cron: str = typer.Option(..., "--cron", help="Cron expression, e.g. '0 2 * * *'"),
@@ -170,35 +172,22 @@ def schedule_add(
         None, "--finish-within", help="Deadline after each start (e.g. 5h): then paused"
     ),
     tz: str | None = typer.Option(None, "--tz", help="IANA time zone [default: local]"),
-    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens"),
-    temperature: float | None = typer.Option(None, "--temperature"),
-    source_lang: str | None = typer.Option(None, "--source-lang"),
-    target_lang: str | None = typer.Option(None, "--target-lang"),
-    system_prompt: str | None = typer.Option(None, "--system-prompt"),
     strict: bool = typer.Option(False, "--strict"),
     as_json: bool = JsonOut,
+    *,
+    job: dict[str, Any],
 ) -> None:
     """Create a job from FILE at every cron time (`lmjobs beat` runs it)."""
-    from lmjobs.cli.main import _params
+    from lmjobs.jobs.params import job_params
     from lmjobs.jobs.schedules import add_schedule, list_schedules
+    from lmjobs.jobs.submit import make_options
 
-    s = context.settings()
-    params = _params(
-        max_new_tokens,
-        temperature,
-        None,
-        None,
-        None,
-        source_lang,
-        target_lang,
-        system_prompt,
-        False,
-        False,
+    opts = make_options(
+        context.settings(), task=task, model=model, params=job_params(**job), chunk_size=chunk_size
     )
-    size = chunk_size if chunk_size is not None else s.chunk_size
     options: dict[str, Any] = {
-        "params": params,
-        "chunk_size": size,
+        "params": opts.params,
+        "chunk_size": opts.chunk_size,
         "priority": priority,
         "strict": strict,
     }
@@ -210,7 +199,7 @@ def schedule_add(
         file,
         task,
         options,
-        model=model or s.model,
+        model=opts.model,
         name=name,
         tz=tz,
         finish_within_s=within,

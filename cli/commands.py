@@ -8,39 +8,34 @@ import time
 from pathlib import Path
 from typing import Any
 
+import typer
+
 from lmjobs.cli import context, render
-from lmjobs.jobs.errors import BrokerError, InputFileError, LmjobsError
+from lmjobs.jobs.errors import BrokerError, LmjobsError, UsageError
 from lmjobs.jobs.settings import mask_secrets
-
-
-def _when(text: str | None, flag: str):  # type: ignore[no-untyped-def]
-    from lmjobs.jobs.timeparse import parse_when
-
-    if text is None:
-        return None
-    try:
-        return parse_when(text)
-    except ValueError as exc:
-        raise InputFileError(f"{flag}: {exc}") from None
-
-
-def _options(task: str, model: str | None, params: dict, chunk_size: int | None, **kw: Any):  # type: ignore[no-untyped-def]
-    from lmjobs.jobs.ingest import SubmitOptions
-
-    s = context.settings()
-    size = chunk_size if chunk_size is not None else s.chunk_size
-    if size < 1:
-        raise InputFileError("--chunk-size must be at least 1")
-    return SubmitOptions(task=task, model=model or s.model, params=params, chunk_size=size, **kw)
 
 
 def _report_rejects(rep: Any) -> None:
     for r in rep.rejects:
         render.warn(f"line {r.line_number}: {r.reason}")
     if rep.lines_rejected > len(rep.rejects):
-        render.warn(
-            f"... {rep.lines_rejected - len(rep.rejects)} more; see `lmjobs rejects {rep.job_id}`"
-        )
+        render.warn(f"... {rep.lines_rejected - len(rep.rejects)} more; see `lmjobs rejects {rep.job_id}`")
+
+
+def _options(task: str, model: str | None, job: dict[str, Any], chunk_size: int | None, **kw: Any) -> Any:
+    from lmjobs.jobs.params import job_params
+    from lmjobs.jobs.submit import make_options
+
+    return make_options(
+        context.settings(), task=task, model=model, params=job_params(**job), chunk_size=chunk_size, **kw
+    )
+
+
+def _check_format(fmt: str) -> None:
+    from lmjobs.jobs.export import FORMATS
+
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
 def run_local(
@@ -48,7 +43,7 @@ def run_local(
     *,
     task: str,
     model: str | None,
-    params: dict,
+    job: dict[str, Any],
     output: Path | None,
     fmt: str,
     force: bool,
@@ -56,24 +51,28 @@ def run_local(
     chunk_size: int | None,
     as_json: bool,
 ) -> None:
-    from lmjobs.jobs.control import job_status
-    from lmjobs.jobs.embedded import run_job_locally
-    from lmjobs.jobs.export import FORMATS, open_output, write_results
-    from lmjobs.jobs.ingest import create_job
+    from lmjobs.jobs.export import iter_result_rows, open_output, write_results
+    from lmjobs.jobs.submit import run_embedded
     from lmjobs.worker.runtime import init_runtime
 
-    if fmt not in FORMATS:
-        raise InputFileError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    _check_format(fmt)
+    opts = _options(task, model, job, chunk_size, strict=strict)
     sink = open_output(output, force=force, binary=fmt == "parquet") if output else None
     db = context.database()
-    opts = _options(task, model, params, chunk_size, strict=strict)
-    rep = create_job(db, file, opts)
-    _report_rejects(rep)
-    rt = init_runtime(context.settings(), opts.model)
-    done = 0
+
+    def engine() -> Any:
+        rt = init_runtime(context.settings(), opts.model)
+        return rt.generate, rt.ctx
+
     with render.progress() as bar:
         t0 = time.perf_counter()
-        task_id = bar.add_task(f"job {rep.job_id}", total=rep.requests_total, rate="")
+        done = 0
+        task_id: Any = None
+
+        def on_start(rep: Any) -> None:
+            nonlocal task_id
+            _report_rejects(rep)
+            task_id = bar.add_task(f"job {rep.job_id}", total=rep.requests_total, rate="")
 
         def on_chunk(outcome: Any) -> None:
             nonlocal done
@@ -81,28 +80,25 @@ def run_local(
             rate = done / max(time.perf_counter() - t0, 1e-9)
             bar.update(task_id, completed=done, rate=f"{rate:.1f} req/s")
 
-        run_job_locally(db, rep.job_id, generate=rt.generate, ctx=rt.ctx, on_chunk=on_chunk)
-    st = job_status(db, rep.job_id)
+        ran = run_embedded(db, file, opts, engine=engine, on_start=on_start, on_chunk=on_chunk)
+    st = ran.status
     if sink is not None:
         with sink:
-            write_results(db, rep.job_id, fmt, sink)
+            write_results(db, st.id, fmt, sink)
     if as_json:
         render.dump_json(st.to_json())
-        return
-    _status_table(st)
-    if sink is None:
-        from lmjobs.jobs.export import iter_result_rows
-
-        rows = []
-        for r in iter_result_rows(db, rep.job_id):
-            rows.append(
-                (r["line_number"], r["custom_id"], r["status"], r["output_text"] or r["error"])
-            )
-            if len(rows) >= 20:
-                break
-        render.table(["line", "id", "status", "output"], rows, title="results (first 20)")
     else:
-        render.out.print(f"wrote {output}")
+        _status_table(st)
+        if sink is None:
+            rows = []
+            for r in iter_result_rows(db, st.id):
+                rows.append((r["line_number"], r["custom_id"], r["status"], r["output_text"] or r["error"]))
+                if len(rows) >= 20:
+                    break
+            render.table(["line", "id", "status", "output"], rows, title="results (first 20)")
+        else:
+            render.out.print(f"wrote {output}")
+    _exit_for(st)
 
 
 def submit(
@@ -110,7 +106,7 @@ def submit(
     *,
     task: str,
     model: str | None,
-    params: dict,
+    job: dict[str, Any],
     strict: bool,
     chunk_size: int | None,
     priority: int,
@@ -121,20 +117,18 @@ def submit(
     dry_run: bool,
     as_json: bool,
 ) -> None:
-    from lmjobs.jobs.dispatch import dispatch
-    from lmjobs.jobs.ingest import create_job, find_same_file
-    from lmjobs.jobs.inputs import sha256_file
+    from lmjobs.jobs.submit import RepeatSubmitError, parse_time_option, submit_file
 
     opts = _options(
         task,
         model,
-        params,
+        job,
         chunk_size,
         strict=strict,
         priority=priority,
         name=name,
-        start_at=_when(start_at, "--start-at"),
-        finish_by=_when(finish_by, "--finish-by"),
+        start_at=parse_time_option(start_at, "--start-at"),
+        finish_by=parse_time_option(finish_by, "--finish-by"),
     )
     if dry_run:
         from lmjobs.cli import dryrun
@@ -142,30 +136,21 @@ def submit(
         dryrun.show(file, opts, as_json=as_json)
         return
     db = context.database()
-    if not file.is_file():
-        raise InputFileError(f"{file}: no such file")
-    sha = sha256_file(file)
-    from lmjobs.jobs.cleanup import discard_dead_submits
-
-    for old in discard_dead_submits(db, sha256=sha, task=task):
-        render.warn(f"discarded job {old}: an interrupted submit of this file (never ran)")
-    same = find_same_file(db, sha, task)
-    if same and not yes:
-        msg = f"{file} was already submitted as job {', '.join(map(str, same))}"
-        if not sys.stdin.isatty():
-            raise InputFileError(f"{msg}; pass --yes to submit it again")
-        import typer
-
-        if not typer.confirm(f"{msg}. Submit it again?", default=False):
-            raise InputFileError(f"{msg}; not submitted")
-    rep = create_job(db, file, opts, source_sha256=sha)
-    _report_rejects(rep)
-    sent = 0
     try:
-        sent = dispatch(db, context.publisher())
-    except Exception as exc:
+        outcome = submit_file(db, file, opts, publish=context.publisher(), allow_repeat=yes)
+    except RepeatSubmitError as exc:
+        if not sys.stdin.isatty():
+            raise RepeatSubmitError(file, exc.job_ids, "pass --yes to submit it again") from None
+        if not typer.confirm(f"{exc}. Submit it again?", default=False):
+            raise RepeatSubmitError(file, exc.job_ids, "not submitted") from None
+        outcome = submit_file(db, file, opts, publish=context.publisher(), allow_repeat=True)
+    for old in outcome.discarded:
+        render.warn(f"discarded job {old}: an interrupted submit of this file (never ran)")
+    rep = outcome.report
+    _report_rejects(rep)
+    if outcome.dispatch_error is not None:
         render.warn(
-            f"job {rep.job_id} is saved but could not be dispatched now ({mask_secrets(str(exc))}); "
+            f"job {rep.job_id} is saved but could not be dispatched now ({outcome.dispatch_error}); "
             "`lmjobs reconcile` or a running `lmjobs beat` will dispatch it"
         )
     if as_json:
@@ -176,7 +161,7 @@ def submit(
                 "requests": rep.requests_total,
                 "rejected": rep.lines_rejected,
                 "chunks": rep.chunks_total,
-                "dispatched": sent,
+                "dispatched": outcome.dispatched,
             }
         )
     else:
@@ -188,7 +173,6 @@ def submit(
 
 
 def worker(*, model: str | None, loglevel: str, name: str | None) -> None:
-    from lmjobs.jobs.queues import CONTROL_QUEUE
     from lmjobs.worker.runtime import init_runtime
 
     context.database()
@@ -196,15 +180,13 @@ def worker(*, model: str | None, loglevel: str, name: str | None) -> None:
     rt = init_runtime(s, model or s.model)  # ModelLoadError: refuse to consume anything
     from lmjobs.worker.app import app
 
-    render.err.print(
-        f"worker for {rt.model_name} ({rt.info.device}, {rt.info.dtype}) on queue {rt.queue}"
-    )
+    render.err.print(f"worker for {rt.model_name} ({rt.info.device}, {rt.info.dtype}) on queue {rt.queue}")
     argv = [
         "worker",
         "--pool=solo",
         "--concurrency=1",
         "-Q",
-        f"{rt.queue},{CONTROL_QUEUE}",
+        rt.queue,  # its model's chunks only: the periodic tick runs in `lmjobs beat`
         "--without-gossip",
         "--without-mingle",
         f"--loglevel={loglevel}",
@@ -215,12 +197,51 @@ def worker(*, model: str | None, loglevel: str, name: str | None) -> None:
 
 
 def beat(*, loglevel: str) -> None:
-    from lmjobs.worker.app import app
+    import logging
 
-    context.database()
-    schedule = context.settings().home / "celerybeat-schedule"
-    schedule.parent.mkdir(parents=True, exist_ok=True)
-    app.start(["beat", f"--loglevel={loglevel}", f"--schedule={schedule}"])
+    from lmjobs.jobs.reconcile import TICK_SECONDS, run_forever
+    from lmjobs.jobs.retry import with_db_retry
+    from lmjobs.worker.broker import redis_chunk_ids
+
+    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    db = context.database()
+    s = context.settings()
+    render.err.print(f"beat: a tick every {TICK_SECONDS:g} s (reconciler, schedules, dispatch); no model")
+    run_forever(
+        db,
+        context.publisher(),
+        broker_view=lambda: redis_chunk_ids(s.broker_url),
+        interval_s=TICK_SECONDS,
+        retry=with_db_retry,
+    )
+
+
+# Exit codes of `run` and `status --wait` (README, "Exit codes"): scripts can tell a clean
+# job from one with failed rows and from one that stopped. 1 is an error of lmjobs itself
+# (bad file, unreachable database), 2 a usage error.
+EXIT_OK = 0
+EXIT_SOME_FAILED = 3
+EXIT_JOB_FAILED = 4
+EXIT_CANCELLED = 5
+EXIT_PAUSED = 6
+
+
+def job_exit_code(status: str) -> int:
+    from lmjobs.db.models import JobStatus
+
+    return {
+        JobStatus.COMPLETED.value: EXIT_OK,
+        JobStatus.COMPLETED_WITH_FAILURES.value: EXIT_SOME_FAILED,
+        JobStatus.FAILED.value: EXIT_JOB_FAILED,
+        JobStatus.CANCELLED.value: EXIT_CANCELLED,
+        JobStatus.PAUSED.value: EXIT_PAUSED,
+    }.get(status, EXIT_OK)
+
+
+def _exit_for(st: Any) -> None:
+    code = job_exit_code(st.status)
+    if code:
+        raise typer.Exit(code)
 
 
 def _latest_job(db: Any) -> int:
@@ -237,7 +258,7 @@ def _status_table(st: Any) -> None:
     render.kv_table(
         f"job {st.id}" + (f" ({st.name})" if st.name else ""),
         {
-            "status": st.status,
+            "status": st.status + (f": {st.error}" if st.error else ""),
             "task / model": f"{st.task} / {st.model}",
             "progress": f"{st.done}/{st.requests_total} ({pct:.1f}%)",
             "succeeded": st.succeeded,
@@ -256,9 +277,12 @@ def _status_table(st: Any) -> None:
         render.warn(f"{n} failed: {reason}")
 
 
-def status(job: int | None, *, watch: bool, interval: float, as_json: bool) -> None:
+def status(job: int | None, *, watch: bool, wait: bool, interval: float, as_json: bool) -> None:
     from lmjobs.db.models import JobStatus
     from lmjobs.jobs.control import job_status
+
+    def ended(status: str) -> bool:
+        return JobStatus(status).is_finished or status == JobStatus.PAUSED.value
 
     db = context.database()
     job_id = job if job is not None else _latest_job(db)
@@ -270,13 +294,19 @@ def status(job: int | None, *, watch: bool, interval: float, as_json: bool) -> N
                 st = job_status(db, job_id)
                 rate = f"{st.output_tokens_per_s:.0f} tok/s" if st.output_tokens_per_s else ""
                 bar.update(tid, completed=st.done, rate=f"{st.status} {rate}")
-                if JobStatus(st.status).is_finished or st.status == JobStatus.PAUSED.value:
+                if ended(st.status):
                     break
                 time.sleep(interval)
+    elif wait:
+        while not ended(st.status):
+            time.sleep(interval)
+            st = job_status(db, job_id)
     if as_json:
         render.dump_json(st.to_json())
     else:
         _status_table(st)
+    if wait:
+        _exit_for(st)
 
 
 def list_jobs(*, limit: int, state: str | None, as_json: bool) -> None:
@@ -306,15 +336,14 @@ def list_jobs(*, limit: int, state: str | None, as_json: bool) -> None:
 
 def results(job: int, *, fmt: str, output: Path | None, force: bool, only_finished: bool) -> None:
     from lmjobs.jobs.control import get_job
-    from lmjobs.jobs.export import FORMATS, open_output, write_results
+    from lmjobs.jobs.export import open_output, write_results
 
-    if fmt not in FORMATS:
-        raise InputFileError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    _check_format(fmt)
     db = context.database()
     get_job(db, job)
     if output is None:
         if fmt == "parquet":
-            raise InputFileError("parquet needs --output FILE")
+            raise UsageError("parquet needs --output FILE")
         write_results(db, job, fmt, sys.stdout, only_finished=only_finished)
         return
     with open_output(output, force=force, binary=fmt == "parquet") as fh:
@@ -333,13 +362,11 @@ def rejects(job: int, *, as_json: bool) -> None:
             [{"line_number": r.line_number, "reason": r.reason, "excerpt": r.excerpt} for r in rows]
         )
     else:
-        render.table(
-            ["line", "reason", "excerpt"], [(r.line_number, r.reason, r.excerpt) for r in rows]
-        )
+        render.table(["line", "reason", "excerpt"], [(r.line_number, r.reason, r.excerpt) for r in rows])
 
 
 def cancel(job: int, *, as_json: bool) -> None:
-    from lmjobs.jobs.control import cancel_job
+    from lmjobs.jobs.lifecycle import cancel_job
 
     n = cancel_job(context.database(), job)
     if as_json:
@@ -359,7 +386,7 @@ def _redispatch(db: Any) -> int:
 
 
 def retry(job: int, *, as_json: bool) -> None:
-    from lmjobs.jobs.control import retry_job
+    from lmjobs.jobs.lifecycle import retry_job
 
     db = context.database()
     n = retry_job(db, job)
@@ -371,10 +398,12 @@ def retry(job: int, *, as_json: bool) -> None:
 
 
 def resume(job: int, *, finish_by: str | None, as_json: bool) -> None:
-    from lmjobs.jobs.control import resume_job
+    from lmjobs.jobs.lifecycle import resume_job
 
     db = context.database()
-    n = resume_job(db, job, finish_by=_when(finish_by, "--finish-by"))
+    from lmjobs.jobs.submit import parse_time_option
+
+    n = resume_job(db, job, finish_by=parse_time_option(finish_by, "--finish-by"))
     sent = _redispatch(db)
     if as_json:
         render.dump_json({"job_id": job, "pending": n, "dispatched": sent})
@@ -385,7 +414,7 @@ def resume(job: int, *, finish_by: str | None, as_json: bool) -> None:
 def reconcile(*, as_json: bool) -> None:
     from dataclasses import asdict
 
-    from lmjobs.jobs.dispatch import tick
+    from lmjobs.jobs.reconcile import tick
     from lmjobs.worker.broker import redis_chunk_ids
 
     db = context.database()
@@ -395,9 +424,7 @@ def reconcile(*, as_json: bool) -> None:
     except Exception as exc:
         if isinstance(exc, LmjobsError):
             raise
-        raise BrokerError(
-            f"reconcile could not reach the broker: {mask_secrets(str(exc))}"
-        ) from None
+        raise BrokerError(f"reconcile could not reach the broker: {mask_secrets(str(exc))}") from None
     if as_json:
         render.dump_json(asdict(rep))
     else:
@@ -427,7 +454,7 @@ def query(sql: str, *, fmt: str, limit: int) -> None:
     from lmjobs.db.readonly import run_readonly_query
 
     if fmt not in ("table", "csv", "json"):
-        raise InputFileError(f"unknown format {fmt!r}; choose table, csv or json")
+        raise UsageError(f"unknown format {fmt!r}; choose table, csv or json")
     s = context.settings()
     url = s.query_database_url or s.database_url
     context.database()

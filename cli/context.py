@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from lmjobs.db.migrate import ensure_current, is_current
@@ -18,10 +19,13 @@ if TYPE_CHECKING:
 def settings() -> Settings:
     try:
         return get_settings()
-    except ValueError as exc:  # pydantic ValidationError is a ValueError
-        first = str(exc).splitlines()
-        detail = first[-1].strip() if first else str(exc)
-        raise ConfigError(f"invalid configuration: {detail}") from None
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e.get("loc", ()))
+            msg = str(e.get("msg", "")).removeprefix("Value error, ")
+            problems.append(f"LMJOBS_{where.upper()}: {msg}" if where else msg)
+        raise ConfigError(f"invalid configuration: {'; '.join(problems)}") from None
 
 
 def database(*, check_schema: bool = True) -> Database:

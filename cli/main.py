@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from lmjobs.cli import context, render
+from lmjobs.cli.options import job_options
 from lmjobs.jobs.errors import LmjobsError
 from lmjobs.jobs.settings import mask_secrets
 
@@ -25,58 +27,16 @@ app = typer.Typer(
 )
 
 
-def _params(
-    max_new_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    seed: int | None,
-    stop: list[str] | None,
-    source_lang: str | None,
-    target_lang: str | None,
-    system_prompt: str | None,
-    truncate: bool,
-    raw_prompt: bool,
-) -> dict:
-    if max_new_tokens is not None and not 1 <= max_new_tokens <= 32768:
-        raise typer.BadParameter("--max-new-tokens must be between 1 and 32768")
-    if temperature is not None and not 0 <= temperature <= 2:
-        raise typer.BadParameter("--temperature must be between 0 and 2")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise typer.BadParameter("--top-p must be in (0, 1]")
-    p = {
-        "max_new_tokens": max_new_tokens if max_new_tokens is not None else 256,
-        "temperature": temperature if temperature is not None else 0.0,
-        "top_p": top_p if top_p is not None else 1.0,
-        "seed": seed,
-        "stop": list(stop or []),
-        "source_lang": source_lang,
-        "target_lang": target_lang,
-        "system_prompt": system_prompt,
-        "truncate": truncate,
-        "raw_prompt": raw_prompt,
-    }
-    return {k: v for k, v in p.items() if v not in (None, False)}
-
-
-# Options shared by `run` and `submit`.
+# Options shared by `run` and `submit` that are not job parameters (cli/options.py has those).
 TaskOpt = typer.Option(..., "--task", "-t", help="translate, summarize, qa, generate or chat")
 ModelOpt = typer.Option(None, "--model", "-m", help="HF id, local path or alias [default: LMJOBS_MODEL]")
-MaxTok = typer.Option(None, "--max-new-tokens", help="[default: 256]")
-Temp = typer.Option(None, "--temperature", help="0 = greedy [default: 0]")
-TopP = typer.Option(None, "--top-p")
-Seed = typer.Option(None, "--seed", help="Sampling seed (same seed, same text)")
-Stop = typer.Option(None, "--stop", help="Stop string (repeatable)")
-SrcLang = typer.Option(None, "--source-lang")
-TgtLang = typer.Option(None, "--target-lang")
-SysPrompt = typer.Option(None, "--system-prompt", help="Replace the task template's instruction")
-Truncate = typer.Option(False, "--truncate", help="Truncate prompts that exceed the context")
-RawPrompt = typer.Option(False, "--raw-prompt", help="Give the model the plain prompt, not chat")
 Strict = typer.Option(False, "--strict", help="Refuse the whole file if any line is malformed")
 ChunkSize = typer.Option(None, "--chunk-size", help="Requests per chunk [default: LMJOBS_CHUNK_SIZE]")
 JsonOut = typer.Option(False, "--json", help="Machine-readable output")
 
 
 @app.command()
+@job_options
 def run(
     file: Path = typer.Argument(..., help="JSONL prompts"),
     task: str = TaskOpt,
@@ -84,44 +44,35 @@ def run(
     fmt: str = typer.Option("jsonl", "--format", "-f", help="jsonl, csv, parquet or openai"),
     force: bool = typer.Option(False, "--force", help="Overwrite --output if it exists"),
     model: str | None = ModelOpt,
-    max_new_tokens: int | None = MaxTok,
-    temperature: float | None = Temp,
-    top_p: float | None = TopP,
-    seed: int | None = Seed,
-    stop: list[str] | None = Stop,
-    source_lang: str | None = SrcLang,
-    target_lang: str | None = TgtLang,
-    system_prompt: str | None = SysPrompt,
-    truncate: bool = Truncate,
-    raw_prompt: bool = RawPrompt,
     strict: bool = Strict,
     chunk_size: int | None = ChunkSize,
     as_json: bool = JsonOut,
+    *,
+    job: dict[str, Any],
 ) -> None:
     """Run a file to completion in this process (no Redis needed) and print or write results."""
     from lmjobs.cli import commands
 
-    params = _params(max_new_tokens, temperature, top_p, seed, stop, source_lang, target_lang,
-                     system_prompt, truncate, raw_prompt)
-    commands.run_local(file, task=task, model=model, params=params, output=output, fmt=fmt,
-                       force=force, strict=strict, chunk_size=chunk_size, as_json=as_json)
+    commands.run_local(
+        file,
+        task=task,
+        model=model,
+        job=job,
+        output=output,
+        fmt=fmt,
+        force=force,
+        strict=strict,
+        chunk_size=chunk_size,
+        as_json=as_json,
+    )
 
 
 @app.command()
+@job_options
 def submit(
     file: Path = typer.Argument(..., help="JSONL prompts"),
     task: str = TaskOpt,
     model: str | None = ModelOpt,
-    max_new_tokens: int | None = MaxTok,
-    temperature: float | None = Temp,
-    top_p: float | None = TopP,
-    seed: int | None = Seed,
-    stop: list[str] | None = Stop,
-    source_lang: str | None = SrcLang,
-    target_lang: str | None = TgtLang,
-    system_prompt: str | None = SysPrompt,
-    truncate: bool = Truncate,
-    raw_prompt: bool = RawPrompt,
     strict: bool = Strict,
     chunk_size: int | None = ChunkSize,
     priority: int = typer.Option(0, "--priority", help="Higher runs first"),
@@ -131,15 +82,27 @@ def submit(
     yes: bool = typer.Option(False, "--yes", "-y", help="Submit even if the same file was submitted before"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Read and count, submit nothing"),
     as_json: bool = JsonOut,
+    *,
+    job: dict[str, Any],
 ) -> None:
     """Queue a job for the workers and print its id."""
     from lmjobs.cli import commands
 
-    params = _params(max_new_tokens, temperature, top_p, seed, stop, source_lang, target_lang,
-                     system_prompt, truncate, raw_prompt)
-    commands.submit(file, task=task, model=model, params=params, strict=strict,
-                    chunk_size=chunk_size, priority=priority, name=name, start_at=start_at,
-                    finish_by=finish_by, yes=yes, dry_run=dry_run, as_json=as_json)
+    commands.submit(
+        file,
+        task=task,
+        model=model,
+        job=job,
+        strict=strict,
+        chunk_size=chunk_size,
+        priority=priority,
+        name=name,
+        start_at=start_at,
+        finish_by=finish_by,
+        yes=yes,
+        dry_run=dry_run,
+        as_json=as_json,
+    )
 
 
 @app.command()
@@ -156,7 +119,7 @@ def worker(
 
 @app.command()
 def beat(loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
-    """Start Celery beat: the periodic reconciler and scheduler tick."""
+    """The control process: the periodic reconciler, cron schedules and dispatch (no model)."""
     from lmjobs.cli import commands
 
     commands.beat(loglevel=loglevel)
@@ -166,13 +129,16 @@ def beat(loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
 def status(
     job: int | None = typer.Argument(None, help="Job id [default: the latest job]"),
     watch: bool = typer.Option(False, "--watch", "-w", help="Refresh until the job finishes"),
+    wait: bool = typer.Option(
+        False, "--wait", help="Block until the job ends; exit 0, 3 (some failed), 4 (failed), 5, 6"
+    ),
     interval: float = typer.Option(2.0, "--interval"),
     as_json: bool = JsonOut,
 ) -> None:
     """Counts, progress, tokens/s and ETA of a job."""
     from lmjobs.cli import commands
 
-    commands.status(job, watch=watch, interval=interval, as_json=as_json)
+    commands.status(job, watch=watch, wait=wait, interval=interval, as_json=as_json)
 
 
 @app.command("list")
@@ -247,9 +213,7 @@ def reconcile(as_json: bool = JsonOut) -> None:
 
 @app.command()
 def cleanup(
-    idle: float = typer.Option(
-        5.0, "--idle", help="Seconds without progress that mark a submit as dead"
-    ),
+    idle: float = typer.Option(5.0, "--idle", help="Seconds without progress that mark a submit as dead"),
     as_json: bool = JsonOut,
 ) -> None:
     """Remove jobs left `submitting` by an interrupted submit (they never run)."""
@@ -276,6 +240,7 @@ from lmjobs.cli import analytics  # noqa: E402
 
 analytics.register(app)
 
+
 @app.command()
 def bench(
     preset: str | None = typer.Option(
@@ -289,9 +254,7 @@ def bench(
     json_out: Path | None = typer.Option(None, "--json-out", help="Write the report here"),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
-    model: str | None = typer.Option(
-        None, "--model", "-m", help="Alias, HF id, folder or random:<shape>"
-    ),
+    model: str | None = typer.Option(None, "--model", "-m", help="Alias, HF id, folder or random:<shape>"),
     a0_requests: int | None = typer.Option(None, "--a0-requests", help="A0 on first N (0: all)"),
     a1_requests: int | None = typer.Option(None, "--a1-requests", help="A1 on first N (0: all)"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (worker too)"),
@@ -308,12 +271,28 @@ def bench(
     """Benchmark the engine against naive model.generate loops (and the queue end to end)."""
     from lmjobs.cli.bench import bench as run_bench
 
-    run_bench(preset=preset, requests=requests, arms=arms, workload=workload, json_out=json_out,
-              device=device, dtype=dtype, model=model, a0_requests=a0_requests,
-              a1_requests=a1_requests, threads=threads, chunk_size=chunk_size,
-              max_batch_size=max_batch_size, e2e_database_url=e2e_db, e2e_broker_url=e2e_broker,
-              profile=profile, budget_s=budget_s, seed=seed, as_json=as_json,
-              markdown_table=markdown)
+    run_bench(
+        preset=preset,
+        requests=requests,
+        arms=arms,
+        workload=workload,
+        json_out=json_out,
+        device=device,
+        dtype=dtype,
+        model=model,
+        a0_requests=a0_requests,
+        a1_requests=a1_requests,
+        threads=threads,
+        chunk_size=chunk_size,
+        max_batch_size=max_batch_size,
+        e2e_database_url=e2e_db,
+        e2e_broker_url=e2e_broker,
+        profile=profile,
+        budget_s=budget_s,
+        seed=seed,
+        as_json=as_json,
+        markdown_table=markdown,
+    )
 
 
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
@@ -348,7 +327,10 @@ def config(as_json: bool = JsonOut) -> None:
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, click returns a command's typer.Exit code instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except LmjobsError as exc:
         render.error(mask_secrets(str(exc)))
         sys.exit(exc.exit_code)
@@ -368,4 +350,3 @@ def main() -> None:
             show()
             sys.exit(code)
         raise
-

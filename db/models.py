@@ -69,20 +69,21 @@ class JobStatus(str, Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in _FINISHED_JOB
+        """Terminal: nothing of the job runs any more (``retry`` may reopen it)."""
+        return self.value in JobStatus.finished()
 
     @property
     def is_active(self) -> bool:
         """Chunks of an active job may be dispatched and claimed."""
-        return self in (JobStatus.QUEUED, JobStatus.RUNNING)
+        return self.value in JobStatus.active()
 
+    @classmethod
+    def active(cls) -> tuple[str, ...]:
+        return (cls.QUEUED.value, cls.RUNNING.value)
 
-_FINISHED_JOB = {
-    JobStatus.COMPLETED,
-    JobStatus.COMPLETED_WITH_FAILURES,
-    JobStatus.FAILED,
-    JobStatus.CANCELLED,
-}
+    @classmethod
+    def finished(cls) -> tuple[str, ...]:
+        return (cls.COMPLETED.value, cls.COMPLETED_WITH_FAILURES.value, cls.FAILED.value, cls.CANCELLED.value)
 
 
 class ChunkStatus(str, Enum):
@@ -94,7 +95,17 @@ class ChunkStatus(str, Enum):
 
     @property
     def is_open(self) -> bool:
-        return self in (ChunkStatus.PENDING, ChunkStatus.DISPATCHED, ChunkStatus.RUNNING)
+        return self.value in ChunkStatus.open()
+
+    @classmethod
+    def open(cls) -> tuple[str, ...]:
+        """Not finished: waiting or running."""
+        return (cls.PENDING.value, cls.DISPATCHED.value, cls.RUNNING.value)
+
+    @classmethod
+    def waiting(cls) -> tuple[str, ...]:
+        """Not started: claimable by any worker, cancellable."""
+        return (cls.PENDING.value, cls.DISPATCHED.value)
 
 
 class ResultStatus(str, Enum):

@@ -39,9 +39,9 @@ from psycopg import errors as pg_errors
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from lmjobs.db.errors import LmjobsError, QueryError, QueryRefusedError
 from lmjobs.db.sqlcheck import READ_ONLY, Segment, check_statement, to_pyformat
-from lmjobs.jobs.errors import LmjobsError, QueryError, QueryRefusedError
-from lmjobs.jobs.settings import mask_secrets, mask_url
+from lmjobs.db.urls import mask_secrets, mask_url
 
 FETCH_BATCH = 1000  # rows per fetchmany: one FETCH on PostgreSQL, bounded memory on both
 _CANCEL_GRACE_S = 0.5  # the server's statement_timeout normally fires first

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from lmjobs.jobs.errors import QueryError, QueryRefusedError
+from lmjobs.db.errors import QueryError, QueryRefusedError
 
 READ_ONLY = "lmjobs query only reads"
 _FIRST_WORDS = {

@@ -10,31 +10,33 @@ chunk id reaches it differs. Delivery is at least once, results are exactly once
   worker died is not generated again);
 * results are inserted with insert-or-ignore on (job, request) in the same transaction
   that closes the chunk;
-* a heartbeat keeps the lease alive while the engine runs, so a slow chunk is not taken
-  by a second worker; a dead worker's lease expires after ``lease_seconds``.
+* a heartbeat keeps the lease alive while the engine runs and while the results are
+  recorded, so a slow chunk is not taken by a second worker; a dead worker's lease
+  expires after ``lease_seconds``;
+* when every request fails with the same engine fault (an AttributeError from a library,
+  a CUDA error), the chunk is given back and the job stops ``failed`` with that error:
+  no row blames the data.
+
+Every status change goes through ``jobs/lifecycle.py``.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import (
     Chunk,
     ChunkStatus,
     Job,
-    JobStatus,
     Request,
     Result,
     ResultStatus,
-    Score,
     utcnow,
 )
 from lmjobs.db.session import Database
@@ -48,6 +50,15 @@ from lmjobs.jobs.engine_api import (
     ModelInfo,
 )
 from lmjobs.jobs.engine_requests import build_gen_request
+from lmjobs.jobs.lifecycle import (
+    LeaseKeeper,
+    claim_chunk,
+    close_chunk,
+    fail_job,
+    finalize_job_if_done,
+    release_chunk,
+)
+from lmjobs.jobs.metrics import score_new_results
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,8 @@ class ChunkOutcome:
     failed: int = 0
     lease_lost: bool = False
     reason: str = ""
+    # Set when the job was stopped because the engine itself is broken (no rows written).
+    engine_fault: str | None = None
 
 
 # Runs a database step, retrying it while the database is unreachable: (step, what) -> result.
@@ -84,111 +97,6 @@ class ChunkContext:
 
     def db(self, fn: Callable[[], Any], what: str) -> Any:
         return self.db_retry(fn, what) if self.db_retry is not None else fn()
-
-
-def claim_chunk(
-    session: Session, chunk_id: int, *, worker: str, lease_seconds: int, now: datetime | None = None
-) -> int | None:
-    """Take the chunk's lease with one conditional UPDATE; return the attempt number or None.
-
-    Claimable: pending or dispatched, or running with an expired lease (its worker died),
-    and only while its job is active.
-    """
-    now = now or utcnow()
-    active_job = exists().where(
-        Job.id == Chunk.job_id,
-        Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
-    )
-    claimable = or_(
-        Chunk.status.in_([ChunkStatus.PENDING.value, ChunkStatus.DISPATCHED.value]),
-        and_(Chunk.status == ChunkStatus.RUNNING.value, Chunk.lease_expires_at < now),
-    )
-    res = session.execute(
-        update(Chunk)
-        .where(Chunk.id == chunk_id, claimable, active_job)
-        .values(
-            status=ChunkStatus.RUNNING.value,
-            lease_owner=worker,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            attempts=Chunk.attempts + 1,
-            started_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if res.rowcount != 1:
-        return None
-    chunk = session.get(Chunk, chunk_id)
-    assert chunk is not None
-    session.execute(
-        update(Job)
-        .where(Job.id == chunk.job_id, Job.status == JobStatus.QUEUED.value)
-        .values(status=JobStatus.RUNNING.value, started_at=now)
-    )
-    return chunk.attempts
-
-
-def extend_lease(db: Database, chunk_id: int, *, worker: str, lease_seconds: int) -> bool:
-    """Heartbeat: push the lease forward while we still own it. False if it was lost."""
-    with db.session() as s:
-        res = s.execute(
-            update(Chunk)
-            .where(
-                Chunk.id == chunk_id,
-                Chunk.lease_owner == worker,
-                Chunk.status == ChunkStatus.RUNNING.value,
-            )
-            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
-        )
-        return res.rowcount == 1
-
-
-def release_chunk(db: Database, chunk_id: int, *, worker: str, error: str) -> None:
-    """Give the chunk back (graceful shutdown, engine crash): the reconciler redispatches it."""
-    with db.session() as s:
-        s.execute(
-            update(Chunk)
-            .where(Chunk.id == chunk_id, Chunk.lease_owner == worker)
-            .values(
-                status=ChunkStatus.PENDING.value,
-                lease_owner=None,
-                lease_expires_at=None,
-                last_error=error[:2000],
-            )
-        )
-
-
-class _Heartbeat:
-    """Extends the lease every ``interval`` seconds on a background thread."""
-
-    def __init__(self, db: Database, chunk_id: int, ctx: ChunkContext) -> None:
-        self._db, self._chunk_id, self._ctx = db, chunk_id, ctx
-        self._stop = threading.Event()
-        self.lost = False
-        self._thread = threading.Thread(target=self._run, name=f"lease-{chunk_id}", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._ctx.heartbeat_seconds):
-            try:
-                ok = extend_lease(
-                    self._db,
-                    self._chunk_id,
-                    worker=self._ctx.worker,
-                    lease_seconds=self._ctx.lease_seconds,
-                )
-            except Exception as exc:  # the database blinked: try again next beat
-                log.warning("lease heartbeat for chunk %s failed: %s", self._chunk_id, exc)
-                continue
-            if not ok:
-                self.lost = True
-                return
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 def _pending_requests(session: Session, chunk_id: int) -> list[tuple[Request, Job]]:
@@ -265,12 +173,7 @@ def _run_engine(generate: GenerateFn, gen_reqs: Sequence[GenRequest]) -> list[Ge
 
 
 def _record(
-    db: Database,
-    chunk_id: int,
-    rows: list[dict[str, Any]],
-    ctx: ChunkContext,
-    *,
-    close: bool,
+    db: Database, chunk_id: int, rows: list[dict[str, Any]], ctx: ChunkContext, *, close: bool
 ) -> bool:
     """Insert results (insert-or-ignore) and, if ``close``, close the chunk: one transaction.
 
@@ -280,23 +183,7 @@ def _record(
     with db.session() as s:
         if rows:
             s.execute(insert_ignore_many(s, Result, ["job_id", "request_id"]), rows)
-        if not close:
-            return True
-        res = s.execute(
-            update(Chunk)
-            .where(
-                Chunk.id == chunk_id,
-                Chunk.lease_owner == ctx.worker,
-                Chunk.status == ChunkStatus.RUNNING.value,
-            )
-            .values(
-                status=ChunkStatus.DONE.value,
-                finished_at=utcnow(),
-                lease_owner=None,
-                lease_expires_at=None,
-            )
-        )
-        return res.rowcount == 1
+        return close_chunk(s, chunk_id, worker=ctx.worker) if close else True
 
 
 def process_chunk(db: Database, chunk_id: int, *, generate: GenerateFn, ctx: ChunkContext) -> ChunkOutcome:
@@ -319,28 +206,88 @@ def process_chunk(db: Database, chunk_id: int, *, generate: GenerateFn, ctx: Chu
     outcome = ChunkOutcome(chunk_id, claimed=True, attempt=attempt)
     pending, total = ctx.db(read, f"read chunk {chunk_id}")
     outcome.skipped = total - len(pending)
+    job_id = pending[0][1].id if pending else ctx.db(lambda: _job_of(db, chunk_id), "job of chunk")
 
-    try:
-        with _Heartbeat(db, chunk_id, ctx) as hb:
+    # The lease is kept alive from the claim until the chunk is closed: through generation
+    # and through recording, so a commit that stalls longer than the lease cannot let a
+    # second worker take the chunk and generate it again.
+    keeper = LeaseKeeper(
+        db, chunk_id, worker=ctx.worker, lease_seconds=ctx.lease_seconds, interval_s=ctx.heartbeat_seconds
+    )
+    with keeper:
+        try:
             rows = _generate_rows(db, chunk_id, pending, generate, ctx, attempt, outcome)
-    except Exception as exc:
-        # The engine itself blew up (not one request): give the chunk back at once so it
-        # is retried; past the attempt cap it runs request by request (_run_isolated).
-        error = f"{type(exc).__name__}: {exc}"
-        ctx.db(
-            lambda: release_chunk(db, chunk_id, worker=ctx.worker, error=error),
-            f"release chunk {chunk_id}",
-        )
-        raise
-    closed = ctx.db(lambda: _record(db, chunk_id, rows, ctx, close=True), f"record chunk {chunk_id}")
-    outcome.lease_lost = hb.lost or not closed
+            fault = engine_fault(rows)
+        except Exception as exc:
+            # The engine itself blew up (not one request): give the chunk back at once so it
+            # is retried; past the attempt cap it runs request by request (_run_isolated).
+            error = f"{type(exc).__name__}: {exc}"
+            ctx.db(
+                lambda: release_chunk(db, chunk_id, worker=ctx.worker, error=error),
+                f"release chunk {chunk_id}",
+            )
+            raise
+        if fault is not None:
+            # Every request failed the same way, and not because of what it asked: the
+            # engine or its libraries are broken. No row may blame the data; the job stops.
+            ctx.db(lambda: release_chunk(db, chunk_id, worker=ctx.worker, error=fault), "release chunk")
+            ctx.db(lambda: fail_job(db, job_id, f"engine fault: {fault}"), f"fail job {job_id}")
+            outcome.engine_fault = fault
+            return outcome
+        closed = ctx.db(lambda: _record(db, chunk_id, rows, ctx, close=True), f"record chunk {chunk_id}")
+    outcome.lease_lost = keeper.lost or not closed
     outcome.succeeded = sum(r["status"] == ResultStatus.SUCCEEDED.value for r in rows)
     outcome.failed = len(rows) - outcome.succeeded
     if closed:
-        _score_chunk(db, pending, rows)
-        job_id = pending[0][1].id if pending else ctx.db(lambda: _job_of(db, chunk_id), "job of chunk")
+        score_new_results(db, job_id, _scorable(pending, rows))
         ctx.db(lambda: finalize_job_if_done(db, job_id), f"finalize job {job_id}")
     return outcome
+
+
+# Errors that say the engine or its libraries are broken, not that a request is bad
+# (DESIGN.md item 10). Out-of-memory is not one: the engine splits the batch for it.
+_FAULT_TYPES = frozenset(
+    {
+        "AttributeError",
+        "ImportError",
+        "ModuleNotFoundError",
+        "NameError",
+        "NotImplementedError",
+        "TypeError",
+        "AcceleratorError",
+        "CudaError",
+    }
+)
+_FAULT_TEXT = ("CUDA error", "no kernel image", "not implemented for", "CUBLAS_STATUS", "cuDNN error")
+
+
+def is_fault_text(error: str) -> bool:
+    """Does an engine error (``"TypeName: message"``) come from the engine, not the request?"""
+    if "out of memory" in error.lower():
+        return False
+    kind = error.split(":", 1)[0].strip()
+    return kind in _FAULT_TYPES or any(t in error for t in _FAULT_TEXT)
+
+
+def engine_fault(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The one error when every generated row failed with it and it is an engine fault."""
+    errors = {r["error"] for r in rows if not r["deduplicated"]}
+    if not rows or any(r["status"] != ResultStatus.FAILED.value for r in rows) or len(errors) != 1:
+        return None
+    error = next(iter(errors))
+    return error if error and is_fault_text(error) else None
+
+
+def _scorable(
+    pending: list[tuple[Request, Job]], rows: list[dict[str, Any]]
+) -> list[tuple[int, str, str, str]]:
+    """(request id, output, reference, task) of the new successful results that have a reference."""
+    refs = {r.id: (r.reference, r.task) for r, _ in pending if r.reference is not None}
+    return [
+        (row["request_id"], row["output_text"] or "", *refs[row["request_id"]])
+        for row in rows
+        if row["request_id"] in refs and row["status"] == ResultStatus.SUCCEEDED.value
+    ]
 
 
 def _generate_rows(
@@ -421,87 +368,6 @@ def _job_of(db: Database, chunk_id: int) -> int:
         job_id = s.scalar(select(Chunk.job_id).where(Chunk.id == chunk_id))
     assert job_id is not None
     return int(job_id)
-
-
-def result_counts(session: Session, job_id: int) -> tuple[int, int]:
-    """(succeeded, failed) result rows of a job."""
-    counts = dict(
-        session.execute(
-            select(Result.status, func.count()).where(Result.job_id == job_id).group_by(Result.status)
-        ).all()
-    )
-    return counts.get(ResultStatus.SUCCEEDED.value, 0), counts.get(ResultStatus.FAILED.value, 0)
-
-
-def finalize_job_if_done(db: Database, job_id: int) -> str | None:
-    """Set the job's final status once no chunk is open. Idempotent; returns the new status.
-
-    Called after the closing transaction has committed, so of two workers closing the
-    last two chunks at once, at least the later one sees both closed.
-    """
-    with db.session() as s:
-        open_chunks = s.scalar(
-            select(func.count())
-            .select_from(Chunk)
-            .where(Chunk.job_id == job_id, Chunk.status.in_(_OPEN_CHUNK))
-        )
-        if open_chunks:
-            return None
-        ok, bad = result_counts(s, job_id)
-        if bad == 0:
-            status = JobStatus.COMPLETED
-        elif ok == 0:
-            status = JobStatus.FAILED
-        else:
-            status = JobStatus.COMPLETED_WITH_FAILURES
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]))
-            .values(status=status.value, finished_at=utcnow())
-        )
-        finished = res.rowcount == 1
-    if finished and ok:
-        _score_quietly(db, job_id)
-    return status.value if finished else None
-
-
-def _score_chunk(db: Database, pending: list[tuple[Request, Job]], rows: list[dict[str, Any]]) -> None:
-    """Score the chunk's new results that have a reference, right after it closes, so
-    scores grow with the job and no worker is left scoring a whole job at its end. A
-    scoring failure never fails the chunk (``lmjobs report`` scores what is missing)."""
-    refs = {r.id: (r.reference, r.task) for r, _ in pending if r.reference is not None}
-    todo = [
-        (row["request_id"], row["output_text"] or "", *refs[row["request_id"]])
-        for row in rows
-        if row["request_id"] in refs and row["status"] == ResultStatus.SUCCEEDED.value
-    ]
-    if not todo:
-        return
-    job_id = pending[0][1].id
-    try:
-        from lmjobs.jobs.metrics import score_pair
-
-        scores = [
-            {"job_id": job_id, "request_id": rid, "metric": metric, "value": value}
-            for rid, output, reference, task in todo
-            for metric, value in score_pair(task, output, reference).items()
-        ]
-        if scores:
-            with db.session() as s:
-                s.execute(insert_ignore_many(s, Score, ["request_id", "metric"]), scores)
-    except Exception:
-        log.exception("scoring a chunk of job %s failed; `lmjobs report` will try again", job_id)
-
-
-def _score_quietly(db: Database, job_id: int) -> None:
-    """Score a job that just finished; a scoring failure never fails the job
-    (`lmjobs report` scores whatever is still missing)."""
-    try:
-        from lmjobs.jobs.metrics import score_job
-
-        score_job(db, job_id)
-    except Exception:
-        log.exception("scoring job %s failed; `lmjobs report %s` will try again", job_id, job_id)
 
 
 _OPEN_CHUNK = [s.value for s in ChunkStatus if s.is_open]

@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 
 from lmjobs.db.models import Chunk, Job, JobStatus, Reject
 from lmjobs.db.session import Database
-from lmjobs.jobs.ingest import discard_job
+from lmjobs.jobs.lifecycle import discard_job
 
 DEFAULT_IDLE_S = 5.0
 

@@ -1,4 +1,6 @@
-"""Job lifecycle after submit: status, list, cancel, retry, resume."""
+"""What a job looks like now: status, counts, rates, ETA; the job list; its rejects.
+
+Reads only: every status change lives in ``jobs/lifecycle.py``."""
 
 from __future__ import annotations
 
@@ -6,22 +8,19 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select
 
 from lmjobs.db.models import (
     Chunk,
-    ChunkStatus,
     Job,
     JobStatus,
     Reject,
-    Request,
     Result,
     ResultStatus,
     utcnow,
 )
 from lmjobs.db.session import Database
-from lmjobs.jobs.chunks import result_counts
-from lmjobs.jobs.errors import JobStateError, UnknownJobError
+from lmjobs.jobs.lifecycle import get_job, result_counts
 from lmjobs.jobs.metrics import mean_scores
 
 
@@ -32,6 +31,7 @@ class JobStatusReport:
     task: str
     model: str
     status: str
+    error: str | None  # why the job as a whole failed (an engine fault), else None
     priority: int
     requests_total: int
     succeeded: int
@@ -64,14 +64,6 @@ class JobStatusReport:
             if isinstance(v, datetime):
                 d[k] = v.isoformat()
         return d
-
-
-def get_job(db: Database, job_id: int) -> Job:
-    with db.session() as s:
-        job = s.get(Job, job_id)
-    if job is None:
-        raise UnknownJobError(f"no job {job_id}")
-    return job
 
 
 def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> JobStatusReport:
@@ -119,6 +111,7 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
         task=job.task,
         model=job.model,
         status=job.status,
+        error=job.error,
         priority=job.priority,
         requests_total=job.requests_total,
         succeeded=ok,
@@ -164,96 +157,3 @@ def job_rejects(db: Database, job_id: int, *, limit: int = 1000) -> list[Reject]
         )
 
 
-def cancel_job(db: Database, job_id: int) -> int:
-    """Stop dispatch; no new chunk starts. Chunks already running finish and keep their results.
-
-    Returns the number of chunks cancelled.
-    """
-    job = get_job(db, job_id)
-    if JobStatus(job.status).is_finished:
-        raise JobStateError(f"job {job_id} is already {job.status}")
-    with db.session() as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(status=JobStatus.CANCELLED.value, finished_at=utcnow())
-        )
-        res = s.execute(
-            update(Chunk)
-            .where(
-                Chunk.job_id == job_id,
-                Chunk.status.in_([ChunkStatus.PENDING.value, ChunkStatus.DISPATCHED.value]),
-            )
-            .values(status=ChunkStatus.CANCELLED.value)
-        )
-        return int(res.rowcount or 0)
-
-
-def retry_job(db: Database, job_id: int) -> int:
-    """Run again only the requests whose result is ``failed``. Returns how many.
-
-    Their failed rows are removed and their chunks reopened in the same transaction, so
-    at any moment each request has at most one result row.
-    """
-    job = get_job(db, job_id)
-    if not JobStatus(job.status).is_finished and job.status != JobStatus.PAUSED.value:
-        raise JobStateError(
-            f"job {job_id} is {job.status}; retry runs failed requests of a finished job"
-        )
-    with db.session() as s:
-        failed = select(Result.request_id).where(
-            Result.job_id == job_id, Result.status == ResultStatus.FAILED.value
-        )
-        chunk_ids = list(
-            s.scalars(select(Request.chunk_id).where(Request.id.in_(failed)).distinct())
-        )
-        n = s.scalar(select(func.count()).select_from(failed.subquery())) or 0
-        if n == 0 and job.status != JobStatus.CANCELLED.value:
-            return 0
-        s.execute(update(Request).where(Request.id.in_(failed)).values(isolated_attempts=0))
-        s.execute(
-            delete(Result).where(
-                Result.job_id == job_id, Result.status == ResultStatus.FAILED.value
-            )
-        )
-        reopen = [ChunkStatus.DONE.value, ChunkStatus.CANCELLED.value]
-        s.execute(
-            update(Chunk)
-            .where(
-                Chunk.job_id == job_id,
-                (Chunk.id.in_(chunk_ids)) | (Chunk.status == ChunkStatus.CANCELLED.value),
-                Chunk.status.in_(reopen),
-            )
-            .values(status=ChunkStatus.PENDING.value, attempts=0, last_error=None, finished_at=None)
-        )
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(status=JobStatus.QUEUED.value, finished_at=None)
-        )
-    return int(n)
-
-
-def resume_job(db: Database, job_id: int, *, finish_by: datetime | None = None) -> int:
-    """Continue a paused (deadline) job: its unfinished requests run; finished ones are kept.
-
-    Returns the number of requests still to run.
-    """
-    job = get_job(db, job_id)
-    if job.status not in (JobStatus.PAUSED.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value):
-        raise JobStateError(
-            f"job {job_id} is {job.status}; only a paused or active job can be resumed"
-        )
-    with db.session() as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(
-                status=JobStatus.QUEUED.value
-                if job.started_at is None
-                else JobStatus.RUNNING.value,
-                finish_by=finish_by,
-            )
-        )
-    st = job_status(db, job_id)
-    return st.pending

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from sqlalchemy import select
 
 from lmjobs.db.models import Chunk, ChunkStatus, utcnow
 from lmjobs.db.session import Database
-from lmjobs.jobs.chunks import ChunkContext, ChunkOutcome, finalize_job_if_done, process_chunk
-from lmjobs.jobs.dispatch import requeue_expired_leases
-from lmjobs.jobs.engine_api import GenerateFn
+from lmjobs.jobs.chunks import ChunkContext, ChunkOutcome, process_chunk
+from lmjobs.jobs.engine_api import EngineInterrupt, GenerateFn
+from lmjobs.jobs.lifecycle import finalize_job_if_done, requeue_expired_leases
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[ChunkOutcome], None]
 
@@ -36,7 +39,7 @@ def run_job_locally(
                     select(Chunk.id)
                     .where(
                         Chunk.job_id == job_id,
-                        Chunk.status.in_([ChunkStatus.PENDING.value, ChunkStatus.DISPATCHED.value]),
+                        Chunk.status.in_(ChunkStatus.waiting()),
                     )
                     .order_by(Chunk.seq)
                     .limit(32)
@@ -46,7 +49,17 @@ def run_job_locally(
             break
         progressed = False
         for chunk_id in chunk_ids:
-            outcome = process_chunk(db, chunk_id, generate=generate, ctx=ctx)
+            try:
+                outcome = process_chunk(db, chunk_id, generate=generate, ctx=ctx)
+            except EngineInterrupt:
+                raise
+            except Exception as exc:
+                # The engine failed as a whole: the chunk service gave the chunk back, and
+                # the next pass claims it again; past the attempt cap it runs request by
+                # request, where a request that breaks the engine fails alone (as in a worker).
+                log.warning("chunk %s failed (%s: %s); trying again", chunk_id, type(exc).__name__, exc)
+                progressed = True
+                continue
             progressed |= outcome.claimed
             if on_chunk is not None:
                 on_chunk(outcome)

@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from lmjobs.db.models import Job, Request
-from lmjobs.jobs.engine_api import GenRequest, SamplingParams
+from lmjobs.jobs.engine_api import GenRequest
+from lmjobs.jobs.params import sampling_params
 from lmjobs.jobs.templates import render
-
-# The engine's own fields, so a new sampling option needs no second list here.
-SAMPLING_KEYS = tuple(SamplingParams.__dataclass_fields__)
-
-
-def sampling_params(job_params: dict[str, Any], overrides: dict[str, Any] | None) -> SamplingParams:
-    merged = {k: job_params[k] for k in SAMPLING_KEYS if job_params.get(k) is not None}
-    merged.update(
-        {k: v for k, v in (overrides or {}).items() if k in SAMPLING_KEYS and v is not None}
-    )
-    return SamplingParams.from_dict(merged)
 
 
 def build_gen_request(req: Request, job: Job) -> GenRequest:

@@ -6,15 +6,33 @@ stderr with a non-zero exit code, never as a traceback. Anything else is a bug.
 
 from __future__ import annotations
 
+# The store's errors and the root of them all live in db/ (the bottom layer).
+from lmjobs.db.errors import LmjobsError, QueryError, QueryRefusedError
 
-class LmjobsError(Exception):
-    """Base of every user-facing error. ``exit_code`` is what the CLI returns."""
+__all__ = [
+    "BrokerError",
+    "ConfigError",
+    "InputFileError",
+    "JobStateError",
+    "LmjobsError",
+    "ModelLoadError",
+    "OutputPathError",
+    "QueryError",
+    "QueryRefusedError",
+    "UnknownJobError",
+    "UsageError",
+]
 
-    exit_code = 1
 
 
 class ConfigError(LmjobsError):
     """A setting is missing or invalid (bad URL, unknown dtype, unreachable service)."""
+
+
+class UsageError(LmjobsError):
+    """An option or argument is invalid (out of range, unknown format, bad time)."""
+
+    exit_code = 2
 
 
 class InputFileError(LmjobsError):
@@ -27,14 +45,6 @@ class UnknownJobError(LmjobsError):
 
 class JobStateError(LmjobsError):
     """The job is not in a state that allows the action (cancel a finished job...)."""
-
-
-class QueryRefusedError(LmjobsError):
-    """``lmjobs query`` refused a statement that could write or escape the read-only store."""
-
-
-class QueryError(LmjobsError):
-    """The read-only query failed (syntax error, unknown table, time limit)."""
 
 
 class OutputPathError(LmjobsError):

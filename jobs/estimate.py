@@ -34,9 +34,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from lmjobs.db.models import Chunk, ChunkStatus, Job, Request, Result, ResultStatus
 from lmjobs.db.session import Database
 from lmjobs.jobs.engine_api import GenRequest
-from lmjobs.jobs.engine_requests import sampling_params
 from lmjobs.jobs.errors import InputFileError
 from lmjobs.jobs.inputs import TASKS, LineError, read_requests
+from lmjobs.jobs.params import sampling_params
 from lmjobs.jobs.templates import content_hash, render
 
 CountTokens = Callable[[Sequence[GenRequest]], list[int]]

@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from sqlalchemy import and_, select
 
-from lmjobs.db.models import Job, Request, Result
+from lmjobs.db.models import Job, Request, Result, ResultStatus
 from lmjobs.db.session import Database
 from lmjobs.jobs.errors import OutputPathError
 
@@ -52,6 +52,9 @@ COLUMNS = [
     "reference",
     "input_json",
 ]
+
+# The status an exported row shows for a request with no result yet.
+NOT_FINISHED = "pending"
 
 
 def rows_in_line_order(db: Database, job_id: int, *columns: Any, page: int = PAGE) -> Iterator[Any]:
@@ -87,7 +90,7 @@ def iter_result_rows(
             "request_id": req.id,
             "line_number": req.line_number,
             "custom_id": req.custom_id,
-            "status": res.status if res else "pending",
+            "status": res.status if res else NOT_FINISHED,
             "output_text": res.output_text if res else None,
             "error": res.error if res else None,
             "finish_reason": res.finish_reason if res else None,
@@ -136,7 +139,7 @@ def open_output(path: Path | None, *, force: bool, binary: bool = False) -> IO[A
 
 
 def _openai_line(row: dict[str, Any], model: str) -> dict[str, Any]:
-    if row["status"] == "succeeded":
+    if row["status"] == ResultStatus.SUCCEEDED.value:
         response = {
             "status_code": 200,
             "request_id": str(row["request_id"]),
@@ -165,8 +168,9 @@ def _openai_line(row: dict[str, Any], model: str) -> dict[str, Any]:
             "response": response,
             "error": None,
         }
-    message = row["error"] if row["status"] == "failed" else "not finished yet"
-    code = "generation_failed" if row["status"] == "failed" else "pending"
+    failed = row["status"] == ResultStatus.FAILED.value
+    message = row["error"] if failed else "not finished yet"
+    code = "generation_failed" if failed else NOT_FINISHED
     return {
         "id": f"lmjobs-{row['request_id']}",
         "custom_id": row["custom_id"],

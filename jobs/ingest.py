@@ -2,7 +2,7 @@
 
 The file is read once, line by line, and written in chunk-sized batches, so memory does
 not grow with the file. The job stays ``submitting`` until the last request is written:
-an interrupted submit never looks complete, and :func:`discard_incomplete` removes it.
+an interrupted submit never looks complete, and ``jobs/cleanup.py`` removes it.
 Duplicate ids are found by the database's unique key (insert-or-ignore, then the
 returned rows tell which lines were new), so no set of ids is kept in memory.
 """
@@ -11,39 +11,27 @@ from __future__ import annotations
 
 import getpass
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, JobStatus, Reject, Request, utcnow
 from lmjobs.db.session import Database
 from lmjobs.db.upsert import insert_ignore_many
-from lmjobs.jobs.engine_requests import sampling_params
-from lmjobs.jobs.errors import InputFileError
+from lmjobs.jobs.errors import InputFileError, UsageError
 from lmjobs.jobs.inputs import TASKS, LineError, ParsedRequest, read_requests, sha256_file
+from lmjobs.jobs.lifecycle import discard_job, mark_ready
+from lmjobs.jobs.params import sampling_params
 from lmjobs.jobs.queues import queue_for_model
 from lmjobs.jobs.templates import TEMPLATE_VERSIONS, content_hash, render
 
+if TYPE_CHECKING:  # the submit service owns the options and calls this module
+    from lmjobs.jobs.submit import SubmitOptions
+
 MAX_REPORTED_REJECTS = 20
-
-
-@dataclass
-class SubmitOptions:
-    task: str
-    model: str
-    params: dict[str, Any] = field(default_factory=dict)  # sampling defaults + task options
-    chunk_size: int = 64
-    priority: int = 0
-    name: str | None = None
-    strict: bool = False
-    start_at: datetime | None = None
-    finish_by: datetime | None = None
-    max_line_bytes: int = 1_000_000
-    schedule_id: int | None = None
 
 
 @dataclass
@@ -58,7 +46,7 @@ class SubmitReport:
 
 def _check_options(path: Path, opts: SubmitOptions) -> None:
     if opts.task not in TASKS:
-        raise InputFileError(f"unknown task {opts.task!r}; choose one of {', '.join(TASKS)}")
+        raise UsageError(f"unknown task {opts.task!r}; choose one of {', '.join(TASKS)}")
     if not path.exists():
         raise InputFileError(f"{path}: no such file")
     if not path.is_file():
@@ -238,23 +226,20 @@ def create_job(
         detail = f"; line {first.line_number}: {first.reason}" if first else ""
         raise InputFileError(f"{path}: no valid request in {writer.rejected} line(s){detail}")
 
-    now = utcnow()
-    held = opts.start_at is not None and opts.start_at > now
-    status = JobStatus.SCHEDULED if held else JobStatus.QUEUED
-    with db.session() as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == job.id)
-            .values(
-                status=status.value,
-                requests_total=writer.accepted,
-                lines_rejected=writer.rejected,
-                chunks_total=writer.chunks,
-                input_format="openai"
-                if formats == {"openai"}
-                else ("mixed" if len(formats) > 1 else "native"),
-            )
-        )
+    held = opts.start_at is not None and opts.start_at > utcnow()
+    status = mark_ready(
+        db,
+        job.id,
+        held=held,
+        counts={
+            "requests_total": writer.accepted,
+            "lines_rejected": writer.rejected,
+            "chunks_total": writer.chunks,
+            "input_format": "openai"
+            if formats == {"openai"}
+            else ("mixed" if len(formats) > 1 else "native"),
+        },
+    )
     return SubmitReport(
         job_id=job.id,
         requests_total=writer.accepted,
@@ -263,23 +248,6 @@ def create_job(
         status=status.value,
         rejects=writer.rejects,
     )
-
-
-def discard_job(db: Database, job_id: int) -> None:
-    """Delete a job and everything under it (used for refused and half-made submits)."""
-    with db.session() as s:
-        for model in (Reject, Request, Chunk):
-            s.execute(delete(model).where(model.job_id == job_id))
-        s.execute(delete(Job).where(Job.id == job_id))
-
-
-def discard_incomplete(db: Database) -> list[int]:
-    """Remove jobs whose submit was interrupted (still ``submitting``)."""
-    with db.session() as s:
-        ids = list(s.scalars(select(Job.id).where(Job.status == JobStatus.SUBMITTING.value)))
-    for job_id in ids:
-        discard_job(db, job_id)
-    return ids
 
 
 def find_same_file(db: Database, sha256: str, task: str) -> list[int]:

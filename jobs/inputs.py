@@ -38,10 +38,11 @@ from typing import IO, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, ValidationError, field_validator
 
+from lmjobs.jobs.params import MAX_NEW_TOKENS, SEED_MAX, TEMPERATURE_MAX
+
 TASKS = ("translate", "summarize", "qa", "generate", "chat")
 OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "generate"}
 MAX_ID_CHARS = 512  # requests.custom_id is VARCHAR(512)
-MAX_NEW_TOKENS = 32768
 MAX_STOP_STRINGS = 16
 MAX_DEPTH = 64  # nesting of objects/arrays in one line; far more than any task needs
 EXCERPT_CHARS = 200
@@ -143,9 +144,9 @@ class _Message(BaseModel):
 
 class _SamplingCore(BaseModel):
     model_config = _CONFIG
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=TEMPERATURE_MAX)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)  # fits BIGINT and torch.manual_seed
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
     stop: _Stop = None
 
     def sampling(self, max_new_tokens: int | None) -> dict[str, Any] | None:

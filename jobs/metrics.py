@@ -22,6 +22,7 @@ grow with the job; the result equals ``sacrebleu.corpus_bleu`` on the whole corp
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 from collections import Counter
@@ -33,7 +34,9 @@ from sqlalchemy import and_, exists, func, select
 
 from lmjobs.db.models import Job, Request, Result, ResultStatus, Score
 from lmjobs.db.session import Database
-from lmjobs.db.upsert import insert_ignore
+from lmjobs.db.upsert import insert_ignore, insert_ignore_many
+
+log = logging.getLogger(__name__)
 
 PAGE = 1000
 METRICS: dict[str, tuple[str, ...]] = {
@@ -234,3 +237,31 @@ def score_values(db: Database, job_id: int) -> Iterator[tuple[str, float]]:
         last = page[-1][0]
         for _, metric, value in page:
             yield str(metric), float(value)
+
+
+def score_new_results(db: Database, job_id: int, todo: list[tuple[int, str, str, str]]) -> None:
+    """Score a chunk's new results (request id, output, reference, task) right after it
+    closes, so scores grow with the job and no worker is left scoring a whole job at its
+    end. A scoring failure never fails the chunk (``lmjobs report`` scores what is missing)."""
+    if not todo:
+        return
+    try:
+        scores = [
+            {"job_id": job_id, "request_id": rid, "metric": metric, "value": value}
+            for rid, output, reference, task in todo
+            for metric, value in score_pair(task, output, reference).items()
+        ]
+        if scores:
+            with db.session() as s:
+                s.execute(insert_ignore_many(s, Score, ["request_id", "metric"]), scores)
+    except Exception:
+        log.exception("scoring a chunk of job %s failed; `lmjobs report` will try again", job_id)
+
+
+def score_job_quietly(db: Database, job_id: int) -> None:
+    """Score a job that just finished; a scoring failure never fails the job
+    (``lmjobs report`` scores whatever is still missing)."""
+    try:
+        score_job(db, job_id)
+    except Exception:
+        log.exception("scoring job %s failed; `lmjobs report %s` will try again", job_id, job_id)

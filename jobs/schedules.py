@@ -30,9 +30,10 @@ from sqlalchemy import delete, select, update
 
 from lmjobs.db.models import Schedule, utcnow
 from lmjobs.db.session import Database
+from lmjobs.jobs.dispatch import Publisher
 from lmjobs.jobs.errors import LmjobsError
-from lmjobs.jobs.ingest import SubmitOptions, create_job
 from lmjobs.jobs.inputs import TASKS
+from lmjobs.jobs.submit import SubmitOptions, submit_file
 
 log = logging.getLogger(__name__)
 
@@ -227,8 +228,10 @@ def _claim(db: Database, sch: Schedule, now: datetime) -> bool:
         return res.rowcount == 1
 
 
-def run_due_schedules(db: Database, now: datetime | None = None) -> list[int]:
-    """Create a job for each enabled schedule whose time has come; returns the new job ids."""
+def run_due_schedules(db: Database, publish: Publisher | None, now: datetime | None = None) -> list[int]:
+    """Create a job for each enabled schedule whose time has come, through the same submit
+    service as ``lmjobs submit``; returns the new job ids. ``publish``: None leaves the
+    dispatch to the caller."""
     now = now or utcnow()
     with db.session() as s:
         due = list(
@@ -243,7 +246,13 @@ def run_due_schedules(db: Database, now: datetime | None = None) -> list[int]:
         if not _claim(db, sch, now):
             continue  # another tick took it
         try:
-            rep = create_job(db, Path(sch.source_path), submit_options(sch, now))
+            rep = submit_file(
+                db,
+                Path(sch.source_path),
+                submit_options(sch, now),
+                publish=publish,
+                allow_repeat=True,  # the same nightly file is the point of a schedule
+            ).report
         except (LmjobsError, OSError) as exc:
             log.warning("schedule %s: no job this time: %s", sch.id, exc)
             continue

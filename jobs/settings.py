@@ -14,20 +14,9 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_URL_PASSWORD = re.compile(
-    r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@"
-)
+from lmjobs.db.urls import mask_secrets, mask_url
 
-
-def mask_url(url: str) -> str:
-    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``."""
-    return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
-
-
-def mask_secrets(text: str) -> str:
-    """Mask every password-bearing URL inside free text (log lines, error messages)."""
-    return mask_url(text)
-
+__all__ = ["Settings", "get_settings", "mask_secrets", "mask_url", "reset_settings"]
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LMJOBS_", extra="ignore")
@@ -51,6 +40,9 @@ class Settings(BaseSettings):
     chunk_time_limit_s: int = Field(default=3600, ge=10)
     query_timeout_s: float = Field(default=30.0, gt=0)
     worker_name: str = ""
+    # "module:factory" of a fake engine, for lmjobs' own test suite only (LMJOBS_TEST_MODE=1);
+    # the factory returns a GenerateFn with an ``info`` (ModelInfo) attribute.
+    test_engine: str = ""
 
     @field_validator("chunk_size", "max_attempts", mode="before")
     @classmethod
@@ -71,6 +63,11 @@ class Settings(BaseSettings):
         if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps|split)$", self.device):
             raise ValueError(
                 f"LMJOBS_DEVICE must be auto, cpu, cuda, cuda:N, split or mps, not {self.device!r}"
+            )
+        if self.test_engine and os.environ.get("LMJOBS_TEST_MODE") != "1":
+            raise ValueError(
+                "LMJOBS_TEST_ENGINE replaces the model with a test fake and is for lmjobs' own "
+                "test suite only; unset it"
             )
         return self
 

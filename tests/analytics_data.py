@@ -8,14 +8,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fake_engine import FakeEngine
+
 from lmjobs.db.models import utcnow
 from lmjobs.db.session import Database
 from lmjobs.jobs.chunks import ChunkContext
-from lmjobs.jobs.dispatch import start_due_jobs
 from lmjobs.jobs.embedded import run_job_locally
 from lmjobs.jobs.engine_api import GenerateFn
-from lmjobs.jobs.ingest import SubmitOptions, create_job
-from lmjobs.worker.fake import FakeEngine
+from lmjobs.jobs.ingest import create_job
+from lmjobs.jobs.lifecycle import start_due_jobs
+from lmjobs.jobs.submit import SubmitOptions
 
 FAKE_CTX = ChunkContext(worker="test-worker", model_info=FakeEngine().info)
 

@@ -20,6 +20,14 @@ from services import (
 from lmjobs.db.session import forget_databases
 from lmjobs.jobs.settings import reset_settings
 
+TESTS_DIR = Path(__file__).resolve().parent
+# Worker processes started by tests load the fake engine (tests/fake_engine.py) through
+# LMJOBS_TEST_ENGINE, which settings accept only in test mode; they import it from here.
+os.environ["LMJOBS_TEST_MODE"] = "1"
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p
+)
+
 
 @pytest.fixture(autouse=True)
 def lmjobs_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:

@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from fake_engine import FAKE_ENGINE
 from services import WorkerProcess, cli_env, cli_json, wait_for_job
 from sqlalchemy import func, select
 
@@ -40,7 +41,7 @@ def test_a_chunk_delivered_twice_is_generated_once(
         LMJOBS_BROKER_URL=redis_url,
         LMJOBS_MODEL="fake-model",
         LMJOBS_CHUNK_SIZE="10",
-        LMJOBS_FAKE_ENGINE="1",
+        LMJOBS_TEST_ENGINE=FAKE_ENGINE,
         LMJOBS_FAKE_DELAY_MS="5",
         LMJOBS_FAKE_CALLS_FILE=str(calls),
     )

@@ -1,7 +1,8 @@
 """The Celery application and its settings (DESIGN.md item 4; PITFALLS.md, Celery with Redis).
 
 Importing this module is cheap: no torch, no model. The model is loaded by the worker
-runtime before the worker consumes anything.
+runtime before the worker consumes anything. There is no Celery beat schedule: the
+periodic tick runs in ``lmjobs beat`` itself (``jobs/reconcile.py``), never in a GPU worker.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from celery import Celery
 
 from lmjobs.jobs.queues import CONTROL_QUEUE
 from lmjobs.jobs.settings import Settings, get_settings
-
-TICK_SECONDS = 15.0
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -48,13 +47,6 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # limit (LMJOBS_CHUNK_TIME_LIMIT_S) is a SIGALRM timer in worker/tasks.py.
         worker_send_task_events=True,
         task_send_sent_event=False,
-        beat_schedule={
-            "lmjobs-tick": {
-                "task": "lmjobs.tick",
-                "schedule": TICK_SECONDS,
-                "options": {"queue": CONTROL_QUEUE, "expires": TICK_SECONDS * 2},
-            }
-        },
         timezone="UTC",
         enable_utc=True,
     )

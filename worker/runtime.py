@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -45,10 +46,12 @@ class Runtime:
 
 def load_engine(settings: Settings, model_name: str) -> tuple[GenerateFn, ModelInfo]:
     """Load the model and bind it to the engine. Raises ModelLoadError on failure."""
-    if os.environ.get("LMJOBS_FAKE_ENGINE"):
-        from lmjobs.worker.fake import FakeEngine
-
-        fake = FakeEngine.from_env()
+    if settings.test_engine:  # the test suite's fake (settings refuse it outside tests)
+        module, _, attr = settings.test_engine.partition(":")
+        factory: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            factory = getattr(factory, part)
+        fake = factory()
         return fake, fake.info
     from lmjobs.worker.engine.core import EngineConfig, generate
     from lmjobs.worker.models import load_model

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from fake_engine import FAKE_ENGINE
 from services import cli_env, cli_json, run_cli
 
 
@@ -13,7 +14,7 @@ from services import cli_env, cli_json, run_cli
 def env(lmjobs_home: Path) -> dict[str, str]:
     return cli_env(
         LMJOBS_HOME=str(lmjobs_home),
-        LMJOBS_FAKE_ENGINE="1",
+        LMJOBS_TEST_ENGINE=FAKE_ENGINE,
         LMJOBS_BROKER_URL="redis://127.0.0.1:1/0",
     )
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from analytics_data import run, submit, submit_and_run, translate_rows, write_jsonl
+from fake_engine import FakeEngine
 from sqlalchemy import text
 
 from lmjobs.db import schema_doc
@@ -15,7 +16,6 @@ from lmjobs.db.models import Base
 from lmjobs.db.readonly import run_readonly_query
 from lmjobs.db.session import get_database
 from lmjobs.jobs.engine_api import FinishReason, Generation
-from lmjobs.worker.fake import FakeEngine
 
 SCHEMA_MD = Path(__file__).resolve().parents[2] / "docs" / "schema.md"
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fake_engine import FAKE_ENGINE
 from services import LMJOBS, cli_env
 from sqlalchemy import func, select
 
@@ -82,7 +83,7 @@ def worker_env(home: Path, db_url: str, broker_url: str, **extra: str) -> dict[s
         "LMJOBS_DATABASE_URL": db_url,
         "LMJOBS_BROKER_URL": broker_url,
         "LMJOBS_MODEL": "fake-model",
-        "LMJOBS_FAKE_ENGINE": "1",
+        "LMJOBS_TEST_ENGINE": FAKE_ENGINE,
         "LMJOBS_LEASE_SECONDS": "5",
         "LMJOBS_HEARTBEAT_SECONDS": "1",
     }
@@ -359,7 +360,7 @@ class Ticker:
         self.ticks = self.errors = self.expired = self.lost = 0
 
     def once(self) -> None:
-        from lmjobs.jobs.dispatch import tick
+        from lmjobs.jobs.reconcile import tick
         from lmjobs.worker.broker import redis_chunk_ids
 
         rep = tick(self.db, self.publish, broker_view=lambda: redis_chunk_ids(self.broker_url))

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
+from fake_engine import FAKE_ENGINE
 from faultkit import figure
 from services import cli_env, cli_json, run_cli
 
@@ -77,7 +78,7 @@ def test_every_bad_line_is_reported_and_every_good_line_runs(
     good, bad, kinds = _write(src)
     env = cli_env(
         LMJOBS_HOME=str(lmjobs_home),
-        LMJOBS_FAKE_ENGINE="1",
+        LMJOBS_TEST_ENGINE=FAKE_ENGINE,
         LMJOBS_MODEL="fake-model",
         LMJOBS_CHUNK_SIZE="100",
     )

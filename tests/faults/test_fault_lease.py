@@ -34,8 +34,9 @@ from lmjobs.db.models import Chunk
 from lmjobs.db.session import Database, get_database
 from lmjobs.jobs.dispatch import ChunkMessage
 from lmjobs.jobs.queues import broker_priority, queue_for_model
+from lmjobs.jobs.reconcile import TICK_SECONDS
 from lmjobs.jobs.settings import Settings
-from lmjobs.worker.app import TICK_SECONDS, make_celery
+from lmjobs.worker.app import make_celery
 from lmjobs.worker.broker import CeleryPublisher
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis, pytest.mark.postgres]

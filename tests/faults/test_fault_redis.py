@@ -121,8 +121,8 @@ def test_a_message_fetched_by_a_worker_that_died_before_claiming_is_redispatched
     from datetime import timedelta
 
     from lmjobs.db.models import Chunk, utcnow
-    from lmjobs.jobs.dispatch import tick
     from lmjobs.jobs.queues import queue_for_model
+    from lmjobs.jobs.reconcile import tick
     from lmjobs.worker.broker import redis_chunk_ids
 
     db_url = f"sqlite:///{tmp_path / 'lm.db'}"

@@ -177,7 +177,7 @@ def test_a_model_that_fails_to_load_consumes_nothing(
     lines = []
     for model in ("/nonexistent/model", str(evil)):
         env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_MODEL=model, **hf)
-        env.pop("LMJOBS_FAKE_ENGINE")
+        env.pop("LMJOBS_TEST_ENGINE")
         src = tmp_path / "in.jsonl"
         write_prompts(src, 10)
         run_cli(["submit", str(src), "--task", "generate", "--yes"], env, check=True, timeout=300)
@@ -204,7 +204,7 @@ def test_a_model_that_fails_to_load_consumes_nothing(
         LMJOBS_TRUST_REMOTE_CODE="1",
         **hf,
     )
-    env.pop("LMJOBS_FAKE_ENGINE")
+    env.pop("LMJOBS_TEST_ENGINE")
     proc = run_cli(["worker"], env, timeout=300)
     assert proc.returncode != 0 and marker.exists()
     figure(

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fake_engine import FakeEngine
+
 from lmjobs.db.session import get_database
 from lmjobs.jobs.chunks import ChunkContext
 from lmjobs.jobs.control import job_status
 from lmjobs.jobs.embedded import run_job_locally
-from lmjobs.jobs.ingest import SubmitOptions, create_job
-from lmjobs.worker.fake import FakeEngine
+from lmjobs.jobs.ingest import create_job
+from lmjobs.jobs.submit import SubmitOptions
 
 
 class CountingEngine(FakeEngine):

@@ -13,17 +13,17 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from analytics_data import FAKE_CTX, submit, translate_rows, write_jsonl
+from fake_engine import FakeEngine
 from services import cli_env, run_cli
 from sqlalchemy import select, text
 
 from lmjobs.db.models import Chunk
 from lmjobs.db.session import Database, get_database
 from lmjobs.jobs.chunks import process_chunk
-from lmjobs.jobs.dispatch import start_due_jobs
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
 from lmjobs.jobs.errors import OutputPathError
 from lmjobs.jobs.export import COLUMNS, FORMATS, open_output, write_results
-from lmjobs.worker.fake import FakeEngine
+from lmjobs.jobs.lifecycle import start_due_jobs
 
 
 def _one_fails(requests: Sequence[GenRequest]) -> list[Generation]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import sacrebleu
 from analytics_data import run, submit, submit_and_run, translate_rows, write_jsonl
+from fake_engine import FakeEngine
 from rouge_score import rouge_scorer
 from sqlalchemy import func, select
 
@@ -16,7 +17,6 @@ from lmjobs.db.session import Database, get_database
 from lmjobs.jobs import metrics
 from lmjobs.jobs.control import job_status
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
-from lmjobs.worker.fake import FakeEngine
 
 PAIRS = [
     ("The cat sat on the mat.", "The cat is sitting on the mat."),
@@ -172,7 +172,7 @@ def test_scores_grow_chunk_by_chunk_while_the_job_runs(sqlite_url: str, tmp_path
 
     from lmjobs.db.models import Chunk, utcnow
     from lmjobs.jobs.chunks import process_chunk
-    from lmjobs.jobs.dispatch import start_due_jobs
+    from lmjobs.jobs.lifecycle import start_due_jobs
 
     db = get_database(sqlite_url)
     job_id = submit(db, write_jsonl(tmp_path / "t.jsonl", translate_rows(8)), "translate", chunk_size=4)

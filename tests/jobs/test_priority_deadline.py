@@ -7,16 +7,18 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from analytics_data import FAKE_CTX, run, submit, translate_rows, write_jsonl
+from fake_engine import FakeEngine
 from sqlalchemy import func, select
 
 from lmjobs.db.models import Chunk, JobStatus, Result
 from lmjobs.db.session import get_database
 from lmjobs.jobs.chunks import process_chunk
-from lmjobs.jobs.control import job_status, resume_job
-from lmjobs.jobs.dispatch import ChunkMessage, dispatch, tick
+from lmjobs.jobs.control import job_status
+from lmjobs.jobs.dispatch import ChunkMessage, dispatch
 from lmjobs.jobs.embedded import run_job_locally
 from lmjobs.jobs.engine_api import Generation, GenRequest
-from lmjobs.worker.fake import FakeEngine
+from lmjobs.jobs.lifecycle import resume_job
+from lmjobs.jobs.reconcile import tick
 
 
 def test_higher_priority_job_is_dispatched_first(db_url: str, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from analytics_data import run, submit, translate_rows, write_jsonl
+from fake_engine import FakeEngine
 from sqlalchemy import select, update
 
 from lmjobs.cli.report_html import render_html
@@ -22,7 +23,6 @@ from lmjobs.db.session import Database, get_database
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
 from lmjobs.jobs.metrics import mean_scores, score_job
 from lmjobs.jobs.report import LATENCY_BINS, SCORE_BINS, JobReport, build_report, percentile
-from lmjobs.worker.fake import FakeEngine
 
 N = 40
 EVIL = "<script>alert('x')</script> & out of memory"

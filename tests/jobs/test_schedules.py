@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 
 from lmjobs.db.models import Job, JobStatus
 from lmjobs.db.session import Database, get_database
-from lmjobs.jobs.dispatch import ChunkMessage, tick
+from lmjobs.jobs.dispatch import ChunkMessage
+from lmjobs.jobs.reconcile import tick
 from lmjobs.jobs.schedules import (
     ScheduleError,
     add_schedule,
@@ -94,7 +95,7 @@ def test_cron_schedule_creates_jobs_on_time_and_not_before(db_url: str, tmp_path
 
     # Beat down for three nights: one job, not three, and the next run is tomorrow.
     late = datetime(2026, 1, 5, 3, 0, tzinfo=UTC)
-    assert len(run_due_schedules(db, late)) == 1
+    assert len(run_due_schedules(db, None, late)) == 1
     assert list_schedules(db)[0].next_run_at == datetime(2026, 1, 6, 2, 0, tzinfo=UTC)
     assert len(_jobs(db)) == 2
 
@@ -108,7 +109,7 @@ def test_concurrent_ticks_create_one_job(db_url: str, tmp_path: Path) -> None:
 
     def one_tick() -> None:
         barrier.wait()
-        created.extend(run_due_schedules(db, at))
+        created.extend(run_due_schedules(db, None, at))
 
     threads = [threading.Thread(target=one_tick) for _ in range(4)]
     for t in threads:
@@ -127,10 +128,10 @@ def test_a_missing_file_skips_the_run_and_the_schedule_moves_on(
     path = _file(tmp_path)
     add_schedule(db, "@hourly", path, "translate", model="fake", tz="UTC", now=T0)
     path.unlink()
-    assert run_due_schedules(db, datetime(2026, 1, 1, 1, 0, tzinfo=UTC)) == []
+    assert run_due_schedules(db, None, datetime(2026, 1, 1, 1, 0, tzinfo=UTC)) == []
     assert list_schedules(db)[0].next_run_at == datetime(2026, 1, 1, 2, 0, tzinfo=UTC)
     write_jsonl(path, translate_rows(2))  # rewritten before the next run
-    assert len(run_due_schedules(db, datetime(2026, 1, 1, 2, 0, tzinfo=UTC))) == 1
+    assert len(run_due_schedules(db, None, datetime(2026, 1, 1, 2, 0, tzinfo=UTC))) == 1
 
 
 def test_validation_and_removal(sqlite_url: str, tmp_path: Path) -> None:
