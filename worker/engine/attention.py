@@ -26,9 +26,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from lmjobs.worker.engine.compat import register_attention, sdpa_attention_forward, sdpa_mask
 
 NAME = "lmjobs_ragged_sdpa"
 # A run of rows may read at most SLACK x the columns its rows attend to.
@@ -105,8 +104,8 @@ def ragged_sdpa(
         or attention_mask.shape[0] != query.shape[0]
         or any(kwargs.get(k) is not None for k in _PER_COLUMN)
     )
-    groups = None if plain else _plan_for(attention_mask)
-    if groups is None or (len(groups) == 1 and groups[0][2] == 0):
+    groups = None if plain or attention_mask is None else _plan_for(attention_mask)
+    if groups is None or attention_mask is None or (len(groups) == 1 and groups[0][2] == 0):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outs = [
         sdpa_attention_forward(
@@ -122,8 +121,9 @@ def ragged_sdpa(
     return torch.cat(outs, dim=0), None  # [B, q, H, D], as SDPA returns it
 
 
-AttentionInterface.register(NAME, ragged_sdpa)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+# False where this transformers release lacks the registries: compat.check() refuses the
+# model at load, and ragged_attention() below leaves the model's attention alone meanwhile.
+REGISTERED = register_attention(NAME, ragged_sdpa, sdpa_mask)
 
 
 @contextmanager
@@ -132,7 +132,7 @@ def ragged_attention(model: Any, enabled: bool = True) -> Iterator[bool]:
     whether it does. The previous implementation is restored on the way out."""
     config = model.config
     before = getattr(config, "_attn_implementation", None)
-    if not enabled or before != "sdpa":
+    if not enabled or before != "sdpa" or not REGISTERED:
         yield False
         return
     config._attn_implementation = NAME

@@ -19,7 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
+
+from lmjobs.worker.engine.compat import DynamicLayer, cache_layers, layer_dtype_device
 
 MIN_SPARE = 32  # spare columns allocated at least, each time the buffers grow
 
@@ -30,7 +31,7 @@ def spare_columns(filled: int) -> int:
     return 0 if MIN_SPARE < 0 else max(MIN_SPARE, filled // 8)
 
 
-class GrowingLayer(DynamicLayer):
+class GrowingLayer(DynamicLayer):  # type: ignore[misc]  # DynamicLayer is Any (compat)
     """A DynamicLayer whose buffers [B, H, capacity, D] have spare columns at the end."""
 
     def __init__(self) -> None:
@@ -40,10 +41,12 @@ class GrowingLayer(DynamicLayer):
         self._n = 0  # columns filled
 
     @classmethod
-    def of(cls, layer: DynamicLayer) -> GrowingLayer:
+    def of(cls, layer: Any) -> GrowingLayer:
         """A growing copy of a filled DynamicLayer (a prefill's cache)."""
         new = cls()
-        new.dtype, new.device, new.is_initialized = layer.dtype, layer.device, True
+        # from the keys: DynamicLayer.dtype is gone since transformers 5.24
+        new.dtype, new.device = layer_dtype_device(layer)
+        new.is_initialized = True
         new.replace(layer.keys, layer.values)
         return new
 
@@ -193,7 +196,7 @@ def make_growing(cache: Any) -> bool:
     """Turn every plain DynamicLayer of ``cache`` into a GrowingLayer, in place. Returns
     whether every layer is now growing (False for sliding windows and other layer kinds,
     which are left as they are)."""
-    layers = getattr(cache, "layers", None)
+    layers = cache_layers(cache)
     if not layers:
         return False
     for i, layer in enumerate(layers):

@@ -15,8 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import StaticCache
 
+from lmjobs.worker.engine.compat import StaticCache
 from lmjobs.worker.engine.decoding import DecodeContext, Row, advance_rows, pad_prompts
 
 LENGTH_BUCKET = 256
