@@ -66,6 +66,11 @@ def make_options(
     """Options with the configured defaults (model, chunk size) filled in and checked."""
     if task not in TASKS:
         raise UsageError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task == "generate" and params.get("system_prompt"):
+        raise UsageError(
+            "--system-prompt does not apply to --task generate, which continues the prompt as is; "
+            "use --task chat for a system turn"
+        )
     size = chunk_size if chunk_size is not None else settings.chunk_size
     if size < 1:
         raise UsageError("--chunk-size must be at least 1")

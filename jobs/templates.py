@@ -5,7 +5,9 @@ Every task renders both forms of ``RenderedInput``:
 - ``messages``: a short system instruction and a user turn, for models with a chat template;
 - ``prompt``: plain text, for models without one and for encoder-decoder models.
 
-The job chooses: ``messages`` when the tokenizer has a chat template, ``prompt`` otherwise.
+The engine chooses: ``messages`` when the tokenizer has a chat template, ``prompt`` otherwise.
+``generate`` (and OpenAI ``/v1/completions`` lines) is the exception: it continues the
+prompt as is, so it renders the plain prompt only (DESIGN.md item 8).
 For translate, the plain prompt is T5 style (``translate English to German: {text}``).
 Marian, NLLB and M2M-100 models want the source text alone, with the languages fixed by the
 model or set on the tokenizer: the job sets ``job_params["raw_prompt"] = True`` and the
@@ -34,7 +36,8 @@ TEMPLATE_VERSIONS: dict[str, str] = {
     "translate": "translate/v1",
     "summarize": "summarize/v1",
     "qa": "qa/v1",
-    "generate": "generate/v1",
+    # v2: the prompt as is, never through a chat template (v1 wrapped it in one).
+    "generate": "generate/v2",
     "chat": "chat/v1",
 }
 
@@ -43,7 +46,7 @@ _SYSTEM = {
     "without notes or explanations.",
     "summarize": "You are a careful assistant that writes short, faithful summaries.",
     "qa": "You are a helpful assistant that answers questions accurately and concisely.",
-    "generate": None,  # a free prompt gets no instruction unless the job sets one
+    "generate": None,  # continues the prompt as is: no instruction, no chat template
     "chat": None,
 }
 
@@ -111,8 +114,9 @@ def render(task: str, fields: dict[str, Any], job_params: dict[str, Any]) -> Ren
         prompt = text if raw else user
     elif task == "qa":
         user, prompt = _qa(fields["question"], fields.get("context") or None, raw)
-    else:  # generate
-        user = prompt = fields["prompt"]
+    else:  # generate: continue the text as is, as OpenAI completions, vLLM and the
+        # transformers pipeline do; never a chat template (that is the chat task's).
+        return RenderedInput(prompt=fields["prompt"], messages=None)
     turns = ({"role": "system", "content": system},) if system else ()
     return RenderedInput(prompt=prompt, messages=(*turns, {"role": "user", "content": user}))
 

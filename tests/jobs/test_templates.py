@@ -31,8 +31,8 @@ def test_versions_cover_every_task() -> None:
         assert re.fullmatch(rf"{task}/v\d+", version)
 
 
-@pytest.mark.parametrize("task", TASKS)
-def test_each_task_renders_both_forms(task: str) -> None:
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "generate"])
+def test_each_instruction_and_chat_task_renders_both_forms(task: str) -> None:
     r = render(task, FIELDS[task], {})
     assert isinstance(r.prompt, str) and r.prompt
     assert r.messages and r.messages[-1]["role"] == "user"
@@ -99,7 +99,7 @@ def test_summarize_qa_generate_chat_wording() -> None:
     raw_qa = render("qa", {"question": "Q?", "context": "C."}, {"raw_prompt": True})
     assert raw_qa.prompt == "question: Q? context: C."
     g = render("generate", {"prompt": "Once"}, {})
-    assert g == RenderedInput(prompt="Once", messages=({"role": "user", "content": "Once"},))
+    assert g == RenderedInput(prompt="Once", messages=None)  # continued as is: no chat template
     chat = render(
         "chat",
         {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]},
@@ -112,9 +112,8 @@ def test_summarize_qa_generate_chat_wording() -> None:
 def test_system_prompt() -> None:
     s = render("summarize", {"text": "T."}, {"system_prompt": "Be brief."})
     assert s.messages is not None and s.messages[0] == {"role": "system", "content": "Be brief."}
-    g = render("generate", {"prompt": "P"}, {"system_prompt": "Poet."})
-    assert g.messages is not None and g.messages[0]["content"] == "Poet."
-    assert g.prompt == "P"
+    # generate continues the prompt as is (the submit service refuses --system-prompt for it)
+    assert render("generate", {"prompt": "P"}, {"system_prompt": "Poet."}) == RenderedInput("P", None)
     chat = render("chat", FIELDS["chat"], {"system_prompt": "Sys."})
     assert chat.messages is not None and chat.messages[0] == {"role": "system", "content": "Sys."}
     own = {"messages": [{"role": "system", "content": "Mine."}, {"role": "user", "content": "x"}]}
@@ -173,7 +172,7 @@ def test_content_hash_differs_when_anything_differs() -> None:
         content_hash("generate", r, {"seed": 1}),
         content_hash("generate", render("generate", {"prompt": "Q"}, {}), None),
         content_hash("chat", r, None),
-        content_hash("generate", RenderedInput(r.prompt, None), None),
-        content_hash("generate", render("generate", {"prompt": "P"}, {"system_prompt": "S"}), None),
+        content_hash("generate", RenderedInput(r.prompt, ({"role": "user", "content": "P"},)), None),
+        content_hash("summarize", render("summarize", {"text": "P"}, {"system_prompt": "S"}), None),
     }
     assert len(hashes) == 9
