@@ -6,7 +6,7 @@ build requests for the engine and read its answers without pulling in a GPU stac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -24,7 +24,14 @@ class FinishReason(str, Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to decode one request. ``temperature == 0`` means greedy."""
+    """How to decode one request. ``temperature == 0`` means greedy.
+
+    ``presence_penalty``, ``frequency_penalty`` and ``logit_bias`` have OpenAI's meaning: a
+    penalty (-2..2) subtracted from the logit of every token generated so far, once
+    (presence) or once per occurrence (frequency), and a bias (-100..100) added to the
+    logits of the given token ids. ``logit_bias`` is kept as sorted (token id, bias) pairs
+    so that params stay hashable; a mapping is accepted and converted.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -37,13 +44,22 @@ class SamplingParams:
     # Keep writing past end-of-sequence tokens: the request stops at max_new_tokens (or a
     # stop string) only. For benchmarks and fixed-length outputs.
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        bias: Any = self.logit_bias
+        pairs = bias.items() if isinstance(bias, Mapping) else (bias or ())
+        normal = tuple(sorted((int(token), float(value)) for token, value in pairs))
+        object.__setattr__(self, "logit_bias", normal)
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -53,6 +69,15 @@ class SamplingParams:
             "truncate": self.truncate,
             "ignore_eos": self.ignore_eos,
         }
+        # Written only when set, so that the params (and content hashes) of requests that
+        # do not use them stay what they were before these fields existed.
+        if self.presence_penalty:
+            out["presence_penalty"] = self.presence_penalty
+        if self.frequency_penalty:
+            out["frequency_penalty"] = self.frequency_penalty
+        if self.logit_bias:
+            out["logit_bias"] = {str(token): value for token, value in self.logit_bias}  # JSON keys
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:

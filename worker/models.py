@@ -30,6 +30,8 @@ import torch
 
 from lmjobs.jobs.engine_api import SMOLLM2_ALIAS, ModelInfo
 from lmjobs.jobs.errors import ConfigError, ModelLoadError
+from lmjobs.worker.engine import compat
+from lmjobs.worker.engine.logits import check_generation_config, log_job_decided
 from lmjobs.worker.engine.prompts import context_length
 
 logger = logging.getLogger(__name__)
@@ -113,6 +115,9 @@ def load_model(
     ``quantize``: ``None`` or ``"int8"`` (dynamic int8 Linear layers on the CPU, torchao
     int8 weight-only on CUDA).
     """
+    # this transformers release first: one message naming it and what it lacks, before any
+    # download, instead of an AttributeError on every request later
+    compat.check()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     if quantize not in (None, "int8"):
@@ -129,6 +134,9 @@ def load_model(
     device_map = "auto" if device == SPLIT else None
     model = _load_weights(source, config, torch_dtype, is_seq2seq, trust_remote_code, device_map)
     tokenizer = _load_tokenizer(source, model, is_seq2seq, trust_remote_code)
+    # the checkpoint's own generation settings: honoured by the engine, decided by each job
+    # (logged), or refused here with their names (worker/engine/logits.py)
+    log_job_decided(check_generation_config(model.generation_config), model.generation_config)
     if device_map is None:  # with a device_map, accelerate has placed every layer already
         model.to(torch_device)
     model.eval()
@@ -358,11 +366,9 @@ def _load_gguf_model(gguf: Path) -> Any:
 
     if importlib.util.find_spec("accelerate") is not None:
         return AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    tensors = compat.load_gguf_checkpoint(str(gguf), model)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     model.tie_weights()
     untied = [name for name in missing if not (config.tie_word_embeddings and "lm_head" in name)]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest, SamplingParams
+from lmjobs.worker.engine.logits import check_request
 from lmjobs.worker.engine.prompts import render
 
 logger = logging.getLogger(__name__)
@@ -111,9 +112,15 @@ def fit_context(
 
 
 def prepare(
-    requests: Sequence[GenRequest], tokenizer: Any, context: int, *, is_seq2seq: bool
+    requests: Sequence[GenRequest],
+    tokenizer: Any,
+    context: int,
+    *,
+    is_seq2seq: bool,
+    vocab_size: int | None = None,
 ) -> tuple[list[Prepared], dict[int, Generation]]:
-    """Tokenize and check every request: runnable ones, and answers for refused ones."""
+    """Tokenize and check every request: runnable ones, and answers for refused ones.
+    ``vocab_size``: the model's logits width, which ``logit_bias`` token ids must fit."""
     runnable: list[Prepared] = []
     refused: dict[int, Generation] = {}
     for i, (request, ids) in enumerate(zip(requests, tokenize(requests, tokenizer), strict=True)):
@@ -122,6 +129,10 @@ def prepare(
             continue
         if request.params.max_new_tokens < 0:
             refused[i] = failed(request, "max_new_tokens must be >= 0", len(ids))
+            continue
+        problem = check_request(request.params, vocab_size)
+        if problem is not None:
+            refused[i] = failed(request, problem, len(ids))
             continue
         fitted = fit_context(ids, request.params, context, is_seq2seq=is_seq2seq)
         if isinstance(fitted, str):

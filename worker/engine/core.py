@@ -60,8 +60,8 @@ from lmjobs.worker.engine.batching import (
     prepare,
 )
 from lmjobs.worker.engine.decoding import DecodeContext, Row
+from lmjobs.worker.engine.logits import GenerationRules
 from lmjobs.worker.engine.prompts import context_length
-from lmjobs.worker.engine.sampling import LogitRules
 from lmjobs.worker.engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,13 @@ def generate(
         return []
     is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     context = context_length(model.config, tokenizer)
-    prepared, answers = prepare(requests, tokenizer, context, is_seq2seq=is_seq2seq)
+    # the model's generation config first: a setting the engine cannot honour refuses the
+    # whole call (ModelLoadError), before any request is tokenized
+    device = _device_of(model)
+    ctx = _context(model, tokenizer, device, is_seq2seq=is_seq2seq)
+    prepared, answers = prepare(
+        requests, tokenizer, context, is_seq2seq=is_seq2seq, vocab_size=vocab_size(model)
+    )
     unique, copies = dedup(prepared) if config.dedup else (prepared, {})
     rows = [Row(req) for req in order(unique, sort_by_length=config.sort_by_length)]
     # rows that can finish without a forward pass (max_new_tokens == 0)
@@ -108,8 +114,6 @@ def generate(
         if row.req.params.max_new_tokens == 0:
             row.finish = FinishReason.LENGTH
 
-    device = _device_of(model)
-    ctx = _context(model, tokenizer, device)
     scheduler = Scheduler(
         ctx,
         is_seq2seq=is_seq2seq,
@@ -160,7 +164,14 @@ def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _context(model: Any, tokenizer: Any, device: torch.device) -> DecodeContext:
+def vocab_size(model: Any) -> int | None:
+    """Width of the model's logits (token ids a request may name), when the config says."""
+    config = model.config
+    size = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None)
+    return size if isinstance(size, int) and size > 0 else None
+
+
+def _context(model: Any, tokenizer: Any, device: torch.device, *, is_seq2seq: bool) -> DecodeContext:
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
@@ -171,6 +182,7 @@ def _context(model: Any, tokenizer: Any, device: torch.device) -> DecodeContext:
     def decode(ids: Sequence[int]) -> str:
         return str(tokenizer.decode(list(ids), skip_special_tokens=True))
 
+    stops = eos_ids(model, tokenizer)
     # the class's forward: what the architecture takes, whatever wraps the instance's
     forward_args = inspect.signature(type(model).forward).parameters
 
@@ -178,8 +190,8 @@ def _context(model: Any, tokenizer: Any, device: torch.device) -> DecodeContext:
         model=model,
         device=device,
         pad_id=int(pad),
-        eos_ids=eos_ids(model, tokenizer),
-        rules=LogitRules.from_generation_config(model.generation_config),
+        eos_ids=stops,
+        rules=GenerationRules.from_model(model.generation_config, stops, is_seq2seq=is_seq2seq),
         decode=decode,
         decoder_start_id=int(start) if isinstance(start, int) else None,
         logits_to_keep="logits_to_keep" in forward_args,

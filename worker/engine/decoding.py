@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.modeling_outputs import BaseModelOutput
 
 from lmjobs.jobs.engine_api import FinishReason
 from lmjobs.worker.engine.batching import Prepared
+from lmjobs.worker.engine.compat import BaseModelOutput
 from lmjobs.worker.engine.kvcache import GrowingLayer, fill_holes, make_growing
-from lmjobs.worker.engine.sampling import LogitRules, choose_tokens, make_generator
+from lmjobs.worker.engine.logits import GenerationRules, RowLogits
+from lmjobs.worker.engine.sampling import choose_tokens, make_generator
 
 NON_FINITE = "non-finite logits (NaN or inf) from the model"
 
@@ -38,7 +39,7 @@ class DecodeContext:
     device: torch.device
     pad_id: int
     eos_ids: frozenset[int]
-    rules: LogitRules
+    rules: GenerationRules  # the model's generation config, checked
     decode: Callable[[Sequence[int]], str]  # token ids -> text, special tokens skipped
     decoder_start_id: int | None = None  # encoder-decoder models only
     logits_to_keep: bool = False  # the model's forward takes ``logits_to_keep``
@@ -61,20 +62,23 @@ class Row:
     req: Prepared
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    logits: RowLogits | None = None  # what this row does to its logits (None: nothing)
     finish: FinishReason | None = None
     error: str | None = None
     started: float = 0.0
     latency_ms: float = 0.0
     _stop_window: int = 0
 
-    def start(self, device: torch.device) -> None:
+    def start(self, ctx: DecodeContext) -> None:
         """(Re)start from nothing: a retried row draws the same random numbers again."""
         self.generated = []
         self.finish = None
         self.error = None
         self.started = time.perf_counter()
         params = self.req.params
-        self.generator = None if params.greedy else make_generator(params.seed, device)
+        self.generator = None if params.greedy else make_generator(params.seed, ctx.device)
+        start = ctx.decoder_start_id if ctx.decoder_start_id is not None else ctx.pad_id
+        self.logits = ctx.rules.row(self.req.ids, params, ctx.device, start)
         # A stop string of n characters spans at most 4n byte-level tokens, plus one token
         # that may straddle its start.
         self._stop_window = 4 * max((len(s) for s in params.stop), default=0) + 1
@@ -299,8 +303,8 @@ def advance_rows(batch: Any, logits: torch.Tensor) -> list[Row]:
         logits,
         [r.req.params for r in rows],
         [r.generator for r in rows],
-        ctx.rules,
-        [not r.generated for r in rows],
+        [r.logits for r in rows],
+        [r.generated for r in rows],
     )
     batch.last = torch.tensor(tokens, dtype=torch.long, device=logits.device)
     done = [row.push(tok, ok, ctx) for row, tok, ok in zip(rows, tokens, finite, strict=True)]

@@ -8,11 +8,11 @@ own logits only, never on which other requests share the batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
 from lmjobs.jobs.engine_api import SamplingParams
+from lmjobs.worker.engine.logits import RowLogits
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -23,55 +23,6 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
     else:
         gen.manual_seed(seed)
     return gen
-
-
-@dataclass(frozen=True)
-class LogitRules:
-    """Token bans the model's own generation config asks for (mirrors ``model.generate``).
-
-    ``suppress``: never generated (``suppress_tokens``, one-token ``bad_words_ids``, as
-    Marian bans its pad token). ``first_suppress`` / ``forced_first``: rules for the first
-    generated token only (``begin_suppress_tokens``, ``forced_bos_token_id``).
-    """
-
-    suppress: tuple[int, ...] = ()
-    first_suppress: tuple[int, ...] = ()
-    forced_first: int | None = None
-
-    @classmethod
-    def from_generation_config(cls, config: object) -> LogitRules:
-        def ids(name: str) -> tuple[int, ...]:
-            value = getattr(config, name, None)
-            return tuple(int(v) for v in value) if value else ()
-
-        bad = getattr(config, "bad_words_ids", None) or []
-        single_bad = tuple(int(words[0]) for words in bad if len(words) == 1)
-        forced = getattr(config, "forced_bos_token_id", None)
-        return cls(
-            suppress=ids("suppress_tokens") + single_bad,
-            first_suppress=ids("begin_suppress_tokens"),
-            forced_first=int(forced) if forced is not None else None,
-        )
-
-    @property
-    def active(self) -> bool:
-        return bool(self.suppress or self.first_suppress or self.forced_first is not None)
-
-    def apply(self, logits: torch.Tensor, first: Sequence[bool]) -> torch.Tensor:
-        """logits: [B, V], edited in place; ``first[i]``: row i writes its first token now."""
-        if self.suppress:
-            logits[:, list(self.suppress)] = -float("inf")
-        if (self.first_suppress or self.forced_first is not None) and any(first):
-            rows = [i for i, is_first in enumerate(first) if is_first]
-            if self.first_suppress:
-                for i in rows:
-                    logits[i, list(self.first_suppress)] = -float("inf")
-            if self.forced_first is not None:
-                for i in rows:
-                    keep = logits[i, self.forced_first].clone()
-                    logits[i] = -float("inf")
-                    logits[i, self.forced_first] = keep if torch.isfinite(keep) else 0.0
-        return logits
 
 
 def sample(
@@ -105,20 +56,23 @@ def choose_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
-    rules: LogitRules,
-    first: Sequence[bool],
+    rules: Sequence[RowLogits | None],
+    generated: Sequence[Sequence[int]],
 ) -> tuple[list[int], list[bool]]:
     """The next token of every row, and whether the row's logits were all finite.
 
-    logits: [B, V]. Greedy rows take the argmax in one batched call; sampled rows draw from
-    their own generator (a small Python loop over sampled rows only). Finiteness is judged
-    on the model's logits, before the bans of ``rules`` put -inf into them. One transfer to
-    the host per step.
+    logits: [B, V]. ``rules[i]``: what row i does to its logits first (the model's generation
+    config, the request's penalties and biases; None: nothing), given the tokens it has
+    ``generated``. Greedy rows then take the argmax in one batched call; sampled rows draw
+    from their own generator (a small Python loop over sampled rows only). Finiteness is
+    judged on the model's logits, before the rules put -inf into them. One transfer to the
+    host per step.
     """
     logits = logits.float()
     finite = torch.isfinite(logits).all(dim=-1)  # [B]
-    if rules.active:
-        logits = rules.apply(logits, first)
+    for i, row_rules in enumerate(rules):
+        if row_rules is not None:
+            logits[i : i + 1] = row_rules.apply(logits[i : i + 1], generated[i])
     tokens = logits.argmax(dim=-1)  # [B]
     for i, (row_params, gen) in enumerate(zip(params, generators, strict=True)):
         if not row_params.greedy and gen is not None:

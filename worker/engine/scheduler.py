@@ -182,7 +182,7 @@ class Scheduler:
         fresh: list[Batch] = []
         for i, group in enumerate(groups):
             for row in group:
-                row.start(self.ctx.device)
+                row.start(self.ctx)
             new = self._new_batch(group)
             new.advance(new.prefill())
             if i == 0 and len(groups) > 1 and not new.can_merge:

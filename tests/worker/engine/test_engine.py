@@ -531,25 +531,6 @@ def test_suppressed_tokens_of_the_generation_config_are_honoured(
     assert got.text == llama.tokenizer.decode(expected, skip_special_tokens=True)
 
 
-def test_logit_rules_mirror_the_generation_config():
-    from transformers import GenerationConfig
-
-    from lmjobs.worker.engine.sampling import LogitRules
-
-    config = GenerationConfig(bad_words_ids=[[7], [8, 9]], suppress_tokens=[3], begin_suppress_tokens=[4])
-    config.forced_bos_token_id = 5
-    rules = LogitRules.from_generation_config(config)
-    assert rules == LogitRules(suppress=(3, 7), first_suppress=(4,), forced_first=5)
-    logits = torch.zeros(2, 10)
-    logits[:, 3] = logits[:, 4] = logits[:, 7] = 9.0
-
-    out = rules.apply(logits, [True, False])
-
-    assert out[0].argmax() == 5 and torch.isinf(out[0]).sum() == 9
-    assert out[1, 4] == 9.0 and torch.isinf(out[1, [3, 7]]).all()
-    assert out[1, [0, 1, 2, 5, 6, 8, 9]].eq(0).all()
-
-
 @pytest.mark.parametrize("mode", ["static", "continuous"])
 def test_ignore_eos_writes_up_to_max_new_tokens(
     llama: LoadedModel, mode: str, monkeypatch: pytest.MonkeyPatch
