@@ -259,7 +259,8 @@ def _status_table(st: Any) -> None:
         f"job {st.id}" + (f" ({st.name})" if st.name else ""),
         {
             "status": st.status + (f": {st.error}" if st.error else ""),
-            "task / model": f"{st.task} / {st.model}",
+            "task": st.task,
+            "model": st.model,
             "progress": f"{st.done}/{st.requests_total} ({pct:.1f}%)",
             "succeeded": st.succeeded,
             "failed": st.failed,
@@ -317,7 +318,7 @@ def list_jobs(*, limit: int, state: str | None, as_json: bool) -> None:
         render.dump_json([j.to_json() for j in jobs])
         return
     render.table(
-        ["id", "status", "task", "model", "done", "failed", "rejected", "created"],
+        ["id", "status", "task", "model", "done", "failed", "created"],
         [
             (
                 j.id,
@@ -326,11 +327,11 @@ def list_jobs(*, limit: int, state: str | None, as_json: bool) -> None:
                 j.model,
                 f"{j.done}/{j.requests_total}",
                 j.failed,
-                j.lines_rejected,
-                j.created_at.strftime("%Y-%m-%d %H:%M"),
+                j.created_at.strftime("%m-%d %H:%M"),
             )
             for j in jobs
         ],
+        squeeze="model",
     )
 
 

@@ -35,21 +35,57 @@ def _default(o: Any) -> Any:
     return str(o)
 
 
+# Long values (model paths, errors) wrap at spaces; a word longer than the column is cut
+# with an ellipsis rather than folded letter by letter down the screen. --json is untouched.
+_OVERFLOW = "ellipsis"
+
+
+def tail(value: str, width: int) -> str:
+    """``value`` cut at the front to ``width`` characters: ``…tail``."""
+    return value if len(value) <= width else "…" + value[-(width - 1) :]
+
+
 def kv_table(title: str, data: dict[str, Any]) -> None:
+    """Keys and values. A value with no space that is wider than the terminal (a model path)
+    keeps its end; other long values wrap at spaces."""
     t = Table(title=title, show_header=False, title_justify="left")
-    t.add_column(style="bold")
-    t.add_column()
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow=_OVERFLOW)
+    room = max(8, out.width - max((len(k) for k in data), default=0) - 7)
     for k, v in data.items():
-        t.add_row(k, "" if v is None else str(v))
+        text = "" if v is None else str(v)
+        t.add_row(k, tail(text, room) if " " not in text else text)
     out.print(t)
 
 
-def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
-    t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(str(c), overflow="fold")
-    for r in rows:
-        t.add_row(*["" if v is None else str(v) for v in r])
+def table(
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    title: str | None = None,
+    *,
+    squeeze: str | None = None,
+) -> None:
+    """A table. With ``squeeze`` (a column name) the other columns keep their values whole
+    and that column's values give way in a narrow terminal, keeping their end (``…tail``):
+    the end of a model path is what tells models apart."""
+    cells = [["" if v is None else str(v) for v in r] for r in rows]
+    if squeeze is None:
+        t = Table(title=title, title_justify="left")
+        for c in columns:
+            t.add_column(str(c), overflow=_OVERFLOW)
+    else:
+        widths = [max([len(str(c)), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+        k = list(columns).index(squeeze)
+        room = out.width - (sum(widths) - widths[k]) - 2 * (len(columns) - 1)
+        keep = max(8, room)
+        for r in cells:
+            r[k] = tail(r[k], keep)
+        # No rules between columns: two spaces each, so the fixed columns take what they need.
+        t = Table(title=title, title_justify="left", box=None, padding=(0, 2, 0, 0), pad_edge=False)
+        for c, w in zip(columns, widths, strict=True):
+            t.add_column(str(c), no_wrap=True, min_width=min(w, keep) if c == squeeze else w)
+    for r in cells:
+        t.add_row(*r)
     out.print(t)
 
 

@@ -74,6 +74,9 @@ class ChunkOutcome:
     failed: int = 0
     lease_lost: bool = False
     reason: str = ""
+    # Recorded one by one, past the attempt cap (counted in succeeded / failed too).
+    isolated_succeeded: int = 0
+    isolated_failed: int = 0
     # Set when the job was stopped because the engine itself is broken (no rows written).
     engine_fault: str | None = None
 
@@ -236,8 +239,9 @@ def process_chunk(db: Database, chunk_id: int, *, generate: GenerateFn, ctx: Chu
             return outcome
         closed = ctx.db(lambda: _record(db, chunk_id, rows, ctx, close=True), f"record chunk {chunk_id}")
     outcome.lease_lost = keeper.lost or not closed
-    outcome.succeeded = sum(r["status"] == ResultStatus.SUCCEEDED.value for r in rows)
-    outcome.failed = len(rows) - outcome.succeeded
+    ok = sum(r["status"] == ResultStatus.SUCCEEDED.value for r in rows)
+    outcome.succeeded = ok + outcome.isolated_succeeded
+    outcome.failed = len(rows) - ok + outcome.isolated_failed
     if closed:
         score_new_results(db, job_id, _scorable(pending, rows))
         ctx.db(lambda: finalize_job_if_done(db, job_id), f"finalize job {job_id}")
@@ -300,7 +304,7 @@ def _generate_rows(
     outcome: ChunkOutcome,
 ) -> list[dict[str, Any]]:
     if attempt > ctx.max_attempts:
-        return _run_isolated(db, chunk_id, pending, generate, ctx, attempt)
+        return _run_isolated(db, chunk_id, pending, generate, ctx, attempt, outcome)
     gen_reqs, early = _build(pending)
     req_by_key = {g.key: g for g in gen_reqs}
     job_id = pending[0][1].id if pending else 0
@@ -323,6 +327,7 @@ def _run_isolated(
     generate: GenerateFn,
     ctx: ChunkContext,
     attempt: int,
+    outcome: ChunkOutcome,
 ) -> list[dict[str, Any]]:
     """The chunk has crashed its workers ``max_attempts`` times: run each request alone.
 
@@ -360,6 +365,8 @@ def _run_isolated(
             lambda: _record(db, chunk_id, [row], ctx, close=False),  # noqa: B023
             "record isolated result",
         )
+        outcome.isolated_succeeded += gen.ok
+        outcome.isolated_failed += not gen.ok
     return []
 
 

@@ -341,7 +341,7 @@ class Fleet:
 
 
 class Ticker:
-    """Runs the reconciler (`jobs.dispatch.tick`, what `lmjobs reconcile` and the beat
+    """Runs the reconciler (`jobs.reconcile.tick`, what `lmjobs reconcile` and the beat
     tick run) every ``interval`` seconds on a thread; errors (broker or database down)
     are counted, like a beat tick that fails and comes again."""
 
