@@ -23,6 +23,7 @@ Every status change goes through ``jobs/lifecycle.py``.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,10 +51,11 @@ from lmjobs.jobs.engine_api import (
     ModelInfo,
 )
 from lmjobs.jobs.engine_requests import build_gen_request
+from lmjobs.jobs.faults import engine_fault
 from lmjobs.jobs.lifecycle import (
-    LeaseKeeper,
     claim_chunk,
     close_chunk,
+    extend_lease,
     fail_job,
     finalize_job_if_done,
     release_chunk,
@@ -100,6 +102,43 @@ class ChunkContext:
 
     def db(self, fn: Callable[[], Any], what: str) -> Any:
         return self.db_retry(fn, what) if self.db_retry is not None else fn()
+
+
+class LeaseKeeper:
+    """Extends a chunk's lease every ``interval_s`` on a background thread, for as long as
+    the worker holds the chunk: while the engine runs *and* while the results are recorded,
+    so a commit that stalls longer than the lease cannot let another worker take the chunk.
+    ``lost`` turns true when the lease was found taken (the worker was presumed dead)."""
+
+    def __init__(
+        self, db: Database, chunk_id: int, *, worker: str, lease_seconds: int, interval_s: float
+    ) -> None:
+        self._db, self._chunk_id = db, chunk_id
+        self._worker, self._lease_seconds, self._interval_s = worker, lease_seconds, interval_s
+        self._stop = threading.Event()
+        self.lost = False
+        self._thread = threading.Thread(target=self._run, name=f"lease-{chunk_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                ok = extend_lease(
+                    self._db, self._chunk_id, worker=self._worker, lease_seconds=self._lease_seconds
+                )
+            except Exception as exc:  # the database blinked: try again next beat
+                log.warning("lease heartbeat for chunk %s failed: %s", self._chunk_id, exc)
+                continue
+            if not ok:
+                self.lost = True
+                return
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
 
 
 def _pending_requests(session: Session, chunk_id: int) -> list[tuple[Request, Job]]:
@@ -246,40 +285,6 @@ def process_chunk(db: Database, chunk_id: int, *, generate: GenerateFn, ctx: Chu
         score_new_results(db, job_id, _scorable(pending, rows))
         ctx.db(lambda: finalize_job_if_done(db, job_id), f"finalize job {job_id}")
     return outcome
-
-
-# Errors that say the engine or its libraries are broken, not that a request is bad
-# (DESIGN.md item 10). Out-of-memory is not one: the engine splits the batch for it.
-_FAULT_TYPES = frozenset(
-    {
-        "AttributeError",
-        "ImportError",
-        "ModuleNotFoundError",
-        "NameError",
-        "NotImplementedError",
-        "TypeError",
-        "AcceleratorError",
-        "CudaError",
-    }
-)
-_FAULT_TEXT = ("CUDA error", "no kernel image", "not implemented for", "CUBLAS_STATUS", "cuDNN error")
-
-
-def is_fault_text(error: str) -> bool:
-    """Does an engine error (``"TypeName: message"``) come from the engine, not the request?"""
-    if "out of memory" in error.lower():
-        return False
-    kind = error.split(":", 1)[0].strip()
-    return kind in _FAULT_TYPES or any(t in error for t in _FAULT_TEXT)
-
-
-def engine_fault(rows: Sequence[dict[str, Any]]) -> str | None:
-    """The one error when every generated row failed with it and it is an engine fault."""
-    errors = {r["error"] for r in rows if not r["deduplicated"]}
-    if not rows or any(r["status"] != ResultStatus.FAILED.value for r in rows) or len(errors) != 1:
-        return None
-    error = next(iter(errors))
-    return error if error and is_fault_text(error) else None
 
 
 def _scorable(

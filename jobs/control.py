@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from lmjobs.db.models import (
     Chunk,
@@ -20,8 +21,26 @@ from lmjobs.db.models import (
     utcnow,
 )
 from lmjobs.db.session import Database
-from lmjobs.jobs.lifecycle import get_job, result_counts
+from lmjobs.jobs.errors import UnknownJobError
 from lmjobs.jobs.metrics import mean_scores
+
+
+def get_job(db: Database, job_id: int) -> Job:
+    with db.session() as s:
+        job = s.get(Job, job_id)
+    if job is None:
+        raise UnknownJobError(f"no job {job_id}")
+    return job
+
+
+def result_counts(session: Session, job_id: int) -> tuple[int, int]:
+    """(succeeded, failed) result rows of a job."""
+    counts = dict(
+        session.execute(
+            select(Result.status, func.count()).where(Result.job_id == job_id).group_by(Result.status)
+        ).all()
+    )
+    return counts.get(ResultStatus.SUCCEEDED.value, 0), counts.get(ResultStatus.FAILED.value, 0)
 
 
 @dataclass
@@ -81,9 +100,7 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
         ).one()
         chunks = dict(
             s.execute(
-                select(Chunk.status, func.count())
-                .where(Chunk.job_id == job_id)
-                .group_by(Chunk.status)
+                select(Chunk.status, func.count()).where(Chunk.job_id == job_id).group_by(Chunk.status)
             ).all()
         )
         reasons = dict(
@@ -148,12 +165,5 @@ def list_jobs(db: Database, *, limit: int = 50, status: str | None = None) -> li
 def job_rejects(db: Database, job_id: int, *, limit: int = 1000) -> list[Reject]:
     with db.session() as s:
         return list(
-            s.scalars(
-                select(Reject)
-                .where(Reject.job_id == job_id)
-                .order_by(Reject.line_number)
-                .limit(limit)
-            )
+            s.scalars(select(Reject).where(Reject.job_id == job_id).order_by(Reject.line_number).limit(limit))
         )
-
-

@@ -15,7 +15,6 @@ statuses that queries use (active, open, waiting, finished) are the enums' own
 from __future__ import annotations
 
 import logging
-import threading
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, delete, exists, func, or_, select, update
@@ -33,17 +32,10 @@ from lmjobs.db.models import (
     utcnow,
 )
 from lmjobs.db.session import Database
-from lmjobs.jobs.errors import JobStateError, UnknownJobError
+from lmjobs.jobs.control import get_job, result_counts
+from lmjobs.jobs.errors import JobStateError
 
 log = logging.getLogger(__name__)
-
-
-def get_job(db: Database, job_id: int) -> Job:
-    with db.session() as s:
-        job = s.get(Job, job_id)
-    if job is None:
-        raise UnknownJobError(f"no job {job_id}")
-    return job
 
 
 def claim_chunk(
@@ -115,53 +107,6 @@ def release_chunk(db: Database, chunk_id: int, *, worker: str, error: str) -> No
                 last_error=error[:2000],
             )
         )
-
-
-class LeaseKeeper:
-    """Extends a chunk's lease every ``interval_s`` on a background thread, for as long as
-    the worker holds the chunk: while the engine runs *and* while the results are recorded,
-    so a commit that stalls longer than the lease cannot let another worker take the chunk.
-    ``lost`` turns true when the lease was found taken (the worker was presumed dead)."""
-
-    def __init__(
-        self, db: Database, chunk_id: int, *, worker: str, lease_seconds: int, interval_s: float
-    ) -> None:
-        self._db, self._chunk_id = db, chunk_id
-        self._worker, self._lease_seconds, self._interval_s = worker, lease_seconds, interval_s
-        self._stop = threading.Event()
-        self.lost = False
-        self._thread = threading.Thread(target=self._run, name=f"lease-{chunk_id}", daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            try:
-                ok = extend_lease(
-                    self._db, self._chunk_id, worker=self._worker, lease_seconds=self._lease_seconds
-                )
-            except Exception as exc:  # the database blinked: try again next beat
-                log.warning("lease heartbeat for chunk %s failed: %s", self._chunk_id, exc)
-                continue
-            if not ok:
-                self.lost = True
-                return
-
-    def __enter__(self) -> LeaseKeeper:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-def result_counts(session: Session, job_id: int) -> tuple[int, int]:
-    """(succeeded, failed) result rows of a job."""
-    counts = dict(
-        session.execute(
-            select(Result.status, func.count()).where(Result.job_id == job_id).group_by(Result.status)
-        ).all()
-    )
-    return counts.get(ResultStatus.SUCCEEDED.value, 0), counts.get(ResultStatus.FAILED.value, 0)
 
 
 def finalize_job_if_done(db: Database, job_id: int) -> str | None:

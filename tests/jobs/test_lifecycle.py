@@ -16,10 +16,11 @@ from sqlalchemy import event, func, select
 
 from lmjobs.db.models import Chunk, ChunkStatus, JobStatus, Result, utcnow
 from lmjobs.db.session import get_database
-from lmjobs.jobs.chunks import engine_fault, is_fault_text, process_chunk
+from lmjobs.jobs.chunks import process_chunk
 from lmjobs.jobs.control import job_status
 from lmjobs.jobs.embedded import run_job_locally
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
+from lmjobs.jobs.faults import engine_fault, is_fault_text
 from lmjobs.jobs.lifecycle import requeue_expired_leases, retry_job, start_due_jobs
 
 
