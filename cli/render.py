@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, OverflowMethod
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -37,7 +37,7 @@ def _default(o: Any) -> Any:
 
 # Long values (model paths, errors) wrap at spaces; a word longer than the column is cut
 # with an ellipsis rather than folded letter by letter down the screen. --json is untouched.
-_OVERFLOW = "ellipsis"
+_OVERFLOW: OverflowMethod = "ellipsis"
 
 
 def tail(value: str, width: int) -> str:
