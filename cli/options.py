@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import typer
 
@@ -54,5 +54,5 @@ def job_options(fn: F) -> F:
         job = {name: kwargs.pop(name) for name, _, _ in JOB_OPTIONS}
         return fn(job=job, **kwargs)
 
-    command.__signature__ = sig.replace(parameters=own + extra)  # type: ignore[attr-defined]  # read by Typer
-    return command  # type: ignore[return-value]
+    setattr(command, "__signature__", sig.replace(parameters=own + extra))  # noqa: B010  # read by Typer
+    return cast(F, command)

@@ -7,9 +7,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """Rows an UPDATE, DELETE or INSERT changed (``Session.execute`` types its answer as a
+    plain ``Result``; for these statements it is a ``CursorResult``)."""
+    assert isinstance(result, CursorResult)
+    return int(result.rowcount or 0)
 
 
 def normalize_url(url: str) -> str:

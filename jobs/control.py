@@ -118,7 +118,7 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
         end = job.finished_at or now
         elapsed = max(0.0, (end - job.started_at).total_seconds())
         if elapsed > 0:
-            rate_tok = tokens[1] / elapsed
+            rate_tok = int(tokens[1] or 0) / elapsed
             rate_req = (ok + bad) / elapsed
             if rate_req > 0 and pending and not JobStatus(job.status).is_finished:
                 eta = pending / rate_req
@@ -136,8 +136,8 @@ def job_status(db: Database, job_id: int, *, now: datetime | None = None) -> Job
         pending=pending,
         lines_rejected=job.lines_rejected,
         chunks={str(k): int(v) for k, v in chunks.items()},
-        input_tokens=int(tokens[0]),
-        output_tokens=int(tokens[1]),
+        input_tokens=int(tokens[0] or 0),
+        output_tokens=int(tokens[1] or 0),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, func, or_, select
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, JobStatus, utcnow
 from lmjobs.db.session import Database
@@ -42,7 +42,7 @@ Publisher = Callable[[ChunkMessage], None]
 BrokerView = Callable[[], "set[int] | None"]
 
 
-def _runnable(now: datetime):  # type: ignore[no-untyped-def]
+def _runnable(now: datetime) -> tuple[ColumnElement[bool], ...]:
     return (
         Job.status.in_(JobStatus.active()),
         or_(Job.start_at.is_(None), Job.start_at <= now),

@@ -282,6 +282,8 @@ def throughput(db: Database, model: str) -> tuple[float | None, int]:
     total = n = 0
     with db.session() as s:
         for _, started, finished, out in s.execute(q):
+            if started is None or finished is None or out is None:
+                continue
             busy += max(0.0, (finished - started).total_seconds())
             total, n = total + int(out), n + 1
     return (total / busy if busy > 0 and total > 0 else None), n

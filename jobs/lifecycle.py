@@ -31,7 +31,7 @@ from lmjobs.db.models import (
     ResultStatus,
     utcnow,
 )
-from lmjobs.db.session import Database
+from lmjobs.db.session import Database, rows_changed
 from lmjobs.jobs.control import get_job, result_counts
 from lmjobs.jobs.errors import JobStateError
 
@@ -67,7 +67,7 @@ def claim_chunk(
         )
         .execution_options(synchronize_session=False)
     )
-    if res.rowcount != 1:
+    if rows_changed(res) != 1:
         return None
     chunk = session.get(Chunk, chunk_id)
     assert chunk is not None
@@ -91,7 +91,7 @@ def extend_lease(db: Database, chunk_id: int, *, worker: str, lease_seconds: int
             )
             .values(lease_expires_at=utcnow() + timedelta(seconds=lease_seconds))
         )
-        return res.rowcount == 1
+        return rows_changed(res) == 1
 
 
 def release_chunk(db: Database, chunk_id: int, *, worker: str, error: str) -> None:
@@ -135,7 +135,7 @@ def finalize_job_if_done(db: Database, job_id: int) -> str | None:
             .where(Job.id == job_id, Job.status.in_(JobStatus.active()))
             .values(status=status.value, finished_at=utcnow())
         )
-        finished = res.rowcount == 1
+        finished = rows_changed(res) == 1
     if finished and ok:
         from lmjobs.jobs.metrics import score_job_quietly  # scoring pulls in sacrebleu: only when needed
 
@@ -191,7 +191,7 @@ def requeue_expired_leases(db: Database, now: datetime) -> int:
                 last_error="lease expired: the worker died or lost the database",
             )
         )
-        return int(res.rowcount or 0)
+        return rows_changed(res)
 
 
 def finish_idle_jobs(db: Database) -> list[int]:
@@ -220,7 +220,7 @@ def cancel_job(db: Database, job_id: int) -> int:
             )
             .values(status=ChunkStatus.CANCELLED.value)
         )
-        return int(res.rowcount or 0)
+        return rows_changed(res)
 
 
 def retry_job(db: Database, job_id: int) -> int:
@@ -309,7 +309,7 @@ def close_chunk(session: Session, chunk_id: int, *, worker: str) -> bool:
             lease_expires_at=None,
         )
     )
-    return res.rowcount == 1
+    return rows_changed(res) == 1
 
 
 def mark_dispatched(db: Database, chunk_id: int, now: datetime) -> bool:
@@ -321,7 +321,7 @@ def mark_dispatched(db: Database, chunk_id: int, now: datetime) -> bool:
             .where(Chunk.id == chunk_id, Chunk.status == ChunkStatus.PENDING.value)
             .values(status=ChunkStatus.DISPATCHED.value, dispatched_at=now)
         )
-        return res.rowcount == 1
+        return rows_changed(res) == 1
 
 
 def undispatch(db: Database, chunk_ids: list[int]) -> int:
@@ -334,7 +334,7 @@ def undispatch(db: Database, chunk_ids: list[int]) -> int:
             .where(Chunk.id.in_(chunk_ids), Chunk.status == ChunkStatus.DISPATCHED.value)
             .values(status=ChunkStatus.PENDING.value, dispatched_at=None)
         )
-        return int(res.rowcount or 0)
+        return rows_changed(res)
 
 
 def mark_ready(db: Database, job_id: int, *, held: bool, counts: dict[str, object]) -> JobStatus:
@@ -360,7 +360,7 @@ def fail_job(db: Database, job_id: int, error: str) -> bool:
             .where(Job.id == job_id, Job.status.in_(JobStatus.active()))
             .values(status=JobStatus.FAILED.value, error=error[:2000], finished_at=now)
         )
-        if res.rowcount != 1:
+        if rows_changed(res) != 1:
             return False
         s.execute(
             update(Chunk)

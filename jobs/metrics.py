@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import and_, exists, func, select
 
 from lmjobs.db.models import Job, Request, Result, ResultStatus, Score
-from lmjobs.db.session import Database
+from lmjobs.db.session import Database, rows_changed
 from lmjobs.db.upsert import insert_ignore, insert_ignore_many
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def _pages(db: Database, job_id: int, *, unscored_only: bool) -> Iterator[list[A
     last = 0
     while True:
         with db.session() as s:
-            page = s.execute(_scorable(job_id, last, unscored_only=unscored_only)).all()
+            page = list(s.execute(_scorable(job_id, last, unscored_only=unscored_only)).all())
         if not page:
             return
         last = page[-1][0]
@@ -174,7 +174,7 @@ def score_job(db: Database, job_id: int) -> int:
         if rows:
             with db.session() as s:
                 res = s.execute(insert_ignore(s, Score, rows, ["request_id", "metric"]))
-                inserted += int(res.rowcount or 0)
+                inserted += rows_changed(res)
     return inserted
 
 

@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from sqlalchemy import delete, select, update
 
 from lmjobs.db.models import Schedule, utcnow
-from lmjobs.db.session import Database
+from lmjobs.db.session import Database, rows_changed
 from lmjobs.jobs.dispatch import Publisher
 from lmjobs.jobs.errors import LmjobsError
 from lmjobs.jobs.inputs import TASKS
@@ -192,7 +192,7 @@ def remove_schedule(db: Database, schedule_id: int) -> None:
     """Delete a schedule; jobs it created stay (their ``schedule_id`` still says where from)."""
     with db.session() as s:
         res = s.execute(delete(Schedule).where(Schedule.id == schedule_id))
-        if res.rowcount != 1:
+        if rows_changed(res) != 1:
             raise ScheduleError(f"no schedule {schedule_id}")
 
 
@@ -225,7 +225,7 @@ def _claim(db: Database, sch: Schedule, now: datetime) -> bool:
             )
             .values(next_run_at=next_run(sch.cron, tz, now), last_run_at=now)
         )
-        return res.rowcount == 1
+        return rows_changed(res) == 1
 
 
 def run_due_schedules(db: Database, publish: Publisher | None, now: datetime | None = None) -> list[int]:
