@@ -33,7 +33,6 @@ from sqlalchemy.orm import Session
 
 from lmjobs.db.models import (
     Chunk,
-    ChunkStatus,
     Job,
     Request,
     Result,
@@ -381,5 +380,3 @@ def _job_of(db: Database, chunk_id: int) -> int:
     assert job_id is not None
     return int(job_id)
 
-
-_OPEN_CHUNK = [s.value for s in ChunkStatus if s.is_open]
