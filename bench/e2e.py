@@ -14,10 +14,6 @@ benchmark's chunks), and the same device, dtype and thread count as the in-proce
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -27,11 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from lmjobs.bench.arms import ArmOutput
+from lmjobs.bench.harness import HarnessError, WorkerProcess, check_redis, cli_env, cli_json, wait_for_job
 from lmjobs.bench.workloads import BenchRequest
 
-LMJOBS = [sys.executable, "-m", "lmjobs.cli"]
 DEFAULT_BROKER = "redis://127.0.0.1:6379/12"
-FINISHED = ("completed", "completed_with_failures", "failed", "cancelled", "paused")
+POLL_S = 0.25  # how often the job's status is read: the submit-to-done time is this coarse
+LOG_TAIL = 2000  # characters of the worker's log an error quotes (the report keeps 1000)
 
 
 class E2EError(RuntimeError):
@@ -69,8 +66,8 @@ class E2EResult:
 
 
 def _env(opts: E2EOptions, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LMJOBS_")}
-    env.update(
+    """Only what ``opts`` says configures lmjobs: the caller's ``LMJOBS_*`` are dropped."""
+    overrides = dict(
         LMJOBS_HOME=str(home),
         LMJOBS_MODEL=opts.model,
         LMJOBS_MODEL_CACHE=str(opts.model_cache),
@@ -84,17 +81,10 @@ def _env(opts: E2EOptions, home: Path) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
     )
     if opts.database_url:
-        env["LMJOBS_DATABASE_URL"] = opts.database_url
+        overrides["LMJOBS_DATABASE_URL"] = opts.database_url
     if opts.threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opts.threads)
-    return env
-
-
-def _cli(args: Sequence[str], env: dict[str, str], timeout: float = 600) -> str:
-    proc = subprocess.run([*LMJOBS, *args], env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise E2EError(f"lmjobs {' '.join(args[:2])} exited {proc.returncode}: {proc.stderr[-2000:]}")
-    return proc.stdout
+        overrides["OMP_NUM_THREADS"] = overrides["MKL_NUM_THREADS"] = str(opts.threads)
+    return cli_env(keep_lmjobs=False, **overrides)
 
 
 def _write_jobfile(path: Path, requests: Sequence[BenchRequest]) -> None:
@@ -103,77 +93,21 @@ def _write_jobfile(path: Path, requests: Sequence[BenchRequest]) -> None:
             fh.write(json.dumps(r.job_line, ensure_ascii=False) + "\n")
 
 
-class _Worker:
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log_path = env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float) -> None:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*LMJOBS, "worker", "--loglevel", "INFO", "-n", "bench@%h"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise E2EError(f"the worker exited with {self.proc.returncode}: {self.tail()}")
-            if " ready." in self.log_path.read_text(errors="replace"):
-                return
-            time.sleep(0.2)
-        raise E2EError(f"the worker was not ready after {timeout:.0f} s: {self.tail()}")
-
-    def tail(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-2000:]
-        except FileNotFoundError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)  # Celery's warm shutdown
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-
-def _check_broker(url: str) -> None:
-    """Fail at once when Redis is unreachable (a worker would wait for it forever)."""
-    import redis
-
-    from lmjobs.jobs.settings import mask_url
-
-    try:
-        redis.Redis.from_url(url, socket_timeout=3, socket_connect_timeout=3).ping()
-    except Exception as exc:
-        raise E2EError(f"cannot reach Redis at {mask_url(url)}: {exc}") from None
-
-
 def _submit(path: Path, task: str, raw_prompt: bool, env: dict[str, str]) -> int:
-    args = ["submit", str(path), "--task", task, "--yes", "--json"]
+    args = ["submit", str(path), "--task", task, "--yes"]
     if raw_prompt:
         args.append("--raw-prompt")
-    return int(json.loads(_cli(args, env))["job_id"])
+    return int(cli_json(args, env)["job_id"])
 
 
-def _wait(db: Any, job_id: int, timeout: float, worker: _Worker) -> None:
+def _wait(db: Any, env: dict[str, str], job_id: int, timeout: float, worker: WorkerProcess) -> None:
+    """Until the job finishes, reading its status from the database (see ``POLL_S``)."""
     from lmjobs.jobs.control import job_status
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = job_status(db, job_id).status
-        if status in FINISHED:
-            return
-        if worker.proc is not None and worker.proc.poll() is not None:
-            raise E2EError(f"the worker died during job {job_id}: {worker.tail()}")
-        time.sleep(0.25)
-    raise E2EError(f"job {job_id} did not finish within {timeout:.0f} s")
+    def read() -> dict[str, Any]:
+        return {"status": job_status(db, job_id).status}
+
+    wait_for_job(env, job_id, timeout=timeout, poll_s=POLL_S, read=read, worker=worker)
 
 
 def _timeline(db: Any, job_id: int, first: datetime) -> list[dict[str, Any]]:
@@ -247,28 +181,34 @@ def run_e2e(
     from lmjobs.db.migrate import upgrade
     from lmjobs.db.session import forget_databases, get_database
 
-    _check_broker(opts.broker_url)
+    try:
+        check_redis(opts.broker_url)
+    except HarnessError as exc:
+        raise E2EError(str(exc)) from None
     with tempfile.TemporaryDirectory(prefix="lmjobs-bench-") as tmp:
         home = Path(tmp)
         env = _env(opts, home)
         url = opts.database_url or f"sqlite:///{home / 'lmjobs.db'}"
         upgrade(url)
         db = get_database(url)
-        worker = _Worker(env, home / "worker.log")
+        worker = WorkerProcess(env, home / "worker.log", "bench", tail_chars=LOG_TAIL)
         try:
             worker.start(timeout=300)
             _write_jobfile(home / "warmup.jsonl", warmup)
             start = time.perf_counter()
-            _wait(db, _submit(home / "warmup.jsonl", task, raw_prompt, env), opts.timeout_s, worker)
+            warm_id = _submit(home / "warmup.jsonl", task, raw_prompt, env)
+            _wait(db, env, warm_id, opts.timeout_s, worker)
             warmup_s = time.perf_counter() - start
 
             _write_jobfile(home / "bench.jsonl", requests)
             start = time.perf_counter()
             job_id = _submit(home / "bench.jsonl", task, raw_prompt, env)
-            _wait(db, job_id, opts.timeout_s, worker)
+            _wait(db, env, job_id, opts.timeout_s, worker)
             submit_to_done = time.perf_counter() - start
             first, last, outputs, ok = _measure(db, job_id)
             timeline = _timeline(db, job_id, first)
+        except HarnessError as exc:  # the report names the arm's own error
+            raise E2EError(str(exc)) from None
         finally:
             worker.stop()
             forget_databases()
