@@ -1,22 +1,17 @@
-"""Random-weight models of real shapes, built offline for benchmarks.
+"""Random-weight models built offline: real shapes for the benchmark, tiny ones for tests.
 
 A benchmark of speed needs the shapes of a real model (layers, heads, hidden and
 vocabulary sizes decide the cost of a step), not its knowledge. ``build_random_model``
 writes a model folder that ``load_model`` reads like any checkpoint: a config of a named
-shape, seeded random weights, and a tokenizer.
+shape (``SHAPES``), seeded random weights, and a tokenizer (``trained``: a byte-level BPE
+trained here; ``smollm2``: SmolLM2's, from the converted alias folder), built once into a
+cache folder.
 
-Weights are drawn so that decoding is well behaved and runs to ``max_new_tokens``:
-matrices with std 1/sqrt(fan_in) (activations stay near unit scale, nothing underflows
-into denormals) and embeddings with std 0.02, the usual initializer range. (Embeddings of
-std 1 make a tied model's residual stream mostly its input token, so it copies that token
-forever: a degenerate output that would make the correctness check trivially true.) The
-output rows of EOS and of every id the tokenizer does not have are zeroed: their logit is
-exactly 0 while the best real token's is several standard deviations above it, so the
-model never stops early and never writes an id the tokenizer cannot decode, while the
-output layer keeps the shape's full vocabulary (its cost).
+``build_tiny_causal`` (llama, gpt2) and ``build_tiny_seq2seq`` (t5) write the tests' tiny
+models (64 wide, 2 layers, ~500 ids) to a folder the test names.
 
-Tokenizers: ``trained`` is a byte-level BPE trained here on a small English corpus (no
-files needed); ``smollm2`` reuses SmolLM2's tokenizer from the converted alias folder.
+Both draw their weights with ``randomize``, seeded, so the same call gives the same files;
+its two scales and why are in docs/benchmarks.md ("Notes from the benchmark code").
 """
 
 from __future__ import annotations
@@ -26,9 +21,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from lmjobs.bench.tokenizer import MAX_POSITIONS, build_tokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 # name -> config fields; "vocab_size": None means the tokenizer's size.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -71,90 +71,12 @@ SHAPES: dict[str, dict[str, Any]] = {
         "tie_word_embeddings": True,
     },
 }
-TOKENIZERS = ("trained", "smollm2")
-EMBED_STD = 0.02
-INIT_VERSION = 2  # in the cached folder's name: bump when ``randomize`` changes
-TRAINED_VOCAB = 2048
-CONTEXT = 4096  # model_max_length of the trained tokenizer
-
-# ChatML-like template, so chat workloads render through a template as with real models.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
-
-WORDS = (
-    "the of and to in a is that for it as was with be by on not he this are or his from at "
-    "which but have an they you were her she there one all we their time people year way day "
-    "man thing woman life child world school state family student group country problem hand "
-    "part place case week company system program question work government number night point "
-    "home water room mother area money story fact month lot right study book eye job word "
-    "business issue side kind head house service friend father power hour game line end member "
-    "law car city community name president team minute idea kid body information back parent "
-    "face others level office door health person art war history party result change morning "
-    "reason research girl guy moment air teacher force education river mountain train station "
-    "language model batch queue worker result table answer translate summary question report "
-    "make go know take see come think look want give use find tell ask seem feel try leave call "
-    "good new first last long great little own other old big high different small large next "
-    "early young important few public bad same able quickly slowly often never always today "
-    "because although while after before during under over between through against without"
-).split()
+EMBED_STD = 0.02  # benchmark models: embeddings (matrices: 1/sqrt(fan_in))
+INIT_STD = 0.08  # tiny test models: every matrix, embeddings included
+INIT_VERSION = 2  # in the cached folder's name: bump when ``randomize`` changes for benchmarks
 
 
-def corpus_sentences(n: int = 400, seed: int = 0) -> list[str]:
-    """Deterministic word-salad sentences: enough text to train a BPE and build prompts."""
-    import random
-
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(6, 18))]
-        out.append(" ".join(words).capitalize() + rng.choice([".", ".", ".", "?", "!"]))
-    return out
-
-
-def build_trained_tokenizer(vocab_size: int = TRAINED_VOCAB) -> Any:
-    """A byte-level BPE (``<pad>`` 0, ``</s>`` 1 = EOS, ``<s>`` 2) with a chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "</s>", "<s>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus_sentences(2000), trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        eos_token="</s>",
-        bos_token="<s>",
-        unk_token="<unk>",
-    )
-    fast.model_max_length = CONTEXT
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def load_tokenizer(kind: str, cache_dir: Path) -> Any:
-    if kind == "trained":
-        return build_trained_tokenizer()
-    if kind == "smollm2":
-        from transformers import AutoTokenizer
-
-        from lmjobs.worker.models import ensure_smollm2
-
-        return AutoTokenizer.from_pretrained(ensure_smollm2(Path(cache_dir)))
-    raise ValueError(f"unknown tokenizer {kind!r} (use one of {TOKENIZERS})")
-
-
-def make_config(shape: str, tokenizer: Any) -> Any:
+def make_config(shape: str, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
     from transformers import AutoConfig
 
     if shape not in SHAPES:
@@ -165,37 +87,72 @@ def make_config(shape: str, tokenizer: Any) -> Any:
     fields["max_position_embeddings"] = min(fields["max_position_embeddings"], 32768)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    return AutoConfig.for_model(
+    config: PretrainedConfig = AutoConfig.for_model(
         model_type,
         bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos,
         eos_token_id=eos,
         pad_token_id=pad,
         **fields,
     )
+    return config
+
+
+def _is_norm_weight(name: str) -> bool:
+    """Layer and RMS norm scales: "norm" in llama, qwen2 and t5 names; ln_* in gpt2's."""
+    if "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight")):
+        return True
+    return "ln_f" in name and name.endswith("weight")
 
 
 @torch.no_grad()
-def randomize(model: Any, *, real_vocab: int, eos_id: int, seed: int) -> None:
-    """Redraw every weight (see the module docstring); zero unreachable output rows."""
+def randomize(
+    model: PreTrainedModel, *, eos_id: int, seed: int, std: float | None = None, real_vocab: int | None = None
+) -> None:
+    """Redraw every weight from a seeded normal; norm scales 1, biases 0.
+
+    ``std``: one standard deviation for every matrix, embeddings included (the tiny test
+    models); ``None``: 1/sqrt(fan_in) for matrices and ``EMBED_STD`` for embeddings (the
+    benchmark's shapes). The output row of EOS is zeroed (its logit stays 0, so greedy
+    decoding does not stop at once; for T5, whose output layer is tied, the EOS input
+    embedding is zero too), and so are the rows from ``real_vocab`` on, ids the tokenizer
+    does not have.
+    """
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
-    embeddings = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    out = _output_weight(model)  # [V, hidden]
+    embeddings = {id(model.get_input_embeddings().weight), id(out)}
     for name, param in model.named_parameters():
-        if id(param) in embeddings:
-            std = EMBED_STD
+        if std is None and id(param) in embeddings:
+            scale = EMBED_STD
         elif param.ndim >= 2:
-            std = param.shape[-1] ** -0.5
-        elif "norm" in name:
+            scale = std if std is not None else param.shape[-1] ** -0.5
+        elif _is_norm_weight(name):
             param.fill_(1.0)
             continue
         else:  # biases
             param.zero_()
             continue
         noise = torch.randn(param.shape, generator=gen, device=device, dtype=torch.float32)
-        param.copy_(noise * std)
-    out = model.get_output_embeddings().weight  # [V, hidden]
+        param.copy_(noise * scale)
     out[eos_id] = 0.0
-    out[real_vocab:] = 0.0
+    if real_vocab is not None:
+        out[real_vocab:] = 0.0
+    model.eval()
+
+
+def _output_weight(model: PreTrainedModel) -> torch.Tensor:
+    layer = model.get_output_embeddings()
+    if layer is None or not isinstance(layer.weight, torch.Tensor):
+        raise ValueError(f"{type(model).__name__} has no output layer to zero EOS in")
+    return layer.weight
+
+
+def save_folder(model: PreTrainedModel, tok: PreTrainedTokenizerBase, path: Path) -> Path:
+    """Weights (safetensors), config and tokenizer in ``path``; return it."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
 
 
 def model_folder(cache_dir: Path, shape: str, tokenizer: str, dtype: torch.dtype, seed: int) -> Path:
@@ -227,14 +184,16 @@ def build_random_model(
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    randomize(model, real_vocab=len(tok), eos_id=int(tok.eos_token_id), seed=seed)
-    model.generation_config.eos_token_id = tok.eos_token_id
+    eos = tok.eos_token_id
+    if not isinstance(eos, int):
+        raise ValueError(f"the {tokenizer} tokenizer has no EOS token")
+    randomize(model, real_vocab=len(tok), eos_id=eos, seed=seed)
+    model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = config.pad_token_id
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        model.to("cpu").save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        save_folder(model.to("cpu"), tok, tmp)
         (tmp / "lmjobs-bench.json").write_text(
             json.dumps({"shape": shape, "tokenizer": tokenizer, "seed": seed, "random": True})
         )
@@ -246,6 +205,85 @@ def build_random_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def build_tiny_causal(path: str | Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Write a tiny random causal LM (``arch`` "llama" or "gpt2") to ``path``; return it."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    path = Path(path)
+    tok = build_tokenizer(arch=arch, seed=seed)
+    config: PretrainedConfig
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=MAX_POSITIONS,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
+        )
+    elif arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=len(tok),
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=MAX_POSITIONS,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=False,
+        )
+    else:
+        raise ValueError(f"unknown causal arch {arch!r}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(model, eos_id=_eos(tok), seed=seed, std=INIT_STD)
+    return save_folder(model, tok, path)
+
+
+def build_tiny_seq2seq(path: str | Path, arch: str = "t5", seed: int = 0) -> Path:
+    """Write a tiny random encoder-decoder (T5) to ``path``; return it."""
+    from transformers import AutoModelForSeq2SeqLM, T5Config
+
+    if arch != "t5":
+        raise ValueError(f"unknown seq2seq arch {arch!r}")
+    path = Path(path)
+    tok = build_tokenizer(arch=arch, seed=seed)
+    # T5 ties its output layer to the input embeddings whatever the config says (in 5.x);
+    # n_positions is not a T5Config argument but is read back as the context length.
+    t5_args: dict[str, Any] = dict(
+        vocab_size=len(tok),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        n_positions=MAX_POSITIONS,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )
+    config = T5Config(**t5_args)
+    torch.manual_seed(seed)
+    model = AutoModelForSeq2SeqLM.from_config(config, dtype=torch.float32)
+    randomize(model, eos_id=_eos(tok), seed=seed, std=INIT_STD)
+    return save_folder(model, tok, path)
+
+
+def _eos(tok: PreTrainedTokenizerBase) -> int:
+    eos = tok.eos_token_id
+    if not isinstance(eos, int):
+        raise ValueError("the tokenizer has no EOS token")
+    return eos
 
 
 def parameter_bytes(model: Any) -> int:

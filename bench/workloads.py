@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmjobs.bench.models import WORDS
+from lmjobs.bench.tokenizer import WORDS
 from lmjobs.jobs.engine_api import GenRequest, SamplingParams
 from lmjobs.jobs.templates import render as render_task
-from lmjobs.worker.engine.batching import render as render_request
+from lmjobs.worker.engine.prompts import render as render_request
 
 WORKLOADS = ("fixed", "mixed", "tasks")
 MIXED_PROMPT = (16, 1024, 96.0, 1.0)  # min, max, median, sigma of the lognormal
