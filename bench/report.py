@@ -19,8 +19,8 @@ from lmjobs.bench.measure import StepStats
 from lmjobs.jobs.engine_api import ModelInfo
 
 if TYPE_CHECKING:
+    from lmjobs.bench.config import BenchConfig
     from lmjobs.bench.e2e import E2EResult
-    from lmjobs.bench.runner import BenchConfig
     from lmjobs.bench.workloads import BenchRequest, Workload
     from lmjobs.worker.engine.core import EngineConfig
 
@@ -97,6 +97,7 @@ class BenchReport:
         if res.succeeded < res.requests:
             result.notes.append(f"{res.requests - res.succeeded} requests did not succeed")
         self.add(result)
+
         def share_of(arm: ArmResult | None) -> float | None:
             return result.tokens_per_s / arm.tokens_per_s if arm and arm.tokens_per_s else None
 

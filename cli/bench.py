@@ -38,7 +38,8 @@ def bench(
     markdown_table: bool = False,
 ) -> None:
     """Parse the options into a BenchConfig, run it, render the report, write its JSON."""
-    from lmjobs.bench.runner import preset_config, run_bench
+    from lmjobs.bench.config import preset_config
+    from lmjobs.bench.runner import run_bench
 
     if preset is None and model is None:
         preset = "cpu-smollm2"

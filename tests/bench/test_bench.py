@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from services import cli_env, run_cli
 
-from lmjobs.bench.runner import parse_arms, preset_config
+from lmjobs.bench.config import parse_arms, preset_config
 
 ARM_KEYS = set(
     "arm label requests subset output_tokens elapsed_s output_tokens_per_s requests_per_s "
