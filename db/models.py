@@ -182,6 +182,10 @@ class Request(Base):
     isolated_attempts: Mapped[int] = mapped_column(
         Integer, default=0, doc="Runs on its own after its chunk hit the attempt cap."
     )
+    requested_model: Mapped[str | None] = mapped_column(
+        String(500),
+        doc="Model the line asked for (OpenAI `body.model`); the job's model runs it. NULL: none named.",
+    )
 
 
 class Result(Base):
