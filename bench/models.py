@@ -213,32 +213,26 @@ def build_tiny_causal(path: str | Path, arch: str = "llama", seed: int = 0) -> P
 
     path = Path(path)
     tok = build_tokenizer(arch=arch, seed=seed)
+    common = {
+        "vocab_size": len(tok),
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "tie_word_embeddings": False,
+    }
     config: PretrainedConfig
     if arch == "llama":
         config = LlamaConfig(
-            vocab_size=len(tok),
             hidden_size=64,
             intermediate_size=128,
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=MAX_POSITIONS,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=False,
+            **common,
         )
-    elif arch == "gpt2":
-        config = GPT2Config(
-            vocab_size=len(tok),
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=MAX_POSITIONS,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            tie_word_embeddings=False,
-        )
+    elif arch == "gpt2":  # no pad token, as GPT-2
+        config = GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, **common)
     else:
         raise ValueError(f"unknown causal arch {arch!r}")
     torch.manual_seed(seed)
