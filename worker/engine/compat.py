@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -83,8 +83,22 @@ def cache_layers(cache: Any) -> list[Any] | None:
     return layers if isinstance(layers, list) else None
 
 
-# --- model outputs -------------------------------------------------------------------------
+# --- model inputs and outputs --------------------------------------------------------------
 BaseModelOutput: Any = _import("transformers.modeling_outputs", "BaseModelOutput")
+
+
+def cache_argument(forward_params: Collection[str]) -> str:
+    """The forward keyword that takes the KV cache, from the forward's parameter names:
+    ``cache`` since 5.24 (``past_key_values`` still maps to it there, with a warning that it
+    goes in 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in forward_params else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned: ``output.cache`` since 5.24, ``past_key_values`` before."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
 
 # --- attention and mask registries ---------------------------------------------------------
 AttentionInterface: Any = _import("transformers", "AttentionInterface")

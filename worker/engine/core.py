@@ -59,6 +59,7 @@ from lmjobs.worker.engine.batching import (
     order,
     prepare,
 )
+from lmjobs.worker.engine.compat import cache_argument
 from lmjobs.worker.engine.decoding import DecodeContext, Row
 from lmjobs.worker.engine.logits import GenerationRules
 from lmjobs.worker.engine.prompts import context_length
@@ -196,6 +197,7 @@ def _context(model: Any, tokenizer: Any, device: torch.device, *, is_seq2seq: bo
         decoder_start_id=int(start) if isinstance(start, int) else None,
         logits_to_keep="logits_to_keep" in forward_args,
         position_ids="position_ids" in forward_args,
+        cache_arg=cache_argument(forward_args),
     )
 
 

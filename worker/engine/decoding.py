@@ -23,7 +23,7 @@ import torch
 
 from lmjobs.jobs.engine_api import FinishReason
 from lmjobs.worker.engine.batching import Prepared
-from lmjobs.worker.engine.compat import BaseModelOutput
+from lmjobs.worker.engine.compat import BaseModelOutput, output_cache
 from lmjobs.worker.engine.kvcache import GrowingLayer, fill_holes, make_growing
 from lmjobs.worker.engine.logits import GenerationRules, RowLogits
 from lmjobs.worker.engine.sampling import choose_tokens, make_generator
@@ -44,10 +44,14 @@ class DecodeContext:
     decoder_start_id: int | None = None  # encoder-decoder models only
     logits_to_keep: bool = False  # the model's forward takes ``logits_to_keep``
     position_ids: bool = True  # ... and ``position_ids`` (alibi models such as Bloom do not)
+    cache_arg: str = "past_key_values"  # the forward's KV-cache keyword (compat.cache_argument)
 
-    def optional_args(self, positions: torch.Tensor, *, prefill: bool) -> dict[str, Any]:
-        """Forward arguments only some models take: per-row positions, last logits only."""
+    def optional_args(self, positions: torch.Tensor, *, prefill: bool, cache: Any = None) -> dict[str, Any]:
+        """Forward arguments that depend on the model or the release: the KV cache (decode
+        steps; its keyword changed in 5.24), per-row positions, last logits only."""
         args: dict[str, Any] = {}
+        if not prefill:
+            args[self.cache_arg] = cache
         if self.position_ids:
             args["position_ids"] = positions
         if prefill and self.logits_to_keep:
@@ -176,7 +180,7 @@ class CausalBatch:
             use_cache=True,
             **ctx.optional_args(positions, prefill=True),
         )
-        self.cache, self.mask, self.pos = out.past_key_values, mask, mask.sum(-1)
+        self.cache, self.mask, self.pos = output_cache(out), mask, mask.sum(-1)
         self.can_merge = make_growing(self.cache)  # not with sliding windows and the like
         return out.logits[:, -1, :]
 
@@ -187,11 +191,10 @@ class CausalBatch:
         out = self.ctx.model(
             input_ids=self.last[:, None],  # [B, 1]
             attention_mask=self.mask,  # [B, T + 1]
-            past_key_values=self.cache,
             use_cache=True,
-            **self.ctx.optional_args(self.pos[:, None], prefill=False),  # positions: [B, 1]
+            **self.ctx.optional_args(self.pos[:, None], prefill=False, cache=self.cache),  # positions: [B, 1]
         )
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         self.pos = self.pos + 1
         return out.logits[:, -1, :]
 
@@ -276,10 +279,10 @@ class Seq2SeqBatch:
             encoder_outputs=BaseModelOutput(last_hidden_state=self.encoded),
             attention_mask=self.enc_mask,
             decoder_input_ids=self.last[:, None],  # [B, 1]
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.ctx.cache_arg: self.cache},
         )
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
         return out.logits[:, -1, :]
 
     def advance(self, logits: torch.Tensor) -> list[Row]:

@@ -84,8 +84,8 @@ class StaticCacheBatch:
         out = ctx.model(
             input_ids=ids,
             attention_mask=mask,  # [slots, L]: static caches attend over all L columns
-            past_key_values=self.cache,
             use_cache=True,
+            **{ctx.cache_arg: self.cache},
             **ctx.optional_args(positions, prefill=True),
         )
         self.mask, self.pos, self.column = mask, mask.sum(-1), width
@@ -100,9 +100,8 @@ class StaticCacheBatch:
         out = step(
             input_ids=self.full_last[:, None],  # [slots, 1]
             attention_mask=self.mask,  # [slots, L]
-            past_key_values=self.cache,
             use_cache=True,
-            **self.ctx.optional_args(self.pos[:, None], prefill=False),  # positions: [slots, 1]
+            **self.ctx.optional_args(self.pos[:, None], prefill=False, cache=self.cache),  # [slots, 1]
         )
         self.column += 1
         self.pos = self.pos + 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -419,6 +420,17 @@ def test_missing_internals_refuse_the_model_with_one_message(
 def test_this_release_has_everything():
     assert compat.missing() == []
     compat.check()
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5"])
+def test_the_cache_goes_by_the_name_this_release_takes(arch: str, request: pytest.FixtureRequest):
+    # 5.24 renamed the forward's past_key_values to cache (the old name goes in 5.40)
+    lm: LoadedModel = request.getfixturevalue(arch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for mode in ("continuous", "static"):
+            assert all(g.ok for g in engine(lm, mode))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
 
 
 def test_continuous_batching_page_size_under_either_name():
