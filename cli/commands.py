@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 
 from lmjobs.cli import context, render
 from lmjobs.jobs.errors import BrokerError, LmjobsError, UsageError
@@ -17,9 +18,18 @@ from lmjobs.jobs.settings import mask_secrets
 
 def _report_rejects(rep: Any) -> None:
     for r in rep.rejects:
-        render.warn(f"line {r.line_number}: {r.reason}")
+        render.warn(escape(f"line {r.line_number}: {r.reason}"))
     if rep.lines_rejected > len(rep.rejects):
         render.warn(f"... {rep.lines_rejected - len(rep.rejects)} more; see `lmjobs rejects {rep.job_id}`")
+    if rep.model_mismatches and rep.first_model_mismatch is not None:
+        line, asked = rep.first_model_mismatch
+        n = rep.model_mismatches
+        render.warn(
+            escape(
+                f"{n} line{'s' if n != 1 else ''} ask for a model other than the job's {rep.model!r}, "
+                f"which runs them; the first: line {line} asks for {asked!r} (--strict refuses such a file)"
+            )
+        )
 
 
 def _options(task: str, model: str | None, job: dict[str, Any], chunk_size: int | None, **kw: Any) -> Any:
@@ -162,6 +172,12 @@ def submit(
                 "rejected": rep.lines_rejected,
                 "chunks": rep.chunks_total,
                 "dispatched": outcome.dispatched,
+                "model_mismatches": rep.model_mismatches,
+                "first_model_mismatch": (
+                    {"line": rep.first_model_mismatch[0], "model": rep.first_model_mismatch[1]}
+                    if rep.first_model_mismatch
+                    else None
+                ),
             }
         )
     else:

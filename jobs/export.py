@@ -4,9 +4,12 @@ Rows are streamed from the database in pages, so a ten-million-row job exports i
 bounded memory. Partial results of a running job export too: requests without a result
 appear with status ``pending`` (``--only-finished`` leaves them out).
 
-Every format carries the same columns (``COLUMNS``); ``finished_at`` is the result's
-``created_at`` (ISO 8601 UTC in JSONL/CSV, a UTC timestamp in Parquet). In CSV an empty
-cell is NULL (the csv module cannot tell the two apart); ``input_json`` is JSON text.
+Every format but ``openai`` carries the same columns (``COLUMNS``), among them ``model``
+(the model that ran) and ``requested_model`` (the model the line asked for, OpenAI's
+``body.model``); the OpenAI format's ``body.model`` is the model that ran, as OpenAI's own
+output names it. ``finished_at`` is the result's ``created_at`` (ISO 8601 UTC in
+JSONL/CSV, a UTC timestamp in Parquet). In CSV an empty cell is NULL (the csv module cannot
+tell the two apart); ``input_json`` is JSON text.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ COLUMNS = [
     "finished_at",
     "reference",
     "input_json",
+    # Last, so positional readers of older exports keep working. The model the line asked for
+    # (OpenAI body.model), beside ``model``, the one that actually ran it.
+    "requested_model",
 ]
 
 # The status an exported row shows for a request with no result yet.
@@ -107,6 +113,7 @@ def iter_result_rows(
             "finished_at": res.created_at if res else None,
             "reference": req.reference,
             "input_json": req.input_json,
+            "requested_model": req.requested_model,
         }
 
 
@@ -249,6 +256,7 @@ def _write_parquet(rows: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
             ("finished_at", pa.timestamp("us", tz="UTC")),
             ("reference", pa.string()),
             ("input_json", pa.string()),
+            ("requested_model", pa.string()),
         ]
     )
     n = 0

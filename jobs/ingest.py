@@ -42,6 +42,17 @@ class SubmitReport:
     chunks_total: int
     status: str
     rejects: list[LineError] = field(default_factory=list)  # the first MAX_REPORTED_REJECTS
+    model: str = ""  # the job's model
+    # Accepted lines whose requested model (OpenAI body.model) is not the job's model (which
+    # runs them anyway), and the first of them as (line number, requested model).
+    model_mismatches: int = 0
+    first_model_mismatch: tuple[int, str] | None = None
+
+
+def model_mismatch(p: ParsedRequest, job_model: str) -> bool:
+    """The line asks for a model other than the job's (compared as written: an alias and the
+    id it stands for differ)."""
+    return p.model is not None and p.model != job_model
 
 
 def _check_options(path: Path, opts: SubmitOptions) -> None:
@@ -70,6 +81,7 @@ def _request_row(
         "input_json": p.input,
         "params_json": p.params,
         "reference": p.reference,
+        "requested_model": p.model,
         "content_sha256": content_hash(p.task, rendered, effective),
         "isolated_attempts": 0,
     }
@@ -96,6 +108,8 @@ class _Writer:
         self.accepted = 0
         self.rejected = 0
         self.chunks = 0
+        self.model_mismatches = 0
+        self.first_model_mismatch: tuple[int, str] | None = None
 
     def reject(self, err: LineError) -> None:
         self.rejected += 1
@@ -151,6 +165,11 @@ class _Writer:
         if not inserted:
             s.delete(chunk)
             return
+        for p in self.batch:
+            if p.line_number in inserted and model_mismatch(p, self.job.model):
+                self.model_mismatches += 1
+                if self.first_model_mismatch is None:
+                    self.first_model_mismatch = (p.line_number, p.model or "")
         chunk.requests_total = len(inserted)
         chunk.first_line, chunk.last_line = min(inserted), max(inserted)
         self.accepted += len(inserted)
@@ -168,6 +187,10 @@ def _validate_strict(path: Path, opts: SubmitOptions) -> None:
                 render(item.task, item.input, opts.params)
             except ValueError as exc:
                 bad.append(LineError(item.line_number, str(exc), ""))
+            else:
+                if model_mismatch(item, opts.model):
+                    reason = f"the line asks for model {item.model!r:.200}, not the job's {opts.model!r}"
+                    bad.append(LineError(item.line_number, reason, ""))
         if len(bad) >= 5:
             break
     if bad:
@@ -247,6 +270,9 @@ def create_job(
         chunks_total=writer.chunks,
         status=status.value,
         rejects=writer.rejects,
+        model=opts.model,
+        model_mismatches=writer.model_mismatches,
+        first_model_mismatch=writer.first_model_mismatch,
     )
 
 
