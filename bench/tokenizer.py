@@ -17,10 +17,11 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
+    from tokenizers.processors import PostProcessor
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # --- the benchmark's tokenizer ------------------------------------------------------------
@@ -180,7 +181,7 @@ def build_tokenizer(*, arch: str, seed: int = 0) -> PreTrainedTokenizerFast:
     del seed  # BPE training is deterministic for a fixed corpus
     specials = GPT2_SPECIALS if arch == "gpt2" else LLAMA_SPECIALS
     tok = train_bpe(CORPUS, vocab_size=VOCAB_SIZE, special_tokens=_unique(specials.values()))
-    post: Any
+    post: PostProcessor
     if arch == "llama":
         bos = tok.token_to_id("<s>")
         post = processors.TemplateProcessing(
