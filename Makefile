@@ -5,7 +5,7 @@
 #   make lint   ruff (lint and format), the import contract (lint-imports) and mypy
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch; CUDA users: make TORCH_SPEC='torch>=2.4' (PyPI's default is a CUDA build)
+# The CPU build of torch; CUDA users: make TORCH_SPEC='torch>=2.11,<2.16' (PyPI's default is a CUDA build)
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -276,4 +276,4 @@ def _run_e2e(
 
 def _worker_arm(config: BenchConfig, device: torch.device) -> str:
     """The in-process arm that runs what the worker runs (EngineConfig mode auto)."""
-    return "A3" if resolve_mode("auto", device) == "continuous" else "A2"
+    return "A3" if resolve_mode("auto") == "continuous" else "A2"

@@ -16,16 +16,8 @@ Modes (``EngineConfig.mode``):
 - ``auto``: continuous (it falls back to static by itself where it cannot merge: encoder-
   decoder models, caches that are not plain dynamic layers), static with ``compile``.
 
-What ``auto`` rests on (CPU, 2 cores shared with other jobs, so CPU seconds of one thread,
-not wall time, which varied 3x between identical runs): SmolLM2-135M fp32, 64 chat
-requests, prompts 40-110 tokens, max_new_tokens 16/32/64/96, 1763 tokens written (28
-stop early on EOS). Static: 53.5 s (batch 16), 46.4 s (32), 42.3 s (64). Continuous:
-38.8 s (16), 34.7 s (32), 39.3 s (64; the same forwards as static 64, since all 64 fit one
-batch: the difference is noise). Continuous needs about half the decode steps (110 vs
-175 at batch 32) for the same row-steps; refilling at 1/2, 1/4 or 1/8 free slots made no
-measurable difference. The tiny llama (same workload): static 0.4-0.5 s, continuous
-0.3-0.4 s. On CUDA, decode is bound by weight reads, so a full batch wins more there; not
-measured here (no GPU).
+Why ``auto`` is continuous: measured side by side in ``docs/benchmarks.md`` ("Why the
+engine's auto mode is continuous").
 
 ``compile=True``: a StaticCache with bucketed shapes and, on CUDA, transformers' compiled
 forward (CUDA graphs) for decode steps; static batching only. Not run on a GPU yet.
@@ -120,7 +112,7 @@ def generate(
         is_seq2seq=is_seq2seq,
         batch_tokens=config.batch_tokens or default_batch_tokens(model, device),
         max_batch_size=config.max_batch_size,
-        continuous=resolve_mode(config.mode, device) == "continuous",
+        continuous=resolve_mode(config.mode) == "continuous",
         static_cache=config.compile,
         context=context,
     )
@@ -136,10 +128,8 @@ def generate(
     return [answers[i] for i in range(len(requests))]
 
 
-def resolve_mode(mode: str, device: torch.device) -> str:
-    """``auto`` is continuous on every device (measurements in the module docstring);
-    ``device`` is kept so that a device where static wins can say so."""
-    del device
+def resolve_mode(mode: str) -> str:
+    """``auto`` is continuous (docs/benchmarks.md says why)."""
     return "continuous" if mode == "auto" else mode
 
 

@@ -152,7 +152,7 @@ def test_small_token_budget_and_input_order(llama: LoadedModel, mode: str):
 
 
 def test_auto_mode_is_continuous(llama: LoadedModel):
-    assert resolve_mode("auto", torch.device("cpu")) == "continuous"
+    assert resolve_mode("auto") == "continuous"
     requests = requests_for(PROMPTS[:4])
     texts = [g.text for g in run(llama, requests, mode="auto")]
     assert texts == [g.text for g in run(llama, requests, mode="static")]
