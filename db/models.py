@@ -290,3 +290,89 @@ class Schedule(Base):
     last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_job_id: Mapped[int | None] = mapped_column(BigId)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class BatchStatus(str, Enum):
+    """An OpenAI batch (``lmjobs serve``): OpenAI's statuses and meaning."""
+
+    VALIDATING = "validating"  # the input file is being read into a job
+    FAILED = "failed"  # refused as a whole (no valid line), or the job stopped on an engine fault
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"  # output and error files being written
+    COMPLETED = "completed"
+    EXPIRED = "expired"  # past expires_at; finished rows kept
+    CANCELLING = "cancelling"  # running chunks finish
+    CANCELLED = "cancelled"
+
+    @classmethod
+    def finished(cls) -> tuple[str, ...]:
+        return (cls.FAILED.value, cls.COMPLETED.value, cls.EXPIRED.value, cls.CANCELLED.value)
+
+    @classmethod
+    def open(cls) -> tuple[str, ...]:
+        """Not finished: a refresh may move it on."""
+        return (cls.VALIDATING.value, cls.IN_PROGRESS.value, cls.FINALIZING.value, cls.CANCELLING.value)
+
+
+class ApiKey(Base):
+    """A key of the HTTP API (`lmjobs keys create`); only its hash is stored."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        UniqueConstraint("name", name="uq_api_keys_name"),
+        UniqueConstraint("key_sha256", name="uq_api_keys_key_sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(100), doc="Unique label given at creation.")
+    key_sha256: Mapped[str] = mapped_column(String(64), doc="SHA-256 of the key, hex.")
+    key_prefix: Mapped[str] = mapped_column(String(16), doc="First characters of the key, to recognise it.")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, doc="Set by `lmjobs keys revoke`.")
+
+
+class ApiFile(Base):
+    """A file of the HTTP API: an uploaded batch input, or a batch's output or error file."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_key_created", "api_key_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, doc="OpenAI-style id, file-...")
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), doc="Owner.")
+    filename: Mapped[str] = mapped_column(String(255), doc="Name given by the uploader.")
+    purpose: Mapped[str] = mapped_column(String(32), doc="batch (input) or batch_output.")
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    lines: Mapped[int] = mapped_column(Integer, doc="Physical lines.")
+    storage_name: Mapped[str] = mapped_column(String(100), doc="Name under the files folder.")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Batch(Base):
+    """An OpenAI batch: one lmjobs job, with OpenAI's fields."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_key_created", "api_key_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, doc="OpenAI-style id, batch_...")
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), doc="Owner.")
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="SET NULL"), index=True, doc="The job; NULL while validating."
+    )
+    status: Mapped[str] = mapped_column(_enum(BatchStatus), index=True, doc="See BatchStatus.")
+    endpoint: Mapped[str] = mapped_column(String(64), doc="/v1/chat/completions or /v1/completions.")
+    model: Mapped[str | None] = mapped_column(String(500), doc="The model the lines asked for.")
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    output_file_id: Mapped[str | None] = mapped_column(String(64), doc="Successful lines.")
+    error_file_id: Mapped[str | None] = mapped_column(String(64), doc="Failed and unfinished lines.")
+    completion_window: Mapped[str] = mapped_column(String(16), doc="As given: 24h, 30m, 10s.")
+    metadata_json: Mapped[dict | None] = mapped_column(JSON, doc="Up to 16 string pairs.")
+    errors_json: Mapped[list | None] = mapped_column(JSON, doc="Rejected lines and batch errors.")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    in_progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finalizing_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancelling_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    cancelled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
