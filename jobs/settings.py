@@ -18,6 +18,7 @@ from lmjobs.db.urls import mask_secrets, mask_url
 
 __all__ = ["Settings", "get_settings", "mask_secrets", "mask_url", "reset_settings"]
 
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LMJOBS_", extra="ignore")
 
@@ -82,6 +83,38 @@ class Settings(BaseSettings):
             value = str(getattr(self, name))
             out[name] = mask_url(value) if name.endswith("_url") else value
         return out
+
+    # -- the HTTP API (`lmjobs serve`) ------------------------------------------------------
+    files_dir: Path | None = None  # uploads and batch outputs; default: <home>/files
+    max_upload_bytes: int = Field(default=200_000_000, ge=1)  # as OpenAI's batch input limit
+    max_upload_lines: int = Field(default=50_000, ge=1)  # requests per batch file, as OpenAI's
+    # "alias=model,alias=model": the names an OpenAI line's body.model may use for a model
+    # (gpt-4o-mini=Qwen/Qwen2.5-0.5B-Instruct); other names must be a Hugging Face id.
+    model_aliases: str = ""
+
+    @field_validator("model_aliases")
+    @classmethod
+    def _check_aliases(cls, v: str) -> str:
+        _parse_aliases(v)  # checked at start-up
+        return v
+
+    @property
+    def files_path(self) -> Path:
+        return Path(self.files_dir).expanduser() if self.files_dir else self.home / "files"
+
+    @property
+    def model_alias_map(self) -> dict[str, str]:
+        return _parse_aliases(self.model_aliases)
+
+
+def _parse_aliases(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, target = (x.strip() for x in item.partition("="))
+        if not sep or not name or not target:
+            raise ValueError(f"{item!r} is not alias=model")
+        out[name] = target
+    return out
 
 
 @lru_cache(maxsize=1)
