@@ -1,0 +1,89 @@
+"""A batch's output and error files, in OpenAI's batch output format.
+
+One line per request, in input order, streamed from the database a page at a time
+(``jobs/export.iter_result_rows``): ``{id, custom_id, response: {status_code, request_id,
+body} | null, error: {code, message} | null}``. Successful lines go to the output file,
+failed ones (and, for a cancelled or expired batch, the ones that never ran) to the error
+file. A body is what OpenAI's endpoint answers: a ``chat.completion`` for
+``/v1/chat/completions``, a ``text_completion`` for ``/v1/completions``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from lmjobs.db.models import ResultStatus
+from lmjobs.db.session import Database
+from lmjobs.jobs.export import iter_result_rows
+
+CHAT = "/v1/chat/completions"
+
+
+def _usage(row: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = row["input_tokens"] or 0, row["output_tokens"] or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _body(row: dict[str, Any], endpoint: str, model: str) -> dict[str, Any]:
+    created = int(row["finished_at"].timestamp()) if row["finished_at"] else 0
+    finish = row["finish_reason"] if row["finish_reason"] in ("stop", "length") else "stop"
+    if endpoint == CHAT:
+        return {
+            "id": f"chatcmpl-lmjobs-{row['request_id']}",
+            "object": "chat.completion",
+            "created": created,
+            "model": row["model"] or model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": row["output_text"] or ""},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(row),
+        }
+    return {
+        "id": f"cmpl-lmjobs-{row['request_id']}",
+        "object": "text_completion",
+        "created": created,
+        "model": row["model"] or model,
+        "choices": [
+            {"index": 0, "text": row["output_text"] or "", "finish_reason": finish, "logprobs": None}
+        ],
+        "usage": _usage(row),
+    }
+
+
+def output_lines(
+    db: Database, job_id: int, *, endpoint: str, model: str, unfinished_code: str | None
+) -> Iterator[tuple[bool, str]]:
+    """``(succeeded, line)`` for every request of the job in input order. Requests without a
+    result are left out, unless ``unfinished_code`` (``batch_cancelled``, ``batch_expired``)
+    reports them as failed lines with that code."""
+    for row in iter_result_rows(db, job_id):
+        line: dict[str, Any] = {"id": f"batch_req_lmjobs_{row['request_id']}", "custom_id": row["custom_id"]}
+        if row["status"] == ResultStatus.SUCCEEDED.value:
+            line["response"] = {
+                "status_code": 200,
+                "request_id": f"lmjobs-{row['request_id']}",
+                "body": _body(row, endpoint, model),
+            }
+            line["error"] = None
+            yield True, json.dumps(line, ensure_ascii=False)
+            continue
+        if row["status"] == ResultStatus.FAILED.value:
+            line["response"] = None
+            line["error"] = {"code": "generation_failed", "message": row["error"] or "generation failed"}
+        elif unfinished_code is not None:
+            why = "cancelled" if unfinished_code == "batch_cancelled" else "expired"
+            line["response"] = None
+            line["error"] = {
+                "code": unfinished_code,
+                "message": f"This request could not be run: the batch {why}.",
+            }
+        else:
+            continue
+        yield False, json.dumps(line, ensure_ascii=False)
