@@ -236,9 +236,10 @@ def query(
 
 
 # `report` and `schedule add|list|remove` (cli/analytics.py)
-from lmjobs.cli import analytics  # noqa: E402
+from lmjobs.cli import analytics, api_commands  # noqa: E402
 
 analytics.register(app)
+api_commands.register(app)  # serve, keys create|list|revoke (cli/api_commands.py)
 
 
 @app.command()
