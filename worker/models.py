@@ -87,12 +87,26 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
+def cpu_computes_bf16(cpuinfo: str | None = None) -> bool:
+    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX-BF16)? Without those
+    instructions torch emulates bf16 and it runs slower than fp32 (PITFALLS.md, CPU speed)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+                cpuinfo = fh.read()
+        except OSError:
+            return False
+    flags = set(cpuinfo.split())
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on a GPU that supports it, else fp16 on a GPU; fp32 on the CPU."""
+    """``auto``: bf16 on a GPU that supports it, else fp16 on a GPU; on the CPU bf16 where
+    the CPU computes it natively (as vLLM's CPU backend does), else fp32."""
     if dtype == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_computes_bf16() else torch.float32
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
@@ -119,7 +133,9 @@ def load_model(
     # download, instead of an AttributeError on every request later
     compat.check()
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    # CPU int8 is dynamic quantization of fp32 Linear layers: auto means fp32 there
+    cpu_int8 = quantize == "int8" and torch_device.type == "cpu"
+    torch_dtype = torch.float32 if cpu_int8 and dtype == "auto" else resolve_dtype(dtype, torch_device)
     if quantize not in (None, "int8"):
         raise ConfigError(f"unknown quantization {quantize!r} (use int8 or nothing)")
 

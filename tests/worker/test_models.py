@@ -21,11 +21,12 @@ def test_loads_a_causal_folder(tiny_llama_dir: Path, tmp_path: Path):
     lm = load_model(str(tiny_llama_dir), device="auto", cache_dir=tmp_path)
 
     assert not lm.is_seq2seq and not lm.model.training
-    assert lm.device == torch.device("cpu") and lm.model.dtype == torch.float32
+    auto = resolve_dtype("auto", torch.device("cpu"))  # bf16 where the CPU computes it (tested below)
+    assert lm.device == torch.device("cpu") and lm.model.dtype == auto
     assert lm.context_length == 512
     assert lm.tokenizer.padding_side == "left" and lm.tokenizer.pad_token == "<pad>"
     assert lm.info.model == str(tiny_llama_dir)
-    assert lm.info.dtype == "float32" and lm.info.device == "cpu"
+    assert lm.info.dtype == str(auto).removeprefix("torch.") and lm.info.device == "cpu"
     assert lm.info.revision and lm.info.revision.startswith("local-")
     again = load_model(str(tiny_llama_dir), cache_dir=tmp_path)
     assert again.info.revision == lm.info.revision
@@ -76,7 +77,6 @@ def test_missing_weights_are_a_model_load_error(tiny_llama_dir: Path, tmp_path: 
 
 def test_settings_errors(tmp_path: Path, tiny_llama_dir: Path):
     assert resolve_device("cpu") == torch.device("cpu")
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("fp16", torch.device("cpu")) == torch.float16
     with pytest.raises(ConfigError):
         resolve_dtype("float8", torch.device("cpu"))
@@ -87,6 +87,34 @@ def test_settings_errors(tmp_path: Path, tiny_llama_dir: Path):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_on_the_cpu_is_bf16_only_where_the_cpu_computes_it(
+    monkeypatch: pytest.MonkeyPatch, native: bool, expected: torch.dtype
+) -> None:
+    monkeypatch.setattr(models, "cpu_computes_bf16", lambda: native)
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32  # asked: always honoured
+
+
+def test_native_bf16_is_read_from_the_cpu_flags() -> None:
+    zen4 = "flags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire = "flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+    older = "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni\n"
+    assert models.cpu_computes_bf16(zen4) and models.cpu_computes_bf16(sapphire)
+    assert not models.cpu_computes_bf16(older) and not models.cpu_computes_bf16("")
+
+
+def test_auto_dtype_loads_bf16_on_a_native_cpu_and_int8_stays_fp32(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(models, "cpu_computes_bf16", lambda: True)
+    assert load_model(str(tiny_llama_dir), device="cpu", cache_dir=tmp_path).info.dtype == "bfloat16"
+    int8 = load_model(str(tiny_llama_dir), device="cpu", quantize="int8", cache_dir=tmp_path)
+    assert int8.info.dtype == "float32+int8"
+    monkeypatch.setattr(models, "cpu_computes_bf16", lambda: False)
+    assert load_model(str(tiny_llama_dir), device="cpu", cache_dir=tmp_path).info.dtype == "float32"
 
 
 def test_int8_loads_and_generates(tiny_llama_dir: Path, tmp_path: Path):
