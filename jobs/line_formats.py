@@ -1,0 +1,374 @@
+"""What a valid input line is: the fields of each task's native lines and of OpenAI Batch
+lines, their limits, and which OpenAI options are honoured or refused (with the field named).
+
+``jobs/inputs.py`` reads the file and decodes each line safely; this module says whether the
+decoded object is a request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    field_validator,
+    model_validator,
+)
+
+from lmjobs.jobs.params import MAX_NEW_TOKENS, SEED_MAX, TEMPERATURE_MAX
+
+TASKS = ("translate", "summarize", "qa", "generate", "chat")
+
+
+OPENAI_URLS = {"/v1/chat/completions": "chat", "/v1/completions": "generate"}
+
+
+MAX_ID_CHARS = 512  # requests.custom_id is VARCHAR(512)
+
+
+MAX_MODEL_CHARS = 500  # requests.requested_model is VARCHAR(500), as jobs.model
+
+
+PENALTY_MAX = 2.0  # presence_penalty and frequency_penalty: -2..2, as OpenAI
+
+
+LOGIT_BIAS_MAX = 100.0  # a logit_bias value: -100..100, as OpenAI
+
+
+MAX_LOGIT_BIAS = 1024  # token ids in one logit_bias: bounds the stored params of a row
+
+
+TOKEN_ID_MAX = 2**31 - 1
+
+
+MAX_STOP_STRINGS = 16
+
+
+class Refused(ValueError):
+    """A line's JSON parses but is refused (NaN, duplicate key...); the message is the reason."""
+
+
+def _check_id(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError("must be a string or an integer")
+    text = str(value)
+    if not text:
+        raise ValueError("must not be empty")
+    if len(text) > MAX_ID_CHARS:
+        raise ValueError(f"must be at most {MAX_ID_CHARS} characters, got {len(text)}")
+    return text
+
+
+def _check_custom_id(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be a string")
+    return _check_id(value)
+
+
+def _check_stop(value: Any) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise ValueError("must be a string or a list of strings")
+    if len(items) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+    if any(not s for s in items):
+        raise ValueError("stop strings must not be empty")
+    return items
+
+
+def _flatten_content(value: Any, *, strict: bool = False) -> str:
+    """A message's content: a string, or OpenAI-style text parts joined by newlines (as vLLM).
+    ``strict`` (OpenAI lines): a part's field other than type and text refuses the line."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a string or a non-empty list of text parts")
+    texts = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise ValueError(f"only text parts are supported, got type {kind!r:.40}")
+        if not isinstance(part.get("text"), str):
+            raise ValueError("a text part needs a string 'text'")
+        extra = [k for k, v in part.items() if k not in ("type", "text") and v is not None]
+        if strict and extra:  # e.g. cache_control
+            raise ValueError(f"unsupported field {extra[0]!r:.60} in a text part")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _flatten_openai_content(value: Any) -> str:
+    return _flatten_content(value, strict=True)
+
+
+def _check_logit_bias(value: Any) -> dict[str, float] | None:
+    """OpenAI's ``{"token id": bias}``: ids are decimal strings (JSON keys), converted to int
+    and checked, then kept as canonical decimal strings so the params stay JSON as stored;
+    ``SamplingParams`` turns them into ints. ``{}`` asks for nothing."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("must be an object mapping token ids to biases")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise ValueError(f"at most {MAX_LOGIT_BIAS} token ids, got {len(value)}")
+    out: dict[str, float] = {}
+    for key, bias in value.items():
+        if not (key.isascii() and key.isdigit() and len(key) <= 10 and int(key) <= TOKEN_ID_MAX):
+            raise ValueError(f"key {key!r:.40} is not a token id (an integer from 0 to {TOKEN_ID_MAX})")
+        token = str(int(key))
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise ValueError(f"the bias of token {token} must be a number")
+        if not -LOGIT_BIAS_MAX <= bias <= LOGIT_BIAS_MAX:
+            raise ValueError(f"the bias of token {token} must be between -100 and 100, got {bias}")
+        if token in out:
+            raise ValueError(f"token id {token} appears twice")
+        out[token] = float(bias)
+    return out or None
+
+
+_CONFIG = ConfigDict(strict=True, extra="ignore")
+
+
+_NonEmpty = Annotated[str, Field(min_length=1)]
+
+
+_Lang = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+_Stop = Annotated[list[str] | None, PlainValidator(_check_stop)]
+
+
+_Model = Annotated[str | None, Field(min_length=1, max_length=MAX_MODEL_CHARS)]
+
+
+_Penalty = Annotated[float | None, Field(ge=-PENALTY_MAX, le=PENALTY_MAX)]
+
+
+_LogitBias = Annotated[dict[str, float] | None, PlainValidator(_check_logit_bias)]
+
+
+class Message(BaseModel):
+    """A native line's chat turn: other fields of a turn are ignored, as other native fields."""
+
+    model_config = _CONFIG
+    role: Literal["system", "user", "assistant"]
+    content: Annotated[str, PlainValidator(_flatten_content)]
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _developer_is_system(cls, role: Any) -> Any:
+        return "system" if role == "developer" else role  # OpenAI's newer name for system
+
+
+class _OpenAIMessage(Message):
+    """An OpenAI line's turn: a field lmjobs cannot honour (name, tool_calls, refusal...)
+    refuses the line; describe reports pydantic's extra_forbidden as
+    "unsupported field 'body.messages[0].name'". Null is absent."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    content: Annotated[str, PlainValidator(_flatten_openai_content)]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in ("role", "content")}
+        return data
+
+
+class _SamplingCore(BaseModel):
+    model_config = _CONFIG
+    temperature: float | None = Field(None, ge=0, le=TEMPERATURE_MAX)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, le=SEED_MAX)
+    stop: _Stop = None
+    presence_penalty: _Penalty = None
+    frequency_penalty: _Penalty = None
+    logit_bias: _LogitBias = None
+
+    def sampling(self, max_new_tokens: int | None) -> dict[str, Any] | None:
+        """The line's overrides, named as ``SamplingParams`` fields (``jobs/params.py``
+        merges every key that is one)."""
+        params = {
+            "max_new_tokens": max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": self.stop or None,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "logit_bias": self.logit_bias,
+        }
+        return {k: v for k, v in params.items() if v is not None} or None
+
+
+class _Native(_SamplingCore):
+    id: Annotated[str | None, PlainValidator(_check_id)] = None
+    reference: str | None = None
+    metadata: dict[str, Any] | None = None
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    model: _Model = None  # recorded as the requested model; the job's model runs
+
+
+class _Translate(_Native):
+    text: _NonEmpty
+    source_lang: _Lang | None = None
+    target_lang: _Lang | None = None
+
+
+class _Summarize(_Native):
+    text: _NonEmpty
+
+
+class _QA(_Native):
+    question: _NonEmpty
+    context: str | None = None  # "" is treated as absent
+
+
+class _Generate(_Native):
+    prompt: _NonEmpty
+
+
+class _Chat(_Native):
+    messages: Annotated[list[Message], Field(min_length=1)]
+
+
+TASK_MODELS: dict[str, tuple[type[_Native], tuple[str, ...]]] = {
+    "translate": (_Translate, ("text", "source_lang", "target_lang")),
+    "summarize": (_Summarize, ("text",)),
+    "qa": (_QA, ("question", "context")),
+    "generate": (_Generate, ("prompt",)),
+    "chat": (_Chat, ("messages",)),
+}
+
+
+class _OpenAIBody(_SamplingCore):
+    # Every key reaches here through check_fields: the honoured ones are declared below.
+    model_config = ConfigDict(strict=True, extra="forbid")
+    model: _Model = None  # recorded as the requested model; the job's model runs
+    messages: Annotated[list[_OpenAIMessage] | None, Field(min_length=1)] = None
+    prompt: _NonEmpty | None = None  # a single string; lists and token arrays are refused
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    user: str | None = Field(None, max_length=MAX_ID_CHARS)  # kept as input["user"]
+    metadata: dict[str, Any] | None = None  # kept as input["metadata"]
+
+
+class OpenAILine(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    custom_id: Annotated[str, PlainValidator(_check_custom_id)]
+    method: Literal["POST"] = "POST"
+    url: Literal["/v1/chat/completions", "/v1/completions"] | None = None
+    body: _OpenAIBody
+    reference: str | None = None  # lmjobs extension, for scoring
+
+
+def _is(expected: Any) -> Callable[[Any], bool]:
+    """A value that asks for nothing: equal to ``expected`` and of its type (``0`` is not ``False``)."""
+    return lambda v: type(v) is type(expected) and v == expected
+
+
+def _never(_: Any) -> bool:
+    return False
+
+
+_TOOLS = "tool and function calling is not supported"
+
+
+_LOGPROBS = "log-probabilities are not supported yet"
+
+
+# OpenAI options lmjobs does not honour: (does this value ask for nothing?, why it is refused).
+# A value that asks for nothing (stream: false, n: 1, tools: []) is accepted; any other
+# refuses the line with the field named.
+OPENAI_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "stream": (_is(False), "stream is not supported in a batch"),
+    "stream_options": (_never, "stream is not supported in a batch"),
+    "n": (_is(1), "only n=1 is supported: one answer per line"),
+    "best_of": (_is(1), "best_of above 1 is not supported"),
+    "echo": (_is(False), "echo is not supported"),
+    "suffix": (_never, "suffix (insertion) is not supported"),
+    "tools": (_is([]), _TOOLS),
+    "tool_choice": (_is("none"), _TOOLS),
+    "functions": (_is([]), _TOOLS),
+    "function_call": (_is("none"), _TOOLS),
+    "parallel_tool_calls": (_never, _TOOLS),
+    "audio": (_never, "audio output is not supported"),
+    "modalities": (_is(["text"]), "only text output is supported"),
+    "prediction": (_never, "predicted outputs are not supported"),
+    "web_search_options": (_never, "web search is not supported"),
+    "reasoning_effort": (_never, "reasoning effort is not supported"),
+    "service_tier": (_never, "service tiers are not supported"),
+    "response_format": (_is({"type": "text"}), "structured outputs are not supported yet"),
+    "logprobs": (_is(False), _LOGPROBS),
+    "top_logprobs": (_never, _LOGPROBS),
+    "store": (_is(False), "store: true (OpenAI's stored completions) is not supported"),
+}
+
+
+OPENAI_LINE_FIELDS = frozenset(OpenAILine.model_fields)
+
+
+OPENAI_BODY_FIELDS = frozenset(_OpenAIBody.model_fields)
+
+
+# Native lines: names that can only be an instruction lmjobs would drop, so the line is
+# refused. Names that may just as well be a column of the file's own data (n, stream,
+# user, audio, prediction...) are not here: other fields of a native line are ignored.
+NATIVE_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_tokens": (_never, "native lines take max_new_tokens"),
+    "max_completion_tokens": (_never, "native lines take max_new_tokens"),
+    "top_k": (_never, "a per-line top_k is not supported"),
+    **{
+        name: OPENAI_UNSUPPORTED[name]
+        for name in (
+            "best_of",
+            "tools",
+            "tool_choice",
+            "functions",
+            "function_call",
+            "parallel_tool_calls",
+            "stream_options",
+            "web_search_options",
+            "reasoning_effort",
+            "service_tier",
+            "response_format",
+            "logprobs",
+            "top_logprobs",
+        )
+    },
+}
+
+
+def check_fields(
+    obj: dict[str, Any],
+    prefix: str,
+    refused: dict[str, tuple[Callable[[Any], bool], str]],
+    known: frozenset[str] | None,
+) -> dict[str, Any]:
+    """``obj`` without the fields that ask for nothing (null, or a refused option's no-op
+    value); raises ``Refused`` naming the first three that ask for what lmjobs cannot do, and,
+    when ``known`` is given, any field not in it ("unsupported field 'body.x'")."""
+    kept: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in obj.items():
+        if key in refused:
+            harmless, why = refused[key]
+            if value is not None and not harmless(value):
+                problems.append(f"{prefix}{key}: {why}")
+        elif known is None or key in known:
+            kept[key] = value
+        elif value is not None:
+            problems.append(f"unsupported field '{prefix}{key:.60}'")
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise Refused("; ".join(problems[:3]) + more)
+    return kept
+
+
+def dump_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
