@@ -51,9 +51,9 @@ def run(
     job: dict[str, Any],
 ) -> None:
     """Run a file to completion in this process (no Redis needed) and print or write results."""
-    from lmjobs.cli import commands
+    from lmjobs.cli import running
 
-    commands.run_local(
+    running.run_local(
         file,
         task=task,
         model=model,
@@ -86,9 +86,9 @@ def submit(
     job: dict[str, Any],
 ) -> None:
     """Queue a job for the workers and print its id."""
-    from lmjobs.cli import commands
+    from lmjobs.cli import running
 
-    commands.submit(
+    running.submit(
         file,
         task=task,
         model=model,
@@ -112,17 +112,17 @@ def worker(
     name: str | None = typer.Option(None, "--name", "-n", help="Celery node name"),
 ) -> None:
     """Start a Celery worker for one model (one per GPU: set CUDA_VISIBLE_DEVICES)."""
-    from lmjobs.cli import commands
+    from lmjobs.cli import running
 
-    commands.worker(model=model, loglevel=loglevel, name=name)
+    running.worker(model=model, loglevel=loglevel, name=name)
 
 
 @app.command()
 def beat(loglevel: str = typer.Option("INFO", "--loglevel", "-l")) -> None:
     """The control process: the periodic reconciler, cron schedules and dispatch (no model)."""
-    from lmjobs.cli import commands
+    from lmjobs.cli import running
 
-    commands.beat(loglevel=loglevel)
+    running.beat(loglevel=loglevel)
 
 
 @app.command()

@@ -19,7 +19,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # (parameter name, type, option): the sampling defaults and task options of a job.
 JOB_OPTIONS: list[tuple[str, Any, Any]] = [
-    ("max_new_tokens", int | None, typer.Option(None, "--max-new-tokens", help="Most tokens to write per request [default: 256]")),
+    (
+        "max_new_tokens",
+        int | None,
+        typer.Option(None, "--max-new-tokens", help="Most tokens to write per request [default: 256]"),
+    ),
     ("temperature", float | None, typer.Option(None, "--temperature", help="0 = greedy [default: 0]")),
     ("top_p", float | None, typer.Option(None, "--top-p")),
     ("seed", int | None, typer.Option(None, "--seed", help="Sampling seed (same seed, same text)")),
