@@ -85,8 +85,7 @@ def _report_tables(rep: Any) -> None:
     summary = {
         "status": rep.status,
         "task / model": f"{rep.task} / {rep.model}",
-        "requests": f"{t.requests:,} ({t.succeeded:,} ok, {t.failed:,} failed, "
-        f"{t.pending:,} pending)",
+        "requests": f"{t.requests:,} ({t.succeeded:,} ok, {t.failed:,} failed, {t.pending:,} pending)",
         "lines rejected": f"{rep.lines_rejected:,}",
         "tokens in / out": f"{t.input_tokens:,} / {t.output_tokens:,}",
         "elapsed": render.duration(elapsed),
@@ -136,9 +135,7 @@ def _report_tables(rep: Any) -> None:
         title="by task",
     )
     if rep.failures:
-        render.table(
-            ["failures", "reason"], [(n, r) for r, n in rep.failures], title="failures by reason"
-        )
+        render.table(["failures", "reason"], [(n, r) for r, n in rep.failures], title="failures by reason")
 
 
 # -- schedule -----------------------------------------------------------------------------

@@ -44,9 +44,7 @@ def database(*, check_schema: bool = True) -> Database:
         return get_database(url)
     except OperationalError as exc:
         first = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
-        raise ConfigError(
-            f"cannot reach the database at {mask_url(url)}: {mask_url(first)}"
-        ) from None
+        raise ConfigError(f"cannot reach the database at {mask_url(url)}: {mask_url(first)}") from None
 
 
 def publisher() -> Publisher:

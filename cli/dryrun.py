@@ -84,9 +84,7 @@ def _table(est: Estimate) -> None:
     if est.truncated:
         over += f"; {_num(est.truncated)} would be truncated"
     expected = (
-        f"{_num(est.expected_tokens_out)} expected"
-        if est.expected_tokens_out is not None
-        else "unknown"
+        f"{_num(est.expected_tokens_out)} expected" if est.expected_tokens_out is not None else "unknown"
     )
     render.kv_table(
         f"dry run: {est.file} ({est.task}, {est.model}) - nothing submitted",
@@ -94,11 +92,9 @@ def _table(est: Estimate) -> None:
             "lines": _num(est.lines),
             "accepted": _num(est.accepted),
             "rejected": _num(est.rejected),
-            "duplicate ids": f"{_num(est.duplicate_ids)}"
-            + _lines(est.duplicate_id_lines, est.duplicate_ids),
+            "duplicate ids": f"{_num(est.duplicate_ids)}" + _lines(est.duplicate_id_lines, est.duplicate_ids),
             "duplicate prompts": _num(est.duplicate_prompts),
-            "tokens in": f"{approx}{_num(est.tokens_in)}"
-            f" (longest {approx}{_num(est.tokens_in_max)})",
+            "tokens in": f"{approx}{_num(est.tokens_in)} (longest {approx}{_num(est.tokens_in_max)})",
             "  counted with": est.tokens_basis,
             "context length": _num(est.context_length) if est.context_length else "unknown",
             "over the context": over if est.context_length else "unknown",

@@ -91,9 +91,7 @@ def _frame(
     for frac, label in x_labels:
         x = L + pw * frac
         anchor = "start" if frac == 0 else ("end" if frac == 1 else "middle")
-        out.append(
-            f'<text x="{x:.1f}" y="{H - B + 16}" text-anchor="{anchor}">{escape(label)}</text>'
-        )
+        out.append(f'<text x="{x:.1f}" y="{H - B + 16}" text-anchor="{anchor}">{escape(label)}</text>')
     out.append(
         f'<text x="12" y="{T + ph / 2:.1f}" transform="rotate(-90 12 {T + ph / 2:.1f})" '
         f'text-anchor="middle">{escape(y_label)}</text>'
@@ -132,9 +130,7 @@ def throughput_svg(rep: JobReport) -> str:
     return "\n".join([*out, "</svg>"])
 
 
-def histogram_svg(
-    svg_id: str, title: str, h: Histogram, color: str, unit: str, x_label: str
-) -> str:
+def histogram_svg(svg_id: str, title: str, h: Histogram, color: str, unit: str, x_label: str) -> str:
     if not any(h.counts):
         return f'<p class="empty">No data for {escape(title.lower())}.</p>'
     ymax = _nice_max(max(h.counts), integer=True)
@@ -152,9 +148,7 @@ def histogram_svg(
             f'width="{max(bw - 2, 1):.1f}" height="{bh:.1f}" fill="{color}">'
             f"<title>{escape(tip)}</title></rect>"
         )
-    out.append(
-        f'<text x="{L + pw / 2:.1f}" y="{H - 4}" text-anchor="middle">{escape(x_label)}</text>'
-    )
+    out.append(f'<text x="{L + pw / 2:.1f}" y="{H - 4}" text-anchor="middle">{escape(x_label)}</text>')
     return "\n".join([*out, "</svg>"])
 
 

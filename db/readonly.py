@@ -302,9 +302,7 @@ def _sqlite_error(e: sqlite3.Error, auth: _Authorizer, budget: _Budget) -> Lmjob
     return QueryError(_first_line(str(e)))
 
 
-def _sqlite_query(
-    url: URL, sql: str, timeout_s: float, params: dict[str, Any] | None
-) -> QueryResult:
+def _sqlite_query(url: URL, sql: str, timeout_s: float, params: dict[str, Any] | None) -> QueryResult:
     _, segs = check_statement(sql, dialect="sqlite")
     text = "".join(s.text for s in segs)
     budget = _Budget(timeout_s)

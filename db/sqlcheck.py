@@ -165,6 +165,4 @@ def check_statement(sql: str, *, dialect: str) -> tuple[str, list[Segment]]:
 
 def to_pyformat(segs: list[Segment]) -> str:
     """``:name`` -> ``%(name)s`` and ``%`` -> ``%%``: the SQL as psycopg takes it with params."""
-    return "".join(
-        f"%({s.text[1:]})s" if s.kind == "param" else s.text.replace("%", "%%") for s in segs
-    )
+    return "".join(f"%({s.text[1:]})s" if s.kind == "param" else s.text.replace("%", "%%") for s in segs)

@@ -379,4 +379,3 @@ def _job_of(db: Database, chunk_id: int) -> int:
         job_id = s.scalar(select(Chunk.job_id).where(Chunk.id == chunk_id))
     assert job_id is not None
     return int(job_id)
-

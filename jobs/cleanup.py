@@ -29,24 +29,18 @@ def _progress(db: Database, job_ids: list[int]) -> dict[int, tuple[int, int]]:
     with db.session() as s:
         chunks = dict(
             s.execute(
-                select(Chunk.job_id, func.count())
-                .where(Chunk.job_id.in_(job_ids))
-                .group_by(Chunk.job_id)
+                select(Chunk.job_id, func.count()).where(Chunk.job_id.in_(job_ids)).group_by(Chunk.job_id)
             ).all()
         )
         rejects = dict(
             s.execute(
-                select(Reject.job_id, func.count())
-                .where(Reject.job_id.in_(job_ids))
-                .group_by(Reject.job_id)
+                select(Reject.job_id, func.count()).where(Reject.job_id.in_(job_ids)).group_by(Reject.job_id)
             ).all()
         )
     return {j: (chunks.get(j, 0), rejects.get(j, 0)) for j in job_ids}
 
 
-def incomplete_submits(
-    db: Database, *, sha256: str | None = None, task: str | None = None
-) -> list[int]:
+def incomplete_submits(db: Database, *, sha256: str | None = None, task: str | None = None) -> list[int]:
     """Jobs still ``submitting`` (optionally: of this file content and task)."""
     q = select(Job.id).where(Job.status == JobStatus.SUBMITTING.value).order_by(Job.id)
     if sha256 is not None:

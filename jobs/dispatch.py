@@ -115,5 +115,3 @@ def dispatch(
         free[msg.queue] = room - 1
         sent += 1
     return sent
-
-

@@ -24,7 +24,6 @@ __all__ = [
 ]
 
 
-
 class ConfigError(LmjobsError):
     """A setting is missing or invalid (bad URL, unknown dtype, unreachable service)."""
 

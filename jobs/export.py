@@ -84,9 +84,7 @@ def rows_in_line_order(db: Database, job_id: int, *columns: Any, page: int = PAG
         yield from rows
 
 
-def iter_result_rows(
-    db: Database, job_id: int, *, only_finished: bool = False
-) -> Iterator[dict[str, Any]]:
+def iter_result_rows(db: Database, job_id: int, *, only_finished: bool = False) -> Iterator[dict[str, Any]]:
     """One dict per request in input order."""
     for _, req, res in rows_in_line_order(db, job_id, Request, Result):
         if res is None and only_finished:

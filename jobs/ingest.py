@@ -66,9 +66,7 @@ def _check_options(path: Path, opts: SubmitOptions) -> None:
         raise InputFileError(f"{path}: the file is empty")
 
 
-def _request_row(
-    job_id: int, chunk_id: int, p: ParsedRequest, opts: SubmitOptions
-) -> dict[str, Any]:
+def _request_row(job_id: int, chunk_id: int, p: ParsedRequest, opts: SubmitOptions) -> dict[str, Any]:
     """Raises ValueError when the task template refuses the fields (e.g. no target language)."""
     rendered = render(p.task, p.input, opts.params)
     effective = sampling_params(opts.params, p.params).to_dict()
@@ -91,9 +89,7 @@ def _insert_requests(session: Session, rows: list[dict[str, Any]]) -> set[int]:
     """Insert-or-ignore on (job, caller's id); returns the line numbers actually inserted."""
     dialect = session.get_bind().dialect.name
     ins = (postgresql if dialect == "postgresql" else sqlite).insert(Request).values(rows)
-    stmt = ins.on_conflict_do_nothing(index_elements=["job_id", "custom_id"]).returning(
-        Request.line_number
-    )
+    stmt = ins.on_conflict_do_nothing(index_elements=["job_id", "custom_id"]).returning(Request.line_number)
     return set(session.scalars(stmt).all())
 
 
@@ -195,9 +191,7 @@ def _validate_strict(path: Path, opts: SubmitOptions) -> None:
             break
     if bad:
         first = bad[0]
-        more = (
-            f" (and more: {', '.join(str(b.line_number) for b in bad[1:])})" if len(bad) > 1 else ""
-        )
+        more = f" (and more: {', '.join(str(b.line_number) for b in bad[1:])})" if len(bad) > 1 else ""
         raise InputFileError(
             f"{path}: line {first.line_number}: {first.reason}{more}; --strict refuses the file"
         )

@@ -184,9 +184,7 @@ class _Acc:
 def _time_span(db: Database, job: Job) -> tuple[datetime | None, datetime | None]:
     with db.session() as s:
         first, last = s.execute(
-            select(func.min(Result.created_at), func.max(Result.created_at)).where(
-                Result.job_id == job.id
-            )
+            select(func.min(Result.created_at), func.max(Result.created_at)).where(Result.job_id == job.id)
         ).one()
     if first is None:
         return None, None

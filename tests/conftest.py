@@ -24,9 +24,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 # Worker processes started by tests load the fake engine (tests/fake_engine.py) through
 # LMJOBS_TEST_ENGINE, which settings accept only in test mode; they import it from here.
 os.environ["LMJOBS_TEST_MODE"] = "1"
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p
-)
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH", "")) if p)
 
 
 @pytest.fixture(autouse=True)
@@ -48,9 +46,7 @@ def lmjobs_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 
 
 def shared_model_cache() -> Path:
-    path = Path(
-        os.environ.get("LMJOBS_TEST_MODEL_CACHE", Path.home() / ".cache" / "lmjobs-test-models")
-    )
+    path = Path(os.environ.get("LMJOBS_TEST_MODEL_CACHE", Path.home() / ".cache" / "lmjobs-test-models"))
     path.mkdir(parents=True, exist_ok=True)
     return path
 

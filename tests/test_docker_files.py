@@ -100,9 +100,7 @@ def test_every_service_is_health_checked_or_waits_for_healthy_ones(
     assert "inspect ping" in " ".join(services["worker"]["healthcheck"]["test"])
     assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name in ("worker", "worker-gpu", "beat"):
-        assert services[name]["depends_on"]["migrate"] == {
-            "condition": "service_completed_successfully"
-        }
+        assert services[name]["depends_on"]["migrate"] == {"condition": "service_completed_successfully"}
 
 
 def test_no_secret_is_written_down(compose: dict[str, Any]) -> None:

@@ -45,9 +45,7 @@ def write_input(path: Path) -> tuple[set[int], set[int]]:
                 fh.write(BAD_LINES[line_no] + "\n")
                 (valid if line_no == 121 else bad).add(line_no)
                 continue
-            fh.write(
-                json.dumps({"id": f"doc-{i}", "text": f"the cat sat on mat number {i % 17}"}) + "\n"
-            )
+            fh.write(json.dumps({"id": f"doc-{i}", "text": f"the cat sat on mat number {i % 17}"}) + "\n")
             valid.add(line_no)
             i += 1
     return valid, bad
@@ -72,9 +70,7 @@ def test_job_runs_through_a_real_worker(
 
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     try:
-        sub = run_cli(
-            ["submit", str(src), "--task", "summarize", "--max-new-tokens", "8", "--json"], env
-        )
+        sub = run_cli(["submit", str(src), "--task", "summarize", "--max-new-tokens", "8", "--json"], env)
         assert sub.returncode == 0, sub.stderr
         info = json.loads(sub.stdout)
         job_id = info["job_id"]
@@ -90,9 +86,7 @@ def test_job_runs_through_a_real_worker(
     assert st["status"] == "completed", worker.log()[-3000:]
     db = get_database(db_url)
     with db.session() as s:
-        n_results = s.scalar(
-            select(func.count()).select_from(Result).where(Result.job_id == job_id)
-        )
+        n_results = s.scalar(select(func.count()).select_from(Result).where(Result.job_id == job_id))
         n_distinct = s.scalar(
             select(func.count(func.distinct(Result.request_id))).where(Result.job_id == job_id)
         )
@@ -142,10 +136,7 @@ def test_openai_batch_file_keeps_custom_ids(
                 body["prompt"] = f"the dog ran {i}"
                 url = "/v1/completions"
             fh.write(
-                json.dumps(
-                    {"custom_id": f"req-{i:03d}", "method": "POST", "url": url, "body": body}
-                )
-                + "\n"
+                json.dumps({"custom_id": f"req-{i:03d}", "method": "POST", "url": url, "body": body}) + "\n"
             )
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     try:

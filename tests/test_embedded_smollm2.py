@@ -53,9 +53,7 @@ def _run(task: str, rows: list[dict], tmp_path: Path, env: dict[str, str], tag: 
 
 
 @pytest.mark.parametrize("task,rows", [("summarize", SUMMARIZE), ("qa", QA)])
-def test_smollm2_embedded_run(
-    task: str, rows: list[dict], tmp_path: Path, lmjobs_home: Path
-) -> None:
+def test_smollm2_embedded_run(task: str, rows: list[dict], tmp_path: Path, lmjobs_home: Path) -> None:
     env = cli_env(LMJOBS_HOME=str(lmjobs_home))  # nothing else: the embedded default
     assert "LMJOBS_DATABASE_URL" not in env and "LMJOBS_MODEL" not in env
     first = _run(task, rows, tmp_path, env, "a")

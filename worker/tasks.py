@@ -76,8 +76,7 @@ def _top_up(rt: Runtime) -> None:
     try:
         with_db_retry(lambda: dispatch(rt.db, CeleryPublisher(app), queue=rt.queue), "dispatch")
     except Exception as exc:  # never fail a finished chunk for this
-        log.warning("top-up dispatch failed (the next tick will dispatch): %s",
-                    mask_secrets(str(exc)))
+        log.warning("top-up dispatch failed (the next tick will dispatch): %s", mask_secrets(str(exc)))
 
 
 @app.task(name="lmjobs.run_chunk", bind=True)
@@ -91,12 +90,23 @@ def run_chunk(self: Any, job_id: int, chunk_id: int) -> dict[str, Any]:
         # The engine failed as a whole (or hung past the time limit): the chunk service has
         # released the chunk, so dispatching again retries it now rather than at the tick.
         # (If the database stayed away past the retry limit, the lease brings it back.)
-        log.error("chunk %s of job %s failed: %s: %s", chunk_id, job_id,
-                  type(exc).__name__, mask_secrets(str(exc))[:500])
+        log.error(
+            "chunk %s of job %s failed: %s: %s",
+            chunk_id,
+            job_id,
+            type(exc).__name__,
+            mask_secrets(str(exc))[:500],
+        )
         _top_up(rt)
         return {"chunk_id": chunk_id, "error": type(exc).__name__}
     _top_up(rt)
     if outcome.engine_fault:
         log.error("job %s stopped: engine fault: %s", job_id, mask_secrets(outcome.engine_fault)[:500])
-    return {"chunk_id": chunk_id, "claimed": outcome.claimed, "succeeded": outcome.succeeded,
-            "failed": outcome.failed, "skipped": outcome.skipped, "engine_fault": outcome.engine_fault}
+    return {
+        "chunk_id": chunk_id,
+        "claimed": outcome.claimed,
+        "succeeded": outcome.succeeded,
+        "failed": outcome.failed,
+        "skipped": outcome.skipped,
+        "engine_fault": outcome.engine_fault,
+    }

@@ -72,15 +72,11 @@ def _config(source: str, trust_remote_code: bool) -> dict[str, Any]:
         return dict(json.loads(path.read_text(encoding="utf-8")))
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(
-        source, local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    cfg = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
     return dict(cfg.to_dict())
 
 
-def load_token_counter(
-    model: str, *, cache_dir: Path, trust_remote_code: bool = False
-) -> TokenCounter:
+def load_token_counter(model: str, *, cache_dir: Path, trust_remote_code: bool = False) -> TokenCounter:
     """The tokenizer of ``model`` from disk. Raises ModelLoadError with one line."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:

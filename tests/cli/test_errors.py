@@ -35,9 +35,7 @@ def test_empty_file_is_refused(env: dict[str, str], tmp_path: Path) -> None:
     assert proc.returncode == 1
 
 
-def test_file_without_a_valid_line_is_refused_and_leaves_no_job(
-    env: dict[str, str], tmp_path: Path
-) -> None:
+def test_file_without_a_valid_line_is_refused_and_leaves_no_job(env: dict[str, str], tmp_path: Path) -> None:
     f = tmp_path / "bad.jsonl"
     f.write_text("{oops\n[1, 2]\n\n")
     proc = run_cli(["run", str(f), "--task", "summarize"], env)
@@ -47,9 +45,7 @@ def test_file_without_a_valid_line_is_refused_and_leaves_no_job(
 
 
 def test_missing_file(env: dict[str, str], tmp_path: Path) -> None:
-    _one_line_error(
-        run_cli(["run", str(tmp_path / "nope.jsonl"), "--task", "qa"], env), "no such file"
-    )
+    _one_line_error(run_cli(["run", str(tmp_path / "nope.jsonl"), "--task", "qa"], env), "no such file")
 
 
 def test_unknown_task(env: dict[str, str], tmp_path: Path) -> None:
@@ -72,13 +68,9 @@ def test_strict_refuses_the_whole_file(env: dict[str, str], tmp_path: Path) -> N
     assert "line 2:" in proc.stderr
 
 
-def test_translate_without_target_language_rejects_lines(
-    env: dict[str, str], tmp_path: Path
-) -> None:
+def test_translate_without_target_language_rejects_lines(env: dict[str, str], tmp_path: Path) -> None:
     f = tmp_path / "a.jsonl"
-    f.write_text(
-        json.dumps({"text": "hallo", "target_lang": "en"}) + "\n" + json.dumps({"text": "x"}) + "\n"
-    )
+    f.write_text(json.dumps({"text": "hallo", "target_lang": "en"}) + "\n" + json.dumps({"text": "x"}) + "\n")
     proc = run_cli(["run", str(f), "--task", "translate", "--json"], env)
     assert proc.returncode == 0, proc.stderr
     st = json.loads(proc.stdout)
@@ -117,9 +109,7 @@ def test_invalid_setting(env: dict[str, str]) -> None:
 
 
 def test_unreachable_database_is_one_line_and_masked(env: dict[str, str]) -> None:
-    proc = run_cli(
-        ["list"], {**env, "LMJOBS_DATABASE_URL": "postgresql://bob:hunter2@127.0.0.1:1/x"}
-    )
+    proc = run_cli(["list"], {**env, "LMJOBS_DATABASE_URL": "postgresql://bob:hunter2@127.0.0.1:1/x"})
     _one_line_error(proc, "cannot reach the database")
     assert "hunter2" not in proc.stderr + proc.stdout
 
@@ -127,9 +117,7 @@ def test_unreachable_database_is_one_line_and_masked(env: dict[str, str]) -> Non
 def test_cancel_and_retry_state_errors(env: dict[str, str], tmp_path: Path) -> None:
     f = tmp_path / "a.jsonl"
     f.write_text(json.dumps({"text": "x"}) + "\n")
-    job = json.loads(
-        run_cli(["run", str(f), "--task", "summarize", "--json"], env, check=True).stdout
-    )["id"]
+    job = json.loads(run_cli(["run", str(f), "--task", "summarize", "--json"], env, check=True).stdout)["id"]
     _one_line_error(run_cli(["cancel", str(job)], env), "already completed")
     assert cli_json(["retry", str(job)], env)["retrying"] == 0
 

@@ -21,10 +21,7 @@ SQL = "SELECT id, custom_id, line_number, reference FROM requests ORDER BY id"
 
 def _populate(db_url: str, tmp_path: Path) -> list[tuple[int, str, int, str | None]]:
     db = get_database(db_url)
-    rows = [
-        {"id": f"r-{i}", "prompt": f"p {i}", "reference": 'ü, "q"' if i % 2 else None}
-        for i in range(N)
-    ]
+    rows = [{"id": f"r-{i}", "prompt": f"p {i}", "reference": 'ü, "q"' if i % 2 else None} for i in range(N)]
     submit(db, write_jsonl(tmp_path / "big.jsonl", rows), "generate", chunk_size=500)
     small = submit(db, write_jsonl(tmp_path / "small.jsonl", [{"prompt": "x y"}] * 3), "generate")
     run(db, small)

@@ -132,9 +132,7 @@ def sqlite_state(path: Path) -> Any:
     try:
         schema = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
         counts = [
-            conn.execute(f'SELECT count(*) FROM "{n}"').fetchone()
-            for t, n, _ in schema
-            if t == "table"
+            conn.execute(f'SELECT count(*) FROM "{n}"').fetchone() for t, n, _ in schema if t == "table"
         ]
         pragmas = [
             conn.execute(f"PRAGMA {p}").fetchone()
@@ -156,11 +154,7 @@ def pg_state(url: str) -> Any:
             "SELECT table_name, column_name, data_type FROM information_schema.columns"
             " WHERE table_schema = 'public' ORDER BY 1, 2"
         ).fetchall()
-        counts = [
-            c.execute(f'SELECT count(*) FROM "{n}"').fetchone()
-            for s, n, _ in tables
-            if s == "public"
-        ]
+        counts = [c.execute(f'SELECT count(*) FROM "{n}"').fetchone() for s, n, _ in tables if s == "public"]
         other = c.execute(
             "SELECT (SELECT array_agg(last_value ORDER BY sequencename) FROM pg_sequences),"
             " (SELECT array_agg(indexname ORDER BY indexname) FROM pg_indexes),"
@@ -486,9 +480,7 @@ def test_time_limit(request: pytest.FixtureRequest, backend: str, sql: str) -> N
 
 
 @pytest.mark.postgres
-def test_pg_watchdog_holds_without_statement_timeout(
-    pg_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_pg_watchdog_holds_without_statement_timeout(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Were the server's timeout switched off (set_config is refused, but say it slipped
     through), the client-side watchdog still cancels the query."""
     import lmjobs.db.readonly as readonly
@@ -517,8 +509,7 @@ def test_pg_connection_closed_when_the_block_exits(pg_db: tuple[str, str]) -> No
     time.sleep(0.3)
     with psycopg.connect(PG_ADMIN_URL) as c:
         left = c.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
-            " AND application_name = 'lmjobs query'",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND application_name = 'lmjobs query'",
             [name],
         ).fetchone()
     assert left == (0,)
@@ -566,9 +557,7 @@ def test_pg_passwords_never_in_messages(pg_db: tuple[str, str]) -> None:
         with pytest.raises(LmjobsError) as info:
             drain(bad_url, sql, timeout_s=0.5)
         assert secret not in str(info.value)
-    with pytest.raises(
-        QueryError, match=r"cannot connect to postgresql\+psycopg://postgres:\*\*\*@"
-    ):
+    with pytest.raises(QueryError, match=r"cannot connect to postgresql\+psycopg://postgres:\*\*\*@"):
         drain(f"postgresql+psycopg://postgres:{secret}@127.0.0.1:1/x", "SELECT 1")
 
 

@@ -146,9 +146,7 @@ class RedisServer:
     def client(self):  # type: ignore[no-untyped-def]
         import redis
 
-        return redis.Redis(
-            host="127.0.0.1", port=self.port, password=REDIS_SECRET, socket_timeout=5
-        )
+        return redis.Redis(host="127.0.0.1", port=self.port, password=REDIS_SECRET, socket_timeout=5)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -196,9 +194,7 @@ class TcpProxy:
         return self
 
     async def _listen(self) -> None:
-        self.server = await asyncio.start_server(
-            self._handle, "127.0.0.1", self.port, reuse_address=True
-        )
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -404,23 +400,16 @@ def tally(db: Database, job_id: int) -> Tally:
         n_req = s.scalar(select(func.count()).where(Request.job_id == job_id)) or 0
         rows = s.scalar(select(func.count()).where(Result.job_id == job_id)) or 0
         distinct = (
-            s.scalar(
-                select(func.count(func.distinct(Result.request_id))).where(Result.job_id == job_id)
-            )
-            or 0
+            s.scalar(select(func.count(func.distinct(Result.request_id))).where(Result.job_id == job_id)) or 0
         )
         by_status = dict(
             s.execute(
-                select(Result.status, func.count())
-                .where(Result.job_id == job_id)
-                .group_by(Result.status)
+                select(Result.status, func.count()).where(Result.job_id == job_id).group_by(Result.status)
             ).all()
         )
         status = s.scalar(select(Job.status).where(Job.id == job_id)) or "?"
         attempts = s.scalar(select(func.max(Chunk.attempts)).where(Chunk.job_id == job_id)) or 0
-    return Tally(
-        n_req, rows, distinct, n_req - distinct, rows - distinct, by_status, status, attempts
-    )
+    return Tally(n_req, rows, distinct, n_req - distinct, rows - distinct, by_status, status, attempts)
 
 
 def results_count(db: Database, job_id: int) -> int:

@@ -71,9 +71,7 @@ def _write(path: Path) -> tuple[set[int], set[int], dict[int, str]]:
     return good, bad, kinds
 
 
-def test_every_bad_line_is_reported_and_every_good_line_runs(
-    tmp_path: Path, lmjobs_home: Path
-) -> None:
+def test_every_bad_line_is_reported_and_every_good_line_runs(tmp_path: Path, lmjobs_home: Path) -> None:
     src = tmp_path / "messy.jsonl"
     good, bad, kinds = _write(src)
     env = cli_env(

@@ -72,11 +72,9 @@ def test_slow_chunk_delivered_again_is_never_run_twice(
     try:
         fleet.start()
         job_id = int(
-            json.loads(
-                run_cli(
-                    ["submit", str(src), "--task", "generate", "--json"], env, check=True
-                ).stdout
-            )["job_id"]
+            json.loads(run_cli(["submit", str(src), "--task", "generate", "--json"], env, check=True).stdout)[
+                "job_id"
+            ]
         )
         db = get_database(db_url)
         with Ticker(db_url, private_redis.url, interval=1.0) as ticker:
@@ -139,11 +137,9 @@ def test_dead_workers_chunk_is_picked_up_by_beat_within_lease_plus_tick(
     try:
         fleet.start()
         job_id = int(
-            json.loads(
-                run_cli(
-                    ["submit", str(src), "--task", "generate", "--json"], env, check=True
-                ).stdout
-            )["job_id"]
+            json.loads(run_cli(["submit", str(src), "--task", "generate", "--json"], env, check=True).stdout)[
+                "job_id"
+            ]
         )
         db = get_database(db_url)
         wait_until(lambda: _chunk(db, job_id).status == "running", 60, "the chunk to start")

@@ -55,11 +55,9 @@ def test_poison_requests_fail_alone(
     try:
         fleet.start()
         job_id = int(
-            json.loads(
-                run_cli(
-                    ["submit", str(src), "--task", "generate", "--json"], env, check=True
-                ).stdout
-            )["job_id"]
+            json.loads(run_cli(["submit", str(src), "--task", "generate", "--json"], env, check=True).stdout)[
+                "job_id"
+            ]
         )
         db = get_database(db_url)
         with Ticker(db_url, private_redis.url, interval=1.0):

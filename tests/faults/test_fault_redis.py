@@ -130,14 +130,12 @@ def test_a_message_fetched_by_a_worker_that_died_before_claiming_is_redispatched
     src = tmp_path / "in.jsonl"
     write_prompts(src, 5)
     job_id = int(
-        json.loads(
-            run_cli(["submit", str(src), "--task", "generate", "--json"], env, check=True).stdout
-        )["job_id"]
+        json.loads(run_cli(["submit", str(src), "--task", "generate", "--json"], env, check=True).stdout)[
+            "job_id"
+        ]
     )
     queue = queue_for_model("fake-model")
-    subprocess.run(
-        [sys.executable, "-c", _DIE_AFTER_FETCH, private_redis.url, queue], check=True, timeout=60
-    )
+    subprocess.run([sys.executable, "-c", _DIE_AFTER_FETCH, private_redis.url, queue], check=True, timeout=60)
     r = private_redis.client()
     assert r.hlen("unacked") == 1 and private_redis.queued(queue) == 0
     db = get_database(db_url)

@@ -106,9 +106,7 @@ def test_submit_killed_half_way_never_runs_and_is_cleaned_up(
                             or 0
                         )
 
-                wait_until(
-                    lambda: chunks_written() >= 4, 60, "the submit to write chunks", every=0.05
-                )
+                wait_until(lambda: chunks_written() >= 4, 60, "the submit to write chunks", every=0.05)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=30)
             finally:
@@ -118,10 +116,7 @@ def test_submit_killed_half_way_never_runs_and_is_cleaned_up(
             with db.session() as s:
                 job_id = s.scalars(select(Job.id).where(Job.status == "submitting")).one()
                 written = (
-                    s.scalar(
-                        select(func.count()).select_from(Request).where(Request.job_id == job_id)
-                    )
-                    or 0
+                    s.scalar(select(func.count()).select_from(Request).where(Request.job_id == job_id)) or 0
                 )
             return job_id, written
 
@@ -162,17 +157,13 @@ def test_submit_killed_half_way_never_runs_and_is_cleaned_up(
     )
 
 
-def test_same_file_twice_is_detected(
-    private_redis: RedisServer, tmp_path: Path, lmjobs_home: Path
-) -> None:
+def test_same_file_twice_is_detected(private_redis: RedisServer, tmp_path: Path, lmjobs_home: Path) -> None:
     db_url = f"sqlite:///{tmp_path / 'lm.db'}"
     env = worker_env(lmjobs_home, db_url, private_redis.url)
     src = tmp_path / "in.jsonl"
     write_prompts(src, 5)
     first = json.loads(
-        run_cli(
-            ["submit", str(src), "--task", "generate", "--json"], env, check=True, timeout=300
-        ).stdout
+        run_cli(["submit", str(src), "--task", "generate", "--json"], env, check=True, timeout=300).stdout
     )["job_id"]
     second = run_cli(["submit", str(src), "--task", "generate"], env, timeout=300)  # stdin: no tty
     assert second.returncode == 1

@@ -44,9 +44,7 @@ def _chunks(db: Database, job_id: int) -> list[Chunk]:
 
 
 def _submit(env: dict[str, str], src: Path) -> int:
-    out = run_cli(
-        ["submit", str(src), "--task", "generate", "--json"], env, check=True, timeout=300
-    )
+    out = run_cli(["submit", str(src), "--task", "generate", "--json"], env, check=True, timeout=300)
     return int(json.loads(out.stdout)["job_id"])
 
 
@@ -225,9 +223,7 @@ class _Payload:
         return (open, (self.path, "w"))
 
 
-def test_a_pickled_message_is_refused(
-    private_redis: RedisServer, tmp_path: Path, lmjobs_home: Path
-) -> None:
+def test_a_pickled_message_is_refused(private_redis: RedisServer, tmp_path: Path, lmjobs_home: Path) -> None:
     from kombu import Connection, Exchange, Queue
 
     db_url = f"sqlite:///{tmp_path / 'lm.db'}"

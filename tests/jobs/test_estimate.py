@@ -67,9 +67,7 @@ def test_truncate_and_guessed_tokens(tmp_path: Path) -> None:
         path, task="generate", model="m", params={**PARAMS, "truncate": True}, tokenizer=KNOWN
     )
     assert (est.over_context, est.truncated) == (0, 1)
-    guess = estimate_file(
-        path, task="generate", model="m", params=PARAMS, tokenizer=Tokenizer(count=None)
-    )
+    guess = estimate_file(path, task="generate", model="m", params=PARAMS, tokenizer=Tokenizer(count=None))
     assert guess.tokens_guessed and guess.context_length is None and guess.over_context == 0
     assert guess.tokens_in == 4 + 4 + 8 + 1 + 4 + 6  # ceil(chars / 4) per prompt
     with pytest.raises(InputFileError, match="no such file"):
@@ -79,8 +77,7 @@ def test_truncate_and_guessed_tokens(tmp_path: Path) -> None:
 def _counts(db: Database) -> dict[str, int]:
     with db.session() as s:
         return {
-            t.name: s.scalar(select(func.count()).select_from(t)) or 0
-            for t in Base.metadata.sorted_tables
+            t.name: s.scalar(select(func.count()).select_from(t)) or 0 for t in Base.metadata.sorted_tables
         }
 
 
@@ -92,9 +89,7 @@ def test_history_gives_expected_tokens_and_run_time(db_url: str, tmp_path: Path)
         chunks = list(s.scalars(select(Chunk).where(Chunk.job_id == job)))
         for c in chunks:
             s.execute(
-                update(Chunk)
-                .where(Chunk.id == c.id)
-                .values(finished_at=c.started_at + timedelta(seconds=2))
+                update(Chunk).where(Chunk.id == c.id).values(finished_at=c.started_at + timedelta(seconds=2))
             )
         out = s.scalar(select(func.sum(Result.output_tokens)).where(Result.job_id == job))
     assert out and len(chunks) == 2
@@ -102,18 +97,14 @@ def test_history_gives_expected_tokens_and_run_time(db_url: str, tmp_path: Path)
 
     before = _counts(db)
     path = write_jsonl(tmp_path / "in.jsonl", LINES)
-    est = estimate_file(
-        path, task="generate", model="fake", params=PARAMS, tokenizer=KNOWN, history=db
-    )
+    est = estimate_file(path, task="generate", model="fake", params=PARAMS, tokenizer=KNOWN, history=db)
     assert _counts(db) == before  # a dry run writes nothing
     assert est.output_ratio == pytest.approx(ratio)
     assert est.expected_tokens_out == round(50 * ratio)
     assert est.tokens_per_s == pytest.approx(rate)
     assert est.throughput_basis.startswith("measured") and "2 past chunks" in est.throughput_basis
     assert est.run_time_s == pytest.approx(round(50 * ratio) / rate)
-    other = estimate_file(
-        path, task="generate", model="another", params=PARAMS, tokenizer=KNOWN, history=db
-    )
+    other = estimate_file(path, task="generate", model="another", params=PARAMS, tokenizer=KNOWN, history=db)
     assert other.expected_tokens_out is None and other.throughput_basis.startswith("guess")
 
 

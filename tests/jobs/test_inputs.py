@@ -121,9 +121,7 @@ def test_ids_reference_metadata_params_and_unknown_fields(tmp_path: Path) -> Non
         "seed": 42,
         "stop": ["END"],
     }
-    assert accepted(tmp_path, '{"id": "a-1", "text": "t", "stop": ["x", "y"]}').params == {
-        "stop": ["x", "y"]
-    }
+    assert accepted(tmp_path, '{"id": "a-1", "text": "t", "stop": ["x", "y"]}').params == {"stop": ["x", "y"]}
     assert accepted(tmp_path, '{"id": "a", "text": "t", "temperature": null}').params is None
 
 
@@ -152,9 +150,7 @@ def test_utf16_file_is_named(tmp_path: Path) -> None:
 
 def test_crlf(tmp_path: Path) -> None:
     results = read(tmp_path, b'{"text": "a"}\r\n{"text": "b"}\r\n\r\n{"text": "c\\r"}\r\n')
-    assert [type(r).__name__ for r in results] == ["ParsedRequest"] * 2 + ["LineError"] + [
-        "ParsedRequest"
-    ]
+    assert [type(r).__name__ for r in results] == ["ParsedRequest"] * 2 + ["LineError"] + ["ParsedRequest"]
     assert results[1].input == {"text": "b"}  # type: ignore[union-attr]
     assert isinstance(results[2], LineError) and results[2].reason == "blank line"
     assert results[3].input == {"text": "c\r"}  # type: ignore[union-attr]

@@ -97,9 +97,7 @@ GARBAGE = st.one_of(
     st.binary(max_size=80),
     st.text(max_size=40).map(lambda s: s.encode("utf-8", "surrogatepass")),
     JSON_VALUES.map(lambda v: json.dumps(v).encode()),
-    st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4).map(
-        lambda d: json.dumps(d).encode()
-    ),
+    st.dictionaries(st.text(max_size=8), JSON_VALUES, max_size=4).map(lambda d: json.dumps(d).encode()),
     st.sampled_from([b"", b" ", b"\r", b"\xef\xbb\xbf", b"NaN", b"{", b'{"a":1,"a":2}']),
 ).map(lambda b: b.replace(b"\n", b""))
 

@@ -41,9 +41,7 @@ def test_higher_priority_job_is_dispatched_first(db_url: str, tmp_path: Path) ->
     assert {m.job_id for m in sent} == {urgent}
 
 
-def test_deadline_pauses_and_resume_finishes_without_duplicates(
-    db_url: str, tmp_path: Path
-) -> None:
+def test_deadline_pauses_and_resume_finishes_without_duplicates(db_url: str, tmp_path: Path) -> None:
     db = get_database(db_url)
     calls = tmp_path / "calls.txt"
     engine = FakeEngine(calls_file=str(calls))

@@ -61,9 +61,7 @@ def _engine(requests: Sequence[GenRequest]) -> list[Generation]:
 
 def _job(db: Database, tmp_path: Path) -> int:
     rows = translate_rows(N + 2)
-    job_id = submit(
-        db, write_jsonl(tmp_path / "in.jsonl", [*rows[:N], "oops"]), "translate", chunk_size=6
-    )
+    job_id = submit(db, write_jsonl(tmp_path / "in.jsonl", [*rows[:N], "oops"]), "translate", chunk_size=6)
     run(db, job_id, _engine)
     with db.session() as s:  # spread the results over 10 minutes, 15 s apart
         start = s.scalar(select(Job.started_at).where(Job.id == job_id))
@@ -179,9 +177,7 @@ def test_html_of_a_job_with_nothing_done_yet(sqlite_url: str, tmp_path: Path) ->
     assert p.marks == {} and "No results yet." in page and "No failures." in page
 
 
-CHROMIUM = shutil.which("chromium") or (
-    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
-)
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium (the HTML checks above ran)")

@@ -121,9 +121,7 @@ def test_concurrent_ticks_create_one_job(db_url: str, tmp_path: Path) -> None:
     assert len(created) == 1
 
 
-def test_a_missing_file_skips_the_run_and_the_schedule_moves_on(
-    sqlite_url: str, tmp_path: Path
-) -> None:
+def test_a_missing_file_skips_the_run_and_the_schedule_moves_on(sqlite_url: str, tmp_path: Path) -> None:
     db = get_database(sqlite_url)
     path = _file(tmp_path)
     add_schedule(db, "@hourly", path, "translate", model="fake", tz="UTC", now=T0)

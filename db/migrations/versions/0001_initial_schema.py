@@ -76,9 +76,7 @@ def upgrade() -> None:
         sa.Column("finish_by", sa.DateTime(timezone=True), nullable=True),
         sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column(
-            "schedule_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
-        ),
+        sa.Column("schedule_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("jobs", schema=None) as batch_op:
@@ -102,9 +100,7 @@ def upgrade() -> None:
         sa.Column("enabled", sa.Boolean(), nullable=False),
         sa.Column("next_run_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("last_run_at", sa.DateTime(timezone=True), nullable=True),
-        sa.Column(
-            "last_job_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True
-        ),
+        sa.Column("last_job_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
@@ -136,9 +132,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("chunks", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_chunks_job_id"), ["job_id"], unique=False)
-        batch_op.create_index(
-            "ix_chunks_status_lease", ["status", "lease_expires_at"], unique=False
-        )
+        batch_op.create_index("ix_chunks_status_lease", ["status", "lease_expires_at"], unique=False)
 
     op.create_table(
         "rejects",
@@ -184,9 +178,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("requests", schema=None) as batch_op:
         batch_op.create_index("ix_requests_chunk", ["chunk_id"], unique=False)
-        batch_op.create_index(
-            batch_op.f("ix_requests_content_sha256"), ["content_sha256"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_requests_content_sha256"), ["content_sha256"], unique=False)
 
     op.create_table(
         "results",
@@ -197,9 +189,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("job_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
-        sa.Column(
-            "request_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
-        ),
+        sa.Column("request_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("status", sa.String(length=32), nullable=False),
         sa.Column("output_text", sa.Text(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
@@ -234,9 +224,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("job_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
-        sa.Column(
-            "request_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
-        ),
+        sa.Column("request_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("metric", sa.String(length=32), nullable=False),
         sa.Column("value", sa.Float(), nullable=False),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE"),
