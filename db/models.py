@@ -72,13 +72,9 @@ class JobStatus(str, Enum):
         """Terminal: nothing of the job runs any more (``retry`` may reopen it)."""
         return self.value in JobStatus.finished()
 
-    @property
-    def is_active(self) -> bool:
-        """Chunks of an active job may be dispatched and claimed."""
-        return self.value in JobStatus.active()
-
     @classmethod
     def active(cls) -> tuple[str, ...]:
+        """Chunks of an active job may be dispatched and claimed."""
         return (cls.QUEUED.value, cls.RUNNING.value)
 
     @classmethod
@@ -92,10 +88,6 @@ class ChunkStatus(str, Enum):
     RUNNING = "running"  # a worker holds the lease
     DONE = "done"
     CANCELLED = "cancelled"
-
-    @property
-    def is_open(self) -> bool:
-        return self.value in ChunkStatus.open()
 
     @classmethod
     def open(cls) -> tuple[str, ...]:
@@ -111,10 +103,6 @@ class ChunkStatus(str, Enum):
 class ResultStatus(str, Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
-
-    @property
-    def is_failed(self) -> bool:
-        return self is ResultStatus.FAILED
 
 
 def _enum(e: type[Enum]) -> String:
@@ -176,9 +164,7 @@ class Request(Base):
     input_json: Mapped[dict] = mapped_column(JSON, doc="The task's input fields.")
     params_json: Mapped[dict | None] = mapped_column(JSON, doc="Per-request sampling overrides.")
     reference: Mapped[str | None] = mapped_column(Text, doc="Expected output, for scoring.")
-    content_sha256: Mapped[str] = mapped_column(
-        String(64), index=True, doc="Hash of the model input."
-    )
+    content_sha256: Mapped[str] = mapped_column(String(64), index=True, doc="Hash of the model input.")
     isolated_attempts: Mapped[int] = mapped_column(
         Integer, default=0, doc="Runs on its own after its chunk hit the attempt cap."
     )
@@ -215,9 +201,7 @@ class Result(Base):
     template_version: Mapped[str | None] = mapped_column(String(64))
     worker: Mapped[str | None] = mapped_column(String(200))
     attempt: Mapped[int | None] = mapped_column(Integer, doc="Chunk attempt that produced it.")
-    deduplicated: Mapped[bool] = mapped_column(
-        default=False, doc="Copied from an identical prompt."
-    )
+    deduplicated: Mapped[bool] = mapped_column(default=False, doc="Copied from an identical prompt.")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -58,9 +58,7 @@ class Settings(BaseSettings):
         if self.model_cache is None:
             self.model_cache = self.home / "models"
         if self.dtype not in {"auto", "float32", "float16", "bfloat16"}:
-            raise ValueError(
-                f"LMJOBS_DTYPE must be auto, float32, float16 or bfloat16, not {self.dtype!r}"
-            )
+            raise ValueError(f"LMJOBS_DTYPE must be auto, float32, float16 or bfloat16, not {self.dtype!r}")
         if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps|split)$", self.device):
             raise ValueError(
                 f"LMJOBS_DEVICE must be auto, cpu, cuda, cuda:N, split or mps, not {self.device!r}"
