@@ -3,6 +3,8 @@ subprocess, a ``lmjobs worker`` in its own process group, a job waited for, Redi
 
 The tests import these through ``tests/services.py``; ``tests/`` is not installed, so the
 one copy lives here, where ``lmjobs bench`` can reach it from an installed package.
+``ServiceProcess`` is the part of ``WorkerProcess`` that any long-running command shares
+(``lmjobs serve`` in the API tests, say).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 LMJOBS = [sys.executable, "-m", "lmjobs.cli"]
 # the statuses a job stays in until someone acts (the lifecycle's end states, and paused)
@@ -90,38 +92,41 @@ def cli_json(args: Sequence[str], env: Mapping[str, str], **kw: Any) -> Any:
     return json.loads(proc.stdout)
 
 
-class WorkerProcess:
-    """A real `lmjobs worker` (Celery, solo pool) in its own process group.
+class ServiceProcess:
+    """A long-running ``lmjobs`` command in its own process group, its output in a log file.
 
-    ``tail_chars``: how much of the log an error message quotes (``None``: all of it, as
-    the tests want; the benchmark quotes the end, since its report keeps a short reason).
+    A subclass says what runs (``command``) and when it is up (``ready``). ``tail_chars``:
+    how much of the log an error message quotes (``None``: all of it, as the tests want;
+    the benchmark quotes the end, since its report keeps a short reason).
     """
 
-    def __init__(
-        self, env: Mapping[str, str], log_path: Path, name: str = "w1", *, tail_chars: int | None = None
-    ) -> None:
-        self.env, self.log_path, self.name = dict(env), log_path, name
+    kind = "process"  # what error messages call it
+
+    def __init__(self, env: Mapping[str, str], log_path: Path, *, tail_chars: int | None = None) -> None:
+        self.env, self.log_path = dict(env), log_path
         self.tail_chars = tail_chars
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 180) -> WorkerProcess:
-        """Start it and wait for Celery's " ready." line in the log."""
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 180) -> Self:
+        """Start it and wait until ``ready``; fail at once if it exits first."""
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [*LMJOBS, "worker", "--loglevel", "INFO", "-n", f"{self.name}@%h"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                self.command(), env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise HarnessError(f"worker exited with {self.proc.returncode}:\n{self.tail()}")
-            if " ready." in self.log():
+                raise HarnessError(f"{self.kind} exited with {self.proc.returncode}:\n{self.tail()}")
+            if self.ready():
                 return self
             time.sleep(0.2)
-        raise HarnessError(f"worker not ready after {timeout}s:\n{self.tail()}")
+        raise HarnessError(f"{self.kind} not ready after {timeout}s:\n{self.tail()}")
 
     def log(self) -> str:
         try:
@@ -150,7 +155,7 @@ class WorkerProcess:
             self.proc.wait(timeout=30)
 
     def stop(self, timeout: float = 60) -> int | None:
-        """SIGTERM: Celery's warm shutdown (finish the current chunk), then SIGKILL if stuck."""
+        """SIGTERM (a worker's warm shutdown: it finishes the current chunk), then SIGKILL if stuck."""
         if not self.proc or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else None
         os.killpg(self.proc.pid, signal.SIGTERM)
@@ -159,6 +164,24 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             return None
+
+
+class WorkerProcess(ServiceProcess):
+    """A real `lmjobs worker` (Celery, solo pool), up when Celery logs " ready."."""
+
+    kind = "worker"
+
+    def __init__(
+        self, env: Mapping[str, str], log_path: Path, name: str = "w1", *, tail_chars: int | None = None
+    ) -> None:
+        super().__init__(env, log_path, tail_chars=tail_chars)
+        self.name = name
+
+    def command(self) -> list[str]:
+        return [*LMJOBS, "worker", "--loglevel", "INFO", "-n", f"{self.name}@%h"]
+
+    def ready(self) -> bool:
+        return " ready." in self.log()
 
 
 StatusReader = Callable[[], Mapping[str, Any]]
