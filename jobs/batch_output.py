@@ -19,6 +19,11 @@ from lmjobs.db.session import Database
 from lmjobs.jobs.export import iter_result_rows
 
 CHAT = "/v1/chat/completions"
+_UNFINISHED = {
+    "batch_cancelled": "the batch was cancelled",
+    "batch_expired": "the batch expired",
+    "batch_failed": "the batch failed",
+}
 
 
 def _usage(row: dict[str, Any]) -> dict[str, int]:
@@ -78,11 +83,11 @@ def output_lines(
             line["response"] = None
             line["error"] = {"code": "generation_failed", "message": row["error"] or "generation failed"}
         elif unfinished_code is not None:
-            why = "cancelled" if unfinished_code == "batch_cancelled" else "expired"
+            why = _UNFINISHED.get(unfinished_code, "the batch ended before it ran")
             line["response"] = None
             line["error"] = {
                 "code": unfinished_code,
-                "message": f"This request could not be run: the batch {why}.",
+                "message": f"This request was not run: {why}.",
             }
         else:
             continue

@@ -12,7 +12,7 @@ import openai
 import pytest
 from apikit import ServerProcess, api_env, chat_line, new_key, wait_status, write_lines
 from openai.types.chat import ChatCompletion
-from services import WorkerProcess, cli_json
+from services import WorkerProcess, cli_json, run_cli
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -64,7 +64,9 @@ def test_upload_create_poll_download(db_url: str, redis_url: str, tmp_path: Path
         st = cli_json(["status", str(job_id)], env)
         assert st["status"] == "completed"
         rows = cli_json(["query", f"SELECT COUNT(*) AS n FROM results WHERE job_id = {job_id}"], env)
-        assert json.dumps(rows).count("6")
+        assert "6" in json.dumps(rows)
+        report = run_cli(["report", str(job_id)], env, check=True).stdout
+        assert batch.id in report or str(job_id) in report
 
         # another key sees nothing of alice's
         other = openai.OpenAI(base_url=server.url, api_key=bob, max_retries=0)

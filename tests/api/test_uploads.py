@@ -89,6 +89,19 @@ def test_too_many_lines_and_the_upload_errors(server: ServerProcess) -> None:
     status, body = _post(server, server.key, iter([b"--" + BOUNDARY.encode() + b"--\r\n"]))  # type: ignore[attr-defined]
     assert status == 400 and body["error"]["param"] == "purpose"
     assert client.files.create(file=("ok.jsonl", b"{}\n" * 100), purpose="batch").bytes == 300
+    key = server.key  # type: ignore[attr-defined]
+    part = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n{{}}\n\r\n'
+    two_files = (part + part + f"--{BOUNDARY}--\r\n").encode()
+    status, body = _post(server, key, iter([two_files]))
+    assert status == 400 and "one file" in body["error"]["message"]
+    long_purpose = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n{"b" * 2000}\r\n'
+    status, body = _post(server, key, iter([(long_purpose + f"--{BOUNDARY}--\r\n").encode()]))
+    assert status == 400 and body["error"]["param"] == "purpose"
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/v1/files", body=b"{}", headers={"Authorization": f"Bearer {key}"})
+    resp = conn.getresponse()
+    assert resp.status == 400 and "multipart/form-data" in json.loads(resp.read())["error"]["message"]
+    conn.close()
 
 
 def test_two_concurrent_uploads_are_both_intact(server: ServerProcess, lmjobs_home: Path) -> None:
