@@ -1,5 +1,6 @@
-"""A batch's input file, read once before it becomes a job: the model the lines ask for,
-and the lines the API refuses beyond the ingest's own checks.
+"""A batch's input: the create request's window and metadata, and the input file, read once
+before it becomes a job: the model the lines ask for, and the lines the API refuses beyond the
+ingest's own checks.
 
 The ingest (``jobs/ingest.py``) validates every line as ``lmjobs submit`` does; an API batch
 also needs each line to be an OpenAI line for the batch's endpoint, naming (in ``body.model``)
@@ -13,14 +14,22 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import update
 
 from lmjobs.db.models import Reject
 from lmjobs.db.session import Database
+from lmjobs.jobs.api_errors import InvalidRequestError
 from lmjobs.jobs.inputs import OPENAI_URLS, LineError, ParsedRequest, read_requests
 from lmjobs.jobs.settings import Settings
+
+MAX_WINDOW = timedelta(days=7)
+MAX_METADATA = 16
+_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smh])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600}
 
 # A Hugging Face id: owner/name, no path tricks. Local paths are reachable only through an
 # alias (LMJOBS_MODEL_ALIASES): a request never names a path on the server.
@@ -125,3 +134,32 @@ def fix_reasons(db: Database, job_id: int, refused: dict[int, LineProblem]) -> N
                 .where(Reject.job_id == job_id, Reject.line_number == p.line)
                 .values(reason=f"{p.code}: {p.message}", excerpt=None)
             )
+
+
+def parse_window(text: str) -> timedelta:
+    """``24h`` as OpenAI's; also ``30m`` or ``90s`` (short windows, for tests and trials)."""
+    m = _WINDOW.match(text)
+    window = timedelta(seconds=int(m.group(1)) * _UNIT[m.group(2)]) if m else None
+    if window is None or window > MAX_WINDOW:
+        raise InvalidRequestError(
+            f"completion_window {text!r:.40} is not supported: use 24h (or a shorter N[smh], at most 7 days)",
+            param="completion_window",
+            code="invalid_value",
+        )
+    return window
+
+
+def check_metadata(metadata: Any) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA:
+        raise InvalidRequestError(
+            f"metadata must be an object of at most {MAX_METADATA} pairs", param="metadata"
+        )
+    for k, v in metadata.items():
+        if not isinstance(v, str) or len(k) > 64 or len(v) > 512:
+            raise InvalidRequestError(
+                "metadata keys are strings of at most 64 characters, values strings of at most 512",
+                param="metadata",
+            )
+    return dict(metadata)

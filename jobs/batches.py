@@ -14,7 +14,7 @@ servers refreshing the same batch make it once.
 
 from __future__ import annotations
 
-import re
+import contextlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,12 +24,12 @@ from sqlalchemy import func, select, tuple_, update
 from lmjobs.db.models import Batch, BatchStatus, Chunk, ChunkStatus, Job, JobStatus, Reject, Result, utcnow
 from lmjobs.db.session import Database, rows_changed
 from lmjobs.jobs.api_errors import BatchStateError, InvalidRequestError, NoSuchObjectError
-from lmjobs.jobs.batch_input import LineProblem, fix_reasons, prepare_input
+from lmjobs.jobs.batch_input import LineProblem, check_metadata, fix_reasons, parse_window, prepare_input
 from lmjobs.jobs.batch_output import output_lines
 from lmjobs.jobs.control import result_counts
 from lmjobs.jobs.dispatch import Publisher
 from lmjobs.jobs.errors import InputFileError, JobStateError
-from lmjobs.jobs.files import _owned, files_folder, new_id, record_output
+from lmjobs.jobs.files import file_path, files_folder, new_id, owned_file, record_output
 from lmjobs.jobs.inputs import OPENAI_URLS
 from lmjobs.jobs.lifecycle import cancel_job
 from lmjobs.jobs.params import job_params
@@ -37,12 +37,8 @@ from lmjobs.jobs.settings import Settings
 from lmjobs.jobs.submit import make_options, submit_file
 
 ENDPOINTS = tuple(OPENAI_URLS)
-MAX_WINDOW = timedelta(days=7)
-MAX_METADATA = 16
 MAX_ERRORS = 1000  # rejected lines listed in a batch's errors; `lmjobs rejects` has them all
 STUCK_FINALIZING = timedelta(minutes=10)  # a finalize whose process died is taken over then
-_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smh])$")
-_UNIT = {"s": 1, "m": 60, "h": 3600}
 
 
 @dataclass
@@ -53,35 +49,6 @@ class BatchView:
     failed: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-
-
-def parse_window(text: str) -> timedelta:
-    """``24h`` as OpenAI's; also ``30m`` or ``90s`` (short windows, for tests and trials)."""
-    m = _WINDOW.match(text)
-    window = timedelta(seconds=int(m.group(1)) * _UNIT[m.group(2)]) if m else None
-    if window is None or window > MAX_WINDOW:
-        raise InvalidRequestError(
-            f"completion_window {text!r:.40} is not supported: use 24h (or a shorter N[smh], at most 7 days)",
-            param="completion_window",
-            code="invalid_value",
-        )
-    return window
-
-
-def check_metadata(metadata: Any) -> dict[str, str] | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict) or len(metadata) > MAX_METADATA:
-        raise InvalidRequestError(
-            f"metadata must be an object of at most {MAX_METADATA} pairs", param="metadata"
-        )
-    for k, v in metadata.items():
-        if not isinstance(v, str) or len(k) > 64 or len(v) > 512:
-            raise InvalidRequestError(
-                "metadata keys are strings of at most 64 characters, values strings of at most 512",
-                param="metadata",
-            )
-    return dict(metadata)
 
 
 def create_batch(
@@ -105,7 +72,8 @@ def create_batch(
         )
     window = parse_window(completion_window)
     meta = check_metadata(metadata)
-    src = _owned(db, key_id, input_file_id)
+    src = owned_file(db, key_id, input_file_id)
+    file_path(db, settings, key_id, input_file_id)  # its content is there
     if src.purpose != "batch":
         raise InvalidRequestError(
             f"file {input_file_id} has purpose {src.purpose!r}, not 'batch'", param="input_file_id"
@@ -124,14 +92,25 @@ def create_batch(
     )
     with db.session() as s:
         s.add(batch)
+    try:
+        _validate(db, settings, publish, batch, src.storage_name)
+    except Exception:  # no batch stays `validating` forever: it failed, and the caller hears why
+        with contextlib.suppress(Exception):
+            _fail(db, batch.id, [{"code": "server_error", "message": "validation stopped", "param": None}])
+        raise
+    return get_batch(db, settings, key_id, batch.id)
+
+
+def _validate(db: Database, settings: Settings, publish: Publisher | None, batch: Batch, stored: str) -> None:
+    """validating → in_progress (the job made and dispatched) or failed (no valid line)."""
     folder = files_folder(settings)
     prep = prepare_input(
-        settings, folder / src.storage_name, endpoint=endpoint, copy_path=folder / f"{batch.id}.input"
+        settings, folder / stored, endpoint=batch.endpoint, copy_path=folder / f"{batch.id}.input"
     )
     if prep.model is None:
         problems = sorted([*prep.line_errors, *prep.refused.values()], key=lambda p: p.line)
         _fail(db, batch.id, [_error(p) for p in problems[:MAX_ERRORS]] or [_no_lines()])
-        return get_batch(db, settings, key_id, batch.id)
+        return
     opts = make_options(
         settings,
         task="chat",
@@ -144,7 +123,7 @@ def create_batch(
         outcome = submit_file(db, prep.path, opts, publish=publish, allow_repeat=True)
     except InputFileError as exc:
         _fail(db, batch.id, [{"code": "invalid_file", "message": str(exc), "param": None, "line": None}])
-        return get_batch(db, settings, key_id, batch.id)
+        return
     job_id = outcome.report.job_id
     fix_reasons(db, job_id, prep.refused)
     with db.session() as s:
@@ -170,7 +149,6 @@ def create_batch(
                 errors_json=errors or None,
             )
         )
-    return get_batch(db, settings, key_id, batch.id)
 
 
 def _error(p: LineProblem) -> dict[str, Any]:

@@ -168,7 +168,7 @@ def record_output(
     return _info(row)
 
 
-def _owned(db: Database, key_id: int, file_id: str) -> ApiFile:
+def owned_file(db: Database, key_id: int, file_id: str) -> ApiFile:
     with db.session() as s:
         f = s.scalar(select(ApiFile).where(ApiFile.id == file_id, ApiFile.api_key_id == key_id))
     if f is None:
@@ -177,12 +177,12 @@ def _owned(db: Database, key_id: int, file_id: str) -> ApiFile:
 
 
 def get_file(db: Database, key_id: int, file_id: str) -> FileInfo:
-    return _info(_owned(db, key_id, file_id))
+    return _info(owned_file(db, key_id, file_id))
 
 
 def file_path(db: Database, settings: Settings, key_id: int, file_id: str) -> Path:
     """Where the key's file lies on disk (its id, under the files folder)."""
-    f = _owned(db, key_id, file_id)
+    f = owned_file(db, key_id, file_id)
     path = settings.files_path / f.storage_name
     if not path.is_file():
         raise NoSuchObjectError(f"the content of {file_id} is gone from the files folder")
@@ -203,7 +203,7 @@ def list_files(
         q = q.where(ApiFile.purpose == purpose)
     desc = order == "desc"
     if after:
-        anchor = _owned(db, key_id, after)
+        anchor = owned_file(db, key_id, after)
         key = (ApiFile.created_at, ApiFile.id)
         ref = (anchor.created_at, anchor.id)
         q = q.where(tuple_(*key) < tuple_(*ref) if desc else tuple_(*key) > tuple_(*ref))
@@ -217,7 +217,7 @@ def list_files(
 
 
 def delete_file(db: Database, settings: Settings, key_id: int, file_id: str) -> None:
-    f = _owned(db, key_id, file_id)
+    f = owned_file(db, key_id, file_id)
     with db.session() as s:
         s.execute(delete(ApiFile).where(ApiFile.id == f.id, ApiFile.api_key_id == key_id))
     (settings.files_path / f.storage_name).unlink(missing_ok=True)

@@ -16,7 +16,7 @@ from lmjobs.db.models import Batch, BatchStatus, Job, JobStatus, utcnow
 from lmjobs.db.session import get_database
 from lmjobs.jobs import batches, files
 from lmjobs.jobs.api_errors import InvalidRequestError, NoSuchObjectError, UploadTooLargeError
-from lmjobs.jobs.batch_input import resolve_model
+from lmjobs.jobs.batch_input import parse_window, resolve_model
 from lmjobs.jobs.keys import authenticate, create_key
 from lmjobs.jobs.settings import Settings
 
@@ -136,11 +136,11 @@ def test_model_names_and_windows(lmjobs_home: Path) -> None:
     assert resolve_model(s, "Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
     for name in ("/etc/passwd", "../x/y", "a/../b", "gpt-4o", "a/b/c", "./a"):
         assert resolve_model(s, name) is None, name
-    assert batches.parse_window("24h") == timedelta(hours=24)
-    assert batches.parse_window("90s") == timedelta(seconds=90)
+    assert parse_window("24h") == timedelta(hours=24)
+    assert parse_window("90s") == timedelta(seconds=90)
     for bad in ("", "24", "1d", "0m", "169h", "-1h", "1.5h"):
         with pytest.raises(InvalidRequestError):
-            batches.parse_window(bad)
+            parse_window(bad)
 
 
 def test_serve_refuses_a_malformed_alias_setting(lmjobs_home: Path) -> None:
@@ -149,3 +149,33 @@ def test_serve_refuses_a_malformed_alias_setting(lmjobs_home: Path) -> None:
     assert proc.returncode == 1
     assert "LMJOBS_MODEL_ALIASES" in proc.stderr and "is not alias=model" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_batch_whose_validation_breaks_does_not_stay_validating(
+    db_url: str, lmjobs_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = _settings(db_url, lmjobs_home)
+
+    def broken(*args: object, **kw: object) -> None:
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(batches, "submit_file", broken)
+    with pytest.raises(RuntimeError):
+        _batch(s, db_url, (LINE + "\n").encode())
+    db = get_database(db_url)
+    with db.session() as sess:
+        (b,) = sess.query(Batch).all()
+    assert b.status == "failed" and b.errors_json[0]["code"] == "server_error"
+    key_id = b.api_key_id
+    fid = _upload(s, db_url, key_id, b"{}\n")
+    (s.files_path / fid).unlink()
+    with pytest.raises(NoSuchObjectError, match="gone"):
+        batches.create_batch(
+            db,
+            s,
+            None,
+            key_id=key_id,
+            input_file_id=fid,
+            endpoint="/v1/chat/completions",
+            completion_window="1h",
+        )
