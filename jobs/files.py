@@ -45,6 +45,12 @@ def _info(f: ApiFile) -> FileInfo:
     return FileInfo(f.id, f.filename, f.purpose, f.bytes, f.lines, f.created_at)
 
 
+def _printable(filename: str) -> str:
+    """The uploader's name as a label only (never a path): printable characters, 255 at most
+    (PostgreSQL stores no NUL)."""
+    return "".join(ch for ch in filename if ch.isprintable())[:MAX_FILENAME] or "upload.jsonl"
+
+
 def files_folder(settings: Settings) -> Path:
     folder = settings.files_path
     folder.mkdir(parents=True, exist_ok=True)
@@ -105,7 +111,7 @@ class UploadWriter:
         row = ApiFile(
             id=self.id,
             api_key_id=key_id,
-            filename=filename[:MAX_FILENAME],
+            filename=_printable(filename),
             purpose=purpose,
             bytes=self.bytes,
             lines=self.lines,

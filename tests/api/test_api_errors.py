@@ -90,6 +90,12 @@ def test_batch_create_refusals(env: dict[str, str], server: ServerProcess) -> No
     with pytest.raises(openai.NotFoundError):
         client.batches.retrieve("batch_nope")
     assert list(client.batches.list()) == []  # nothing was made by the refusals
+    # no request names a path: ids are looked up, never joined to the folder
+    for file_id in ("../lmjobs.db", "..%2F..%2Fetc%2Fpasswd", fid + "/../" + fid):
+        with pytest.raises(openai.NotFoundError):
+            client.files.content(file_id)
+    odd = client.files.create(file=("../../x.jsonl", b"{}\n"), purpose="batch")  # a label, not a path
+    assert odd.filename == "../../x.jsonl" and client.files.content(odd.id).content == b"{}\n"
 
 
 def test_rejected_lines_and_a_batch_with_no_valid_line(env: dict[str, str], server: ServerProcess) -> None:

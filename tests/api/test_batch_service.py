@@ -126,6 +126,9 @@ def test_files_and_keys_refusals(db_url: str, lmjobs_home: Path) -> None:
             files.check_purpose(purpose)
     with pytest.raises(InvalidRequestError):
         files.list_files(db, key_id, purpose=None, after=None, limit=0, order="desc")
+    w = files.UploadWriter(s, max_bytes=10, max_lines=5)
+    w.write(b"{}\n")
+    assert w.commit(db, key_id=key_id, filename="a\x00b\n.jsonl", purpose="batch").filename == "ab.jsonl"
     assert authenticate(db, "nope") is None and authenticate(db, "sk-lmjobs-" + "x" * 300) is None
 
 
