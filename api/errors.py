@@ -19,6 +19,7 @@ from lmjobs.jobs.api_errors import (
     UploadTooLargeError,
 )
 from lmjobs.jobs.errors import LmjobsError
+from lmjobs.jobs.settings import mask_secrets
 
 log = logging.getLogger(__name__)
 
@@ -96,5 +97,5 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:
-        log.error("internal error: %s: %s", type(exc).__name__, exc)
+        log.error("internal error: %s: %s", type(exc).__name__, mask_secrets(str(exc))[:2000])
         return error_response(500, "internal server error", type="server_error")

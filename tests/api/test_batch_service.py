@@ -182,3 +182,38 @@ def test_a_batch_whose_validation_breaks_does_not_stay_validating(
             endpoint="/v1/chat/completions",
             completion_window="1h",
         )
+
+
+def test_a_database_fault_is_a_500_in_openais_shape(tmp_path: Path, lmjobs_home: Path) -> None:
+    import threading
+    import time
+
+    import openai
+    import uvicorn
+    from apikit import free_port
+
+    from lmjobs.api.app import create_app
+
+    url = f"sqlite:///{tmp_path / 'never-migrated.db'}"  # no tables: every query fails
+    s = Settings(home=lmjobs_home, database_url=url)
+    port = free_port()
+    app = create_app(s, get_database(url), None, refresh=False)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-lmjobs-x", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as err:
+            client.files.list()
+        assert err.value.status_code == 500
+        assert err.value.body == {
+            "message": "internal server error",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        }
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
