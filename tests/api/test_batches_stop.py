@@ -45,9 +45,9 @@ def _wait_some_done(client: openai.OpenAI, batch_id: str, timeout: float = 60) -
 
 
 def test_cancel_and_expiry_keep_the_finished_rows(
-    sqlite_url: str, redis_url: str, tmp_path: Path, lmjobs_home: Path
+    db_url: str, redis_url: str, tmp_path: Path, lmjobs_home: Path
 ) -> None:
-    env = api_env(lmjobs_home, sqlite_url, redis_url, LMJOBS_FAKE_DELAY_MS="400")
+    env = api_env(lmjobs_home, db_url, redis_url, LMJOBS_FAKE_DELAY_MS="400")
     server = ServerProcess(env, tmp_path / "server.log").start()
     worker = WorkerProcess(env, tmp_path / "worker.log").start()
     try:
