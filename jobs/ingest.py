@@ -3,8 +3,8 @@
 The file is read once, line by line, and written in chunk-sized batches, so memory does
 not grow with the file. The job stays ``submitting`` until the last request is written:
 an interrupted submit never looks complete, and ``jobs/cleanup.py`` removes it.
-Duplicate ids are found by the database's unique key (insert-or-ignore, then the
-returned rows tell which lines were new), so no set of ids is kept in memory.
+Duplicate ids are found by the database's unique key (insert-or-ignore, then a count per
+chunk tells which chunks lost lines), so no set of ids is kept in memory.
 """
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ from __future__ import annotations
 import getpass
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, JobStatus, Reject, Request, utcnow
 from lmjobs.db.session import Database
-from lmjobs.db.upsert import insert_ignore_many
+from lmjobs.db.upsert import bulk_insert_ignore, insert_ignore_many
 from lmjobs.jobs.errors import InputFileError, UsageError
 from lmjobs.jobs.inputs import TASKS, LineError, ParsedRequest, read_requests, sha256_file
 from lmjobs.jobs.lifecycle import discard_job, mark_ready
@@ -66,13 +65,16 @@ def _check_options(path: Path, opts: SubmitOptions) -> None:
         raise InputFileError(f"{path}: the file is empty")
 
 
-def _request_row(job_id: int, chunk_id: int, p: ParsedRequest, opts: SubmitOptions) -> dict[str, Any]:
-    """Raises ValueError when the task template refuses the fields (e.g. no target language)."""
+def _request_row(
+    job_id: int, p: ParsedRequest, opts: SubmitOptions, effective: dict[str, Any] | None
+) -> dict[str, Any]:
+    """Raises ValueError when the task template refuses the fields (e.g. no target language).
+    ``effective``: the job's sampling params as a dict, reused for lines without their own."""
     rendered = render(p.task, p.input, opts.params)
-    effective = sampling_params(opts.params, p.params).to_dict()
+    if effective is None or p.params:
+        effective = sampling_params(opts.params, p.params).to_dict()
     return {
         "job_id": job_id,
-        "chunk_id": chunk_id,
         "line_number": p.line_number,
         "custom_id": p.custom_id,
         "task": p.task,
@@ -85,20 +87,18 @@ def _request_row(job_id: int, chunk_id: int, p: ParsedRequest, opts: SubmitOptio
     }
 
 
-def _insert_requests(session: Session, rows: list[dict[str, Any]]) -> set[int]:
-    """Insert-or-ignore on (job, caller's id); returns the line numbers actually inserted."""
-    dialect = session.get_bind().dialect.name
-    ins = (postgresql if dialect == "postgresql" else sqlite).insert(Request).values(rows)
-    stmt = ins.on_conflict_do_nothing(index_elements=["job_id", "custom_id"]).returning(Request.line_number)
-    return set(session.scalars(stmt).all())
+# Requests written per transaction: few commits (each is an fsync on SQLite), bounded memory.
+FLUSH_ROWS = 4096
 
 
 class _Writer:
-    """Buffers parsed lines into chunks and writes each chunk in one statement."""
+    """Buffers parsed lines into chunks and writes many chunks per transaction, each table
+    with one cached statement executed with many rows (no SQL compiled per batch)."""
 
     def __init__(self, db: Database, job: Job, opts: SubmitOptions) -> None:
         self.db, self.job, self.opts = db, job, opts
-        self.batch: list[ParsedRequest] = []
+        self.batch: list[ParsedRequest] = []  # the chunk being filled
+        self.full: list[list[ParsedRequest]] = []  # chunks waiting to be written
         self.rejects: list[LineError] = []
         self.pending_rejects: list[dict[str, Any]] = []
         self.accepted = 0
@@ -106,6 +106,7 @@ class _Writer:
         self.chunks = 0
         self.model_mismatches = 0
         self.first_model_mismatch: tuple[int, str] | None = None
+        self.effective = sampling_params(opts.params, None).to_dict()
 
     def reject(self, err: LineError) -> None:
         self.rejected += 1
@@ -119,57 +120,111 @@ class _Writer:
                 "excerpt": err.excerpt,
             }
         )
+        if len(self.pending_rejects) >= FLUSH_ROWS:
+            self.flush(final=False)
 
     def add(self, p: ParsedRequest) -> None:
         self.batch.append(p)
         if len(self.batch) >= self.opts.chunk_size:
-            self.flush()
+            self.full.append(self.batch)
+            self.batch = []
+            if len(self.full) * self.opts.chunk_size >= FLUSH_ROWS:
+                self.flush(final=False)
 
-    def flush(self) -> None:
-        if not self.batch and not self.pending_rejects:
+    def flush(self, *, final: bool) -> None:
+        """Write the full chunks (and, when ``final``, the last partial one) and the rejects."""
+        if final and self.batch:
+            self.full.append(self.batch)
+            self.batch = []
+        if not self.full and not self.pending_rejects:
             return
         with self.db.session() as s:
-            if self.batch:
-                self._write_chunk(s)
+            if self.full:
+                self._write_chunks(s, self.full)
+                self.full = []
             if self.pending_rejects:
                 s.execute(insert_ignore_many(s, Reject, ["job_id", "line_number"]), self.pending_rejects)
                 self.pending_rejects = []
-        self.batch = []
 
-    def _write_chunk(self, s: Session) -> None:
-        chunk = Chunk(
-            job_id=self.job.id,
-            seq=self.chunks,
-            first_line=self.batch[0].line_number,
-            last_line=self.batch[-1].line_number,
-            requests_total=0,
-            status=ChunkStatus.PENDING.value,
-            priority=self.opts.priority,
-        )
-        s.add(chunk)
-        s.flush()
-        rows: list[dict[str, Any]] = []
-        for p in self.batch:
-            try:
-                rows.append(_request_row(self.job.id, chunk.id, p, self.opts))
-            except ValueError as exc:
-                self.reject(LineError(p.line_number, str(exc), ""))
-        inserted = _insert_requests(s, rows) if rows else set()
-        for row in rows:
-            if row["line_number"] not in inserted:
-                self.reject(LineError(row["line_number"], f"duplicate id {row['custom_id']!r}", ""))
-        if not inserted:
-            s.delete(chunk)
+    def _write_chunks(self, s: Session, groups: list[list[ParsedRequest]]) -> None:
+        job_id = self.job.id
+        chunk_rows: list[dict[str, Any]] = []
+        request_groups: list[list[dict[str, Any]]] = []
+        for group in groups:
+            rows: list[dict[str, Any]] = []
+            for p in group:
+                try:
+                    rows.append(_request_row(job_id, p, self.opts, self.effective))
+                except ValueError as exc:
+                    self.reject(LineError(p.line_number, str(exc), ""))
+            if not rows:
+                continue
+            chunk_rows.append(
+                {
+                    "job_id": job_id,
+                    "seq": self.chunks + len(chunk_rows),
+                    "first_line": rows[0]["line_number"],
+                    "last_line": rows[-1]["line_number"],
+                    "requests_total": len(rows),
+                    "status": ChunkStatus.PENDING.value,
+                    "priority": self.opts.priority,
+                    "attempts": 0,
+                }
+            )
+            request_groups.append(rows)
+        if not chunk_rows:
             return
-        for p in self.batch:
-            if p.line_number in inserted and model_mismatch(p, self.job.model):
-                self.model_mismatches += 1
-                if self.first_model_mismatch is None:
-                    self.first_model_mismatch = (p.line_number, p.model or "")
-        chunk.requests_total = len(inserted)
-        chunk.first_line, chunk.last_line = min(inserted), max(inserted)
-        self.accepted += len(inserted)
-        self.chunks += 1
+        # Core tables: no ORM bookkeeping per row
+        chunks, requests = cast(Table, Chunk.__table__), cast(Table, Request.__table__)
+        ids = list(s.scalars(insert(chunks).returning(chunks.c.id, sort_by_parameter_order=True), chunk_rows))
+        for chunk_id, rows in zip(ids, request_groups, strict=True):
+            for row in rows:
+                row["chunk_id"] = chunk_id
+        bulk_insert_ignore(
+            s, requests, [row for rows in request_groups for row in rows], ["job_id", "custom_id"]
+        )
+        # A line whose id was taken by an earlier line was ignored: find those chunks by count.
+        counts = dict(
+            s.execute(
+                select(Request.chunk_id, func.count())
+                .where(Request.chunk_id.in_(ids))
+                .group_by(Request.chunk_id)
+            ).all()
+        )
+        for chunk_id, rows in zip(ids, request_groups, strict=True):
+            if counts.get(chunk_id, 0) != len(rows):
+                rows[:] = self._drop_duplicates(s, chunk_id, rows)
+        by_line = {p.line_number: p for group in groups for p in group}
+        for rows in request_groups:
+            for row in rows:
+                p = by_line[row["line_number"]]
+                if model_mismatch(p, self.job.model):
+                    self.model_mismatches += 1
+                    if self.first_model_mismatch is None:
+                        self.first_model_mismatch = (p.line_number, p.model or "")
+            self.accepted += len(rows)
+        self.chunks += len(chunk_rows)
+
+    def _drop_duplicates(self, s: Session, chunk_id: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Reject the chunk's rows that were not inserted (duplicate ids); fix up or remove the chunk."""
+        present = set(s.scalars(select(Request.line_number).where(Request.chunk_id == chunk_id)))
+        kept = [r for r in rows if r["line_number"] in present]
+        for row in rows:
+            if row["line_number"] not in present:
+                self.reject(LineError(row["line_number"], f"duplicate id {row['custom_id']!r}", ""))
+        if kept:
+            s.execute(
+                update(Chunk)
+                .where(Chunk.id == chunk_id)
+                .values(
+                    requests_total=len(kept),
+                    first_line=kept[0]["line_number"],
+                    last_line=kept[-1]["line_number"],
+                )
+            )
+        else:
+            s.execute(delete(Chunk).where(Chunk.id == chunk_id))
+        return kept
 
 
 def _validate_strict(path: Path, opts: SubmitOptions) -> None:
@@ -230,12 +285,10 @@ def create_job(
     for item in read_requests(path, opts.task, max_line_bytes=opts.max_line_bytes):
         if isinstance(item, LineError):
             writer.reject(item)
-            if len(writer.pending_rejects) >= 1000:
-                writer.flush()
         else:
             formats.add(item.input_format)
             writer.add(item)
-    writer.flush()
+    writer.flush(final=True)
 
     if writer.accepted == 0:
         discard_job(db, job.id)

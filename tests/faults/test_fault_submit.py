@@ -75,9 +75,11 @@ def test_submit_killed_half_way_never_runs_and_is_cleaned_up(
     private_redis: RedisServer, tmp_path: Path, lmjobs_home: Path
 ) -> None:
     db_url = f"sqlite:///{tmp_path / 'lm.db'}"
-    env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_CHUNK_SIZE="50")
+    # Submit writes ~4,096 requests per transaction (jobs/ingest.py FLUSH_ROWS): a file of
+    # several such batches is still being written when the first chunks are visible.
+    env = worker_env(lmjobs_home, db_url, private_redis.url, LMJOBS_CHUNK_SIZE="500")
     src = tmp_path / "big.jsonl"
-    n = 1500
+    n = 30_000
     write_prompts(src, n)
     db = get_database(db_url)
     fleet = Fleet(env, tmp_path, size=1)
