@@ -32,7 +32,7 @@ test: $(STAMP)
 # tools cannot see. build/typecheck/lmjobs/ holds links to them, so mypy (mypy_path) and
 # lint-imports (PYTHONPATH) find lmjobs.cli, ... in this checkout, laid out as installed.
 TYPECHECK := build/typecheck
-PACKAGES := cli jobs worker db bench
+PACKAGES := cli api jobs worker db bench
 
 typecheck-tree:
 	@mkdir -p $(TYPECHECK)/lmjobs

@@ -17,8 +17,9 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, TypeVar
 
+_P = TypeVar("_P", bound="ServiceProcess")  # typing.Self needs Python 3.11; we support 3.10
 LMJOBS = [sys.executable, "-m", "lmjobs.cli"]
 # the statuses a job stays in until someone acts (the lifecycle's end states, and paused)
 FINISHED = ("completed", "completed_with_failures", "failed", "cancelled", "paused")
@@ -113,7 +114,7 @@ class ServiceProcess:
     def ready(self) -> bool:
         raise NotImplementedError
 
-    def start(self, timeout: float = 180) -> Self:
+    def start(self: _P, timeout: float = 180) -> _P:
         """Start it and wait until ``ready``; fail at once if it exits first."""
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
