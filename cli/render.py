@@ -9,7 +9,14 @@ from datetime import datetime
 from typing import Any
 
 from rich.console import Console, OverflowMethod
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 out = Console(soft_wrap=True)
@@ -109,3 +116,20 @@ def duration(seconds: float | None) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def submit_progress() -> Progress:
+    """Reading a file into a job: bytes of the file, lines/s, lines rejected so far. On stderr,
+    and only on a terminal (``lmjobs submit ... | jq`` gets no bar)."""
+    return Progress(
+        TextColumn("[bold]submitting"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn(
+            "{task.fields[lines]} lines, {task.fields[rate]} lines/s, {task.fields[rejected]} rejected"
+        ),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )

@@ -141,14 +141,35 @@ def submit(
         dryrun.show(file, opts, as_json=as_json)
         return
     db = context.database()
-    try:
-        outcome = submit_file(db, file, opts, publish=context.publisher(), allow_repeat=yes)
-    except RepeatSubmitError as exc:
-        if not sys.stdin.isatty():
-            raise RepeatSubmitError(file, exc.job_ids, "pass --yes to submit it again") from None
-        if not typer.confirm(f"{exc}. Submit it again?", default=False):
-            raise RepeatSubmitError(file, exc.job_ids, "not submitted") from None
-        outcome = submit_file(db, file, opts, publish=context.publisher(), allow_repeat=True)
+    size = file.stat().st_size if file.is_file() else 0
+    with render.submit_progress() as bar:
+        t0 = time.perf_counter()
+        tid = bar.add_task("submit", total=size, lines=0, rate=0, rejected=0)
+
+        def on_progress(bytes_read: int, lines: int, rejected: int) -> None:
+            rate = f"{lines / max(time.perf_counter() - t0, 1e-9):,.0f}"
+            bar.update(tid, completed=bytes_read, lines=f"{lines:,}", rate=rate, rejected=f"{rejected:,}")
+
+        def send(allow_repeat: bool) -> Any:
+            return submit_file(
+                db,
+                file,
+                opts,
+                publish=context.publisher(),
+                allow_repeat=allow_repeat,
+                on_progress=on_progress,
+            )
+
+        try:
+            outcome = send(yes)
+        except RepeatSubmitError as exc:
+            if not sys.stdin.isatty():
+                raise RepeatSubmitError(file, exc.job_ids, "pass --yes to submit it again") from None
+            bar.stop()
+            if not typer.confirm(f"{exc}. Submit it again?", default=False):
+                raise RepeatSubmitError(file, exc.job_ids, "not submitted") from None
+            bar.start()
+            outcome = send(True)
     for old in outcome.discarded:
         render.warn(f"discarded job {old}: an interrupted submit of this file (never ran)")
     rep = outcome.report

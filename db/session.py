@@ -90,3 +90,16 @@ def forget_databases() -> None:
     for db in _databases.values():
         db.dispose()
     _databases.clear()
+
+
+def analyze_after_bulk_load(db: Database, tables: list[str]) -> None:
+    """Refresh PostgreSQL's planner statistics after a bulk load. Autovacuum refreshes them
+    late (after ~10% of a table changed, checked about once a minute), and a plan built on
+    stale ones turned an export's keyset page into a hash join over the whole job (PITFALLS.md,
+    SQL at scale). SQLite needs nothing here."""
+    if is_sqlite(db.url):
+        return
+    with db.engine.connect() as conn:
+        conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+        for table in tables:
+            conn.exec_driver_sql(f'ANALYZE "{table}"')

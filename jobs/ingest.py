@@ -10,6 +10,7 @@ chunk tells which chunks lost lines), so no set of ids is kept in memory.
 from __future__ import annotations
 
 import getpass
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -18,10 +19,10 @@ from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, JobStatus, Reject, Request, utcnow
-from lmjobs.db.session import Database
+from lmjobs.db.session import Database, analyze_after_bulk_load
 from lmjobs.db.upsert import bulk_insert_ignore, insert_ignore_many
 from lmjobs.jobs.errors import InputFileError, UsageError
-from lmjobs.jobs.inputs import TASKS, LineError, ParsedRequest, read_requests, sha256_file
+from lmjobs.jobs.inputs import TASKS, LineError, ParsedRequest, ReadProgress, read_requests, sha256_file
 from lmjobs.jobs.lifecycle import discard_job, mark_ready
 from lmjobs.jobs.params import sampling_params
 from lmjobs.jobs.queues import queue_for_model
@@ -252,8 +253,18 @@ def _validate_strict(path: Path, opts: SubmitOptions) -> None:
         )
 
 
+# (bytes of the file read, lines read, lines rejected so far)
+ReadProgressFn = Callable[[int, int, int], None]
+PROGRESS_EVERY = 2048  # lines between progress reports
+
+
 def create_job(
-    db: Database, path: Path, opts: SubmitOptions, *, source_sha256: str | None = None
+    db: Database,
+    path: Path,
+    opts: SubmitOptions,
+    *,
+    source_sha256: str | None = None,
+    on_progress: ReadProgressFn | None = None,
 ) -> SubmitReport:
     """Write the job and all its requests; the job is left ``submitting`` until the end."""
     path = Path(path)
@@ -282,13 +293,19 @@ def create_job(
         s.add(job)
     writer = _Writer(db, job, opts)
     formats: set[str] = set()
-    for item in read_requests(path, opts.task, max_line_bytes=opts.max_line_bytes):
+    read = ReadProgress()
+    for item in read_requests(path, opts.task, max_line_bytes=opts.max_line_bytes, progress=read):
         if isinstance(item, LineError):
             writer.reject(item)
         else:
             formats.add(item.input_format)
             writer.add(item)
+        if on_progress is not None and read.lines % PROGRESS_EVERY == 0:
+            on_progress(read.bytes_read, read.lines, writer.rejected)
     writer.flush(final=True)
+    if on_progress is not None:
+        on_progress(read.bytes_read, read.lines, writer.rejected)
+    analyze_after_bulk_load(db, ["requests", "chunks", "rejects"])
 
     if writer.accepted == 0:
         discard_job(db, job.id)

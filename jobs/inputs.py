@@ -62,6 +62,7 @@ from lmjobs.jobs.line_formats import (
 )
 
 __all__ = [
+    "ReadProgress",
     "MAX_DEPTH",
     "OPENAI_URLS",
     "TASKS",
@@ -106,8 +107,16 @@ class LineError:
 # Line models. strict=True: no coercion, so a bool is never a number and "5" never an int.
 
 
+@dataclass
+class ReadProgress:
+    """How far a reader got: bytes of the file consumed, and lines (for progress bars)."""
+
+    bytes_read: int = 0
+    lines: int = 0
+
+
 def read_requests(
-    path: Path | str, task: str, *, max_line_bytes: int = 1_000_000
+    path: Path | str, task: str, *, max_line_bytes: int = 1_000_000, progress: ReadProgress | None = None
 ) -> Iterator[ParsedRequest | LineError]:
     """Yield one ParsedRequest or LineError per physical line of ``path``, in order.
 
@@ -120,14 +129,17 @@ def read_requests(
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     if max_line_bytes < 1:
         raise ValueError("max_line_bytes must be positive")
-    return _read(Path(path), task, max_line_bytes)
+    return _read(Path(path), task, max_line_bytes, progress or ReadProgress())
 
 
-def _read(path: Path, task: str, max_line_bytes: int) -> Iterator[ParsedRequest | LineError]:
+def _read(
+    path: Path, task: str, max_line_bytes: int, progress: ReadProgress
+) -> Iterator[ParsedRequest | LineError]:
     with path.open("rb") as f:
         line_number = 0
         while raw := f.readline(max_line_bytes + 1):
             line_number += 1
+            progress.bytes_read, progress.lines = f.tell(), line_number
             if raw.endswith(b"\n"):
                 raw = raw[:-1]
             elif len(raw) > max_line_bytes:

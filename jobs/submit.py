@@ -23,7 +23,7 @@ from lmjobs.jobs.dispatch import Publisher, dispatch
 from lmjobs.jobs.embedded import ProgressFn, run_job_locally
 from lmjobs.jobs.engine_api import GenerateFn
 from lmjobs.jobs.errors import InputFileError, UsageError
-from lmjobs.jobs.ingest import SubmitReport, create_job, find_same_file
+from lmjobs.jobs.ingest import ReadProgressFn, SubmitReport, create_job, find_same_file
 from lmjobs.jobs.inputs import TASKS, sha256_file
 from lmjobs.jobs.settings import Settings, mask_secrets
 from lmjobs.jobs.timeparse import parse_when
@@ -103,6 +103,7 @@ def submit_file(
     *,
     publish: Publisher | None,
     allow_repeat: bool = False,
+    on_progress: ReadProgressFn | None = None,
 ) -> SubmitOutcome:
     """Ingest the file as a queued job and dispatch its first chunks.
 
@@ -117,7 +118,7 @@ def submit_file(
     same = find_same_file(db, sha, opts.task)
     if same and not allow_repeat:
         raise RepeatSubmitError(path, same)
-    rep = create_job(db, path, opts, source_sha256=sha)
+    rep = create_job(db, path, opts, source_sha256=sha, on_progress=on_progress)
     outcome = SubmitOutcome(report=rep, discarded=discarded)
     if publish is None:
         return outcome
