@@ -17,12 +17,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import and_, select
+from sqlalchemy import Select, select
 
 from lmjobs.db.models import Job, Request, Result, ResultStatus
 from lmjobs.db.session import Database
@@ -63,56 +63,93 @@ COLUMNS = [
 NOT_FINISHED = "pending"
 
 
-def rows_in_line_order(db: Database, job_id: int, *columns: Any, page: int = PAGE) -> Iterator[Any]:
-    """``(line_number, *columns)`` for every request of the job, outer-joined with its
-    result, in input order: a page at a time (keyset pagination on line_number), each page
-    in its own short session, so a job of millions of lines never sits in memory."""
+def requests_page(job_id: int, after_line: int, page: int, columns: Sequence[Any] = ()) -> Select[Any]:
+    """The next ``page`` requests of the job after ``after_line``: ``(id, line_number, *columns)``."""
+    return (
+        select(Request.id, Request.line_number, *columns)
+        .where(Request.job_id == job_id, Request.line_number > after_line)
+        .order_by(Request.line_number)
+        .limit(page)
+    )
+
+
+def results_of(job_id: int, request_ids: Sequence[int], columns: Sequence[Any] = ()) -> Select[Any]:
+    """Those requests' results, by key: ``(request_id, *columns)``."""
+    return select(Result.request_id, *columns).where(
+        Result.job_id == job_id, Result.request_id.in_(request_ids)
+    )
+
+
+def rows_in_line_order(
+    db: Database, job_id: int, *columns: Any, page: int = PAGE
+) -> Iterator[tuple[Any, ...]]:
+    """``(line_number, *columns)`` for every request of the job, in input order, with the
+    columns of ``Result`` None where a request has no result yet.
+
+    A page at a time, each in its own short session, so a job of millions of lines never
+    sits in memory, and in two index lookups whose plan does not hinge on the planner's
+    statistics (PITFALLS.md, SQL at scale): the next ``page`` requests by ``(job_id,
+    line_number)``, then those requests' results by ``(job_id, request_id)``. A join here
+    became a hash join over the whole job when statistics were stale."""
+    kinds = ["result" if getattr(c, "class_", None) is Result else "request" for c in columns]
+    req_cols = [c for c, k in zip(columns, kinds, strict=True) if k == "request"]
+    res_cols = [c for c, k in zip(columns, kinds, strict=True) if k == "result"]
     last = 0
     while True:
-        q = (
-            select(Request.line_number, *columns)
-            .outerjoin(Result, and_(Result.request_id == Request.id, Result.job_id == job_id))
-            .where(Request.job_id == job_id, Request.line_number > last)
-            .order_by(Request.line_number)
-            .limit(page)
-        )
         with db.session() as s:
-            rows = s.execute(q).all()
-        if not rows:
-            return
-        last = rows[-1][0]
-        yield from rows
+            requests = s.execute(requests_page(job_id, last, page, req_cols)).all()
+            if not requests:
+                return
+            results: dict[int, Any] = {}
+            if res_cols:
+                ids = [r[0] for r in requests]
+                results = {r[0]: r[1:] for r in s.execute(results_of(job_id, ids, res_cols))}
+        empty = (None,) * len(res_cols)
+        for req in requests:
+            req_values, res_values = iter(req[2:]), iter(results.get(req[0], empty))
+            yield (req[1], *(next(res_values) if k == "result" else next(req_values) for k in kinds))
+        last = requests[-1][1]
+
+
+# What an export row holds, in the order of its keys: (key, column). line_number comes from
+# the page itself; a request with no result has result_id None.
+_EXPORT_COLUMNS = [
+    ("job_id", Request.job_id),
+    ("request_id", Request.id),
+    ("custom_id", Request.custom_id),
+    ("status", Result.status),
+    ("output_text", Result.output_text),
+    ("error", Result.error),
+    ("finish_reason", Result.finish_reason),
+    ("input_tokens", Result.input_tokens),
+    ("output_tokens", Result.output_tokens),
+    ("latency_ms", Result.latency_ms),
+    ("model", Result.model),
+    ("model_revision", Result.model_revision),
+    ("dtype", Result.dtype),
+    ("template_version", Result.template_version),
+    ("worker", Result.worker),
+    ("attempt", Result.attempt),
+    ("deduplicated", Result.deduplicated),
+    ("finished_at", Result.created_at),
+    ("reference", Request.reference),
+    ("input_json", Request.input_json),
+    ("requested_model", Request.requested_model),
+    ("result_id", Result.id),
+]
+_EXPORT_KEYS = [k for k, _ in _EXPORT_COLUMNS]
 
 
 def iter_result_rows(db: Database, job_id: int, *, only_finished: bool = False) -> Iterator[dict[str, Any]]:
-    """One dict per request in input order."""
-    for _, req, res in rows_in_line_order(db, job_id, Request, Result):
-        if res is None and only_finished:
+    """One dict per request in input order (plain columns: no ORM objects per row)."""
+    for line_number, *values in rows_in_line_order(db, job_id, *(c for _, c in _EXPORT_COLUMNS)):
+        if values[-1] is None and only_finished:
             continue
-        yield {
-            "job_id": req.job_id,
-            "request_id": req.id,
-            "line_number": req.line_number,
-            "custom_id": req.custom_id,
-            "status": res.status if res else NOT_FINISHED,
-            "output_text": res.output_text if res else None,
-            "error": res.error if res else None,
-            "finish_reason": res.finish_reason if res else None,
-            "input_tokens": res.input_tokens if res else None,
-            "output_tokens": res.output_tokens if res else None,
-            "latency_ms": res.latency_ms if res else None,
-            "model": res.model if res else None,
-            "model_revision": res.model_revision if res else None,
-            "dtype": res.dtype if res else None,
-            "template_version": res.template_version if res else None,
-            "worker": res.worker if res else None,
-            "attempt": res.attempt if res else None,
-            "deduplicated": res.deduplicated if res else None,
-            "finished_at": res.created_at if res else None,
-            "reference": req.reference,
-            "input_json": req.input_json,
-            "requested_model": req.requested_model,
-        }
+        row = {"job_id": values[0], "request_id": values[1], "line_number": line_number}
+        row.update(zip(_EXPORT_KEYS[2:-1], values[2:-1], strict=True))
+        if values[-1] is None:
+            row["status"] = NOT_FINISHED
+        yield row
 
 
 def open_output(path: Path | None, *, force: bool, binary: bool = False) -> IO[Any]:

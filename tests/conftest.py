@@ -61,6 +61,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         upgrade(url)
         yield url
         return
+    yield from _migrated_postgres()
+
+
+def _migrated_postgres() -> Iterator[str]:
+    from lmjobs.db.migrate import upgrade
+
     if not pg_available():
         pytest.fail(f"PostgreSQL is not reachable at {PG_ADMIN_URL}; .ci/run starts it")
     name = f"lmjobs_test_{uuid.uuid4().hex[:10]}"
@@ -69,6 +75,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield url
     forget_databases()
     drop_pg_database(name)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A migrated, empty PostgreSQL database (for PostgreSQL-only behaviour)."""
+    yield from _migrated_postgres()
 
 
 @pytest.fixture
