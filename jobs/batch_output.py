@@ -16,50 +16,14 @@ from typing import Any
 
 from lmjobs.db.models import ResultStatus
 from lmjobs.db.session import Database
-from lmjobs.jobs.export import iter_result_rows
+from lmjobs.jobs.export import CHAT_ENDPOINT, iter_result_rows, openai_body
 
-CHAT = "/v1/chat/completions"
+CHAT = CHAT_ENDPOINT
 _UNFINISHED = {
     "batch_cancelled": "the batch was cancelled",
     "batch_expired": "the batch expired",
     "batch_failed": "the batch failed",
 }
-
-
-def _usage(row: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = row["input_tokens"] or 0, row["output_tokens"] or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def _body(row: dict[str, Any], endpoint: str, model: str) -> dict[str, Any]:
-    created = int(row["finished_at"].timestamp()) if row["finished_at"] else 0
-    finish = row["finish_reason"] if row["finish_reason"] in ("stop", "length") else "stop"
-    if endpoint == CHAT:
-        return {
-            "id": f"chatcmpl-lmjobs-{row['request_id']}",
-            "object": "chat.completion",
-            "created": created,
-            "model": row["model"] or model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": row["output_text"] or ""},
-                    "finish_reason": finish,
-                    "logprobs": None,
-                }
-            ],
-            "usage": _usage(row),
-        }
-    return {
-        "id": f"cmpl-lmjobs-{row['request_id']}",
-        "object": "text_completion",
-        "created": created,
-        "model": row["model"] or model,
-        "choices": [
-            {"index": 0, "text": row["output_text"] or "", "finish_reason": finish, "logprobs": None}
-        ],
-        "usage": _usage(row),
-    }
 
 
 def output_lines(
@@ -74,7 +38,7 @@ def output_lines(
             line["response"] = {
                 "status_code": 200,
                 "request_id": f"lmjobs-{row['request_id']}",
-                "body": _body(row, endpoint, model),
+                "body": openai_body(row, endpoint, model),
             }
             line["error"] = None
             yield True, json.dumps(line, ensure_ascii=False)

@@ -135,18 +135,24 @@ _EXPORT_COLUMNS = [
     ("reference", Request.reference),
     ("input_json", Request.input_json),
     ("requested_model", Request.requested_model),
+    ("task", Request.task),  # kept for the OpenAI format's body kind; not an export column
     ("result_id", Result.id),
 ]
 _EXPORT_KEYS = [k for k, _ in _EXPORT_COLUMNS]
 
 
-def iter_result_rows(db: Database, job_id: int, *, only_finished: bool = False) -> Iterator[dict[str, Any]]:
-    """One dict per request in input order (plain columns: no ORM objects per row)."""
+def iter_result_rows(
+    db: Database, job_id: int, *, only_finished: bool = False, with_task: bool = False
+) -> Iterator[dict[str, Any]]:
+    """One dict per request in input order (plain columns: no ORM objects per row);
+    ``with_task`` adds the request's ``task`` (what the OpenAI format needs)."""
     for line_number, *values in rows_in_line_order(db, job_id, *(c for _, c in _EXPORT_COLUMNS)):
         if values[-1] is None and only_finished:
             continue
         row = {"job_id": values[0], "request_id": values[1], "line_number": line_number}
-        row.update(zip(_EXPORT_KEYS[2:-1], values[2:-1], strict=True))
+        row.update(zip(_EXPORT_KEYS[2:-2], values[2:-2], strict=True))
+        if with_task:
+            row["task"] = values[-2]
         if values[-1] is None:
             row["status"] = NOT_FINISHED
         yield row
@@ -180,34 +186,60 @@ def open_output(path: Path | None, *, force: bool, binary: bool = False) -> IO[A
     )
 
 
+CHAT_ENDPOINT = "/v1/chat/completions"
+COMPLETIONS_ENDPOINT = "/v1/completions"
+
+
+def _usage(row: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = row["input_tokens"] or 0, row["output_tokens"] or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def openai_body(row: dict[str, Any], endpoint: str, model: str) -> dict[str, Any]:
+    """What OpenAI's endpoint answers for a succeeded row: a ``chat.completion`` for
+    ``/v1/chat/completions``, a ``text_completion`` for ``/v1/completions``."""
+    created = int(row["finished_at"].timestamp()) if row["finished_at"] else 0
+    finish = row["finish_reason"] if row["finish_reason"] in ("stop", "length") else "stop"
+    if endpoint == CHAT_ENDPOINT:
+        return {
+            "id": f"chatcmpl-lmjobs-{row['request_id']}",
+            "object": "chat.completion",
+            "created": created,
+            "model": row["model"] or model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": row["output_text"] or ""},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
+            ],
+            "usage": _usage(row),
+        }
+    return {
+        "id": f"cmpl-lmjobs-{row['request_id']}",
+        "object": "text_completion",
+        "created": created,
+        "model": row["model"] or model,
+        "choices": [
+            {"index": 0, "text": row["output_text"] or "", "finish_reason": finish, "logprobs": None}
+        ],
+        "usage": _usage(row),
+    }
+
+
 def _openai_line(row: dict[str, Any], model: str) -> dict[str, Any]:
     if row["status"] == ResultStatus.SUCCEEDED.value:
-        response = {
-            "status_code": 200,
-            "request_id": str(row["request_id"]),
-            "body": {
-                "id": f"chatcmpl-lmjobs-{row['request_id']}",
-                "object": "chat.completion",
-                "created": int(row["finished_at"].timestamp()) if row["finished_at"] else None,
-                "model": row["model"] or model,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": row["output_text"]},
-                        "finish_reason": row["finish_reason"],
-                    }
-                ],
-                "usage": {
-                    "prompt_tokens": row["input_tokens"],
-                    "completion_tokens": row["output_tokens"],
-                    "total_tokens": (row["input_tokens"] or 0) + (row["output_tokens"] or 0),
-                },
-            },
-        }
+        # generate lines (and OpenAI /v1/completions lines) continue a prompt: a text completion
+        endpoint = COMPLETIONS_ENDPOINT if row["task"] == "generate" else CHAT_ENDPOINT
         return {
             "id": f"lmjobs-{row['request_id']}",
             "custom_id": row["custom_id"],
-            "response": response,
+            "response": {
+                "status_code": 200,
+                "request_id": str(row["request_id"]),
+                "body": openai_body(row, endpoint, model),
+            },
             "error": None,
         }
     failed = row["status"] == ResultStatus.FAILED.value
@@ -232,7 +264,7 @@ def write_results(
     """Write every row to ``out`` (text for jsonl/csv/openai, binary for parquet)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    rows = iter_result_rows(db, job_id, only_finished=only_finished)
+    rows = iter_result_rows(db, job_id, only_finished=only_finished, with_task=fmt == "openai")
     n = 0
     if fmt == "jsonl":
         for row in rows:

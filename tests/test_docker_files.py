@@ -67,6 +67,7 @@ def test_the_expected_services(services: dict[str, dict[str, Any]]) -> None:
         "worker-gpu",
         "beat",
         "flower",
+        "server",
     }
     assert services["redis"]["image"].startswith("redis:7")
     assert "--appendonly yes" in " ".join(services["redis"]["command"])
@@ -154,6 +155,11 @@ def test_dockerfile_copies_what_exists_and_runs_lmjobs(name: str) -> None:
             assert not args.startswith("--from"), "no multi-stage copies expected"
             for src in parts[:-1]:
                 assert (ROOT / src).exists(), f"{name}: COPY {src} does not exist"
+    copied = {shlex.split(args)[0].rstrip("/") for instruction, args in steps if instruction == "COPY"}
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    top = {path.split("/")[0] for path in folders.values()}
+    assert top <= copied, f"{name}: the image lacks {sorted(top - copied)} (pyproject installs them)"
     assert ("ENTRYPOINT", '["lmjobs"]') in steps
     assert ("CMD", '["worker"]') in steps
     users = [args for instruction, args in steps if instruction == "USER"]

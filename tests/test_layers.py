@@ -23,7 +23,7 @@ else:  # import-linter depends on tomli before 3.11
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("cli", "jobs", "worker", "db", "bench")
+FOLDERS = ("cli", "api", "jobs", "worker", "db", "bench")
 CONTRACTS: dict[str, str] = {
     c["id"]: c["name"]
     for c in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
@@ -53,7 +53,7 @@ def kept(proc: subprocess.CompletedProcess[str], contract: str) -> bool:
 
 
 def test_the_contracts_are_the_ones_design_asks_for() -> None:
-    assert set(CONTRACTS) == {"layers", "jobs", "db", "engine"}
+    assert set(CONTRACTS) == {"layers", "jobs", "db", "engine", "api"}
 
 
 @pytest.mark.parametrize("contract", sorted(CONTRACTS))
@@ -89,6 +89,11 @@ WRONG_IMPORTS = [
     ("layers", "jobs", "import lmjobs.cli.render", "lmjobs.jobs -> lmjobs.cli.render"),
     ("layers", "worker", "import lmjobs.bench.runner", "lmjobs.worker -> lmjobs.bench.runner"),
     ("layers", "bench", "import lmjobs.cli.main", "lmjobs.bench -> lmjobs.cli.main"),
+    ("layers", "api", "import lmjobs.worker.tasks", "lmjobs.api -> lmjobs.worker.tasks"),
+    ("layers", "api", "import lmjobs.cli.render", "lmjobs.api -> lmjobs.cli.render"),
+    ("layers", "jobs", "import lmjobs.api.app", "lmjobs.jobs -> lmjobs.api.app"),
+    ("api", "worker", "import lmjobs.api.app", "lmjobs.worker -> lmjobs.api.app"),
+    ("api", "bench", "import lmjobs.api.routes", "lmjobs.bench -> lmjobs.api.routes"),
     ("jobs", "jobs", "import torch", "lmjobs.jobs -> torch"),
     ("jobs", "jobs", "from celery import Celery", "lmjobs.jobs -> celery"),
     ("db", "db", "import lmjobs.jobs.settings", "lmjobs.db -> lmjobs.jobs.settings"),

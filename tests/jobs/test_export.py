@@ -158,3 +158,28 @@ def test_results_command(db_url: str, tmp_path: Path) -> None:
         assert read_back(fmt, proc.stdout.encode()) == _truth(db, job_id, True)
     again = run_cli(["results", str(job_id), "--format", "csv", "-o", str(out)], env)
     assert again.returncode == 1 and "--force" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_openai_format_answers_each_line_as_its_endpoint_would(db_url: str, tmp_path: Path) -> None:
+    """Chat lines get a ``chat.completion``, completion lines a ``text_completion``: each body
+    validates with the openai client's own type."""
+    from analytics_data import run
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    db = get_database(db_url)
+    lines = [
+        {"custom_id": "c1", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}},
+        {"custom_id": "g1", "method": "POST", "url": "/v1/completions",
+         "body": {"model": "m", "prompt": "once upon a time"}},
+    ]  # fmt: skip
+    job_id = submit(db, write_jsonl(tmp_path / "in.jsonl", lines), "chat", model="m")
+    run(db, job_id)
+    out = io.StringIO()
+    assert write_results(db, job_id, "openai", out) == 2
+    by_id = {row["custom_id"]: row for row in map(json.loads, out.getvalue().splitlines())}
+    chat = ChatCompletion.model_validate(by_id["c1"]["response"]["body"])
+    completion = Completion.model_validate(by_id["g1"]["response"]["body"])
+    assert chat.object == "chat.completion" and chat.choices[0].message.content
+    assert completion.object == "text_completion" and completion.choices[0].text
