@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.table import Table
 
+from lmjobs.bench.table import COLUMNS, arm_cells, markdown
+from lmjobs.bench.table import fmt as _fmt
 from lmjobs.cli import context, render
 from lmjobs.jobs.errors import ConfigError
 
@@ -89,57 +91,6 @@ def bench(
     show(report, as_markdown=markdown_table)
     if json_out is not None:
         render.out.print(f"wrote {json_out}")
-
-
-def _fmt(value: Any, digits: int = 1, suffix: str = "") -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:,.{digits}f}{suffix}"
-    return f"{value}{suffix}"
-
-
-COLUMNS = (
-    "arm",
-    "requests",
-    "out tokens",
-    "tokens/s",
-    "req/s",
-    "x A0",
-    "x A1",
-    "warm-up s",
-    "peak MB",
-    "rows/step",
-    "roofline",
-    "same as A0",
-)
-
-
-def arm_cells(arm: dict[str, Any]) -> list[str]:
-    """One row of the arms table (also the Markdown table of docs/benchmarks.md)."""
-    same = arm["correctness_vs_a0"]
-    steps = arm["steps"]
-    roofline = steps["roofline_fraction"]
-    return [
-        arm["arm"],
-        f"{arm['requests']}" + (" (subset)" if arm["subset"] else ""),
-        str(arm["output_tokens"]),
-        _fmt(arm["output_tokens_per_s"]),
-        _fmt(arm["requests_per_s"], 2),
-        _fmt(arm["speedup_vs_a0"], 2),
-        _fmt(arm["speedup_vs_a1"], 2),
-        _fmt(arm["warmup_s"], 2),
-        _fmt(arm["peak_memory_mb"], 0),
-        _fmt(steps["mean_rows_per_decode_step"]),
-        _fmt(100 * roofline if roofline is not None else None, 1, "%"),
-        "-" if same is None else f"{same['identical']}/{same['compared']}",
-    ]
-
-
-def markdown(report: dict[str, Any]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(arm_cells(a)) + " |" for a in report["arms"]]
-    return "\n".join(lines)
 
 
 def show(report: dict[str, Any], *, as_markdown: bool = False) -> None:

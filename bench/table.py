@@ -1,0 +1,57 @@
+"""The arms table of a report (``BenchReport.to_json``) as plain text: the CLI's rich table,
+the Markdown table of docs/benchmarks.md and ``python -m lmjobs.bench.gpu`` share these
+cells. Standard library only, so the GPU entry point needs nothing the device image lacks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = (
+    "arm",
+    "requests",
+    "out tokens",
+    "tokens/s",
+    "req/s",
+    "x A0",
+    "x A1",
+    "warm-up s",
+    "peak MB",
+    "rows/step",
+    "roofline",
+    "same as A0",
+)
+
+
+def fmt(value: Any, digits: int = 1, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}{suffix}"
+    return f"{value}{suffix}"
+
+
+def arm_cells(arm: dict[str, Any]) -> list[str]:
+    """One row of the arms table."""
+    same = arm["correctness_vs_a0"]
+    steps = arm["steps"]
+    roofline = steps["roofline_fraction"]
+    return [
+        arm["arm"],
+        f"{arm['requests']}" + (" (subset)" if arm["subset"] else ""),
+        str(arm["output_tokens"]),
+        fmt(arm["output_tokens_per_s"]),
+        fmt(arm["requests_per_s"], 2),
+        fmt(arm["speedup_vs_a0"], 2),
+        fmt(arm["speedup_vs_a1"], 2),
+        fmt(arm["warmup_s"], 2),
+        fmt(arm["peak_memory_mb"], 0),
+        fmt(steps["mean_rows_per_decode_step"]),
+        fmt(100 * roofline if roofline is not None else None, 1, "%"),
+        "-" if same is None else f"{same['identical']}/{same['compared']}",
+    ]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(arm_cells(a)) + " |" for a in report["arms"]]
+    return "\n".join(lines)
