@@ -2,9 +2,9 @@
 
 - A0: one prompt at a time through ``model.generate``, as a tutorial writes it:
   tokenize, generate (greedy), decode.
-- A1: ``model.generate`` on batches of 32 in input order, left padding, no sorting, with
-  the batch's largest ``max_new_tokens`` (each row is then cut to its own limit and its
-  first EOS, and only those tokens count).
+- A1: ``model.generate`` on fixed batches (32; the GPU preset 64) in input order, left
+  padding, no sorting, with the batch's largest ``max_new_tokens`` (each row is then cut
+  to its own limit and its first EOS, and only those tokens count).
 - engine arms: ``lmjobs.worker.engine.core.generate`` with an ``EngineConfig``.
 - A6: transformers' own continuous batching (``ContinuousBatchingManager``: a paged KV
   cache, requests scheduled by transformers), each request with its own
@@ -21,17 +21,19 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 from lmjobs.bench.measure import PeakMemory, StepMeter, StepStats, sync
 from lmjobs.bench.workloads import BenchRequest
+from lmjobs.worker.engine import compat
 from lmjobs.worker.engine.core import EngineConfig, eos_ids, generate
 
 logger = logging.getLogger(__name__)
 
 NAIVE_BATCH = 32
+_T = TypeVar("_T")
 WARMUP_REQUESTS = 2
 WARMUP_NEW_TOKENS = 4
 
@@ -152,17 +154,27 @@ def run_naive_batched(
     return out
 
 
+def naive_batched(batch_size: int) -> ArmFn:
+    """A1 with batches of ``batch_size``."""
+
+    def run(model: Any, tokenizer: Any, requests: Sequence[BenchRequest]) -> ArmOutput:
+        return run_naive_batched(model, tokenizer, requests, batch_size=batch_size)
+
+    return run
+
+
 def run_transformers_cb(model: Any, tokenizer: Any, requests: Sequence[BenchRequest]) -> ArmOutput:
     """A6: every request handed to transformers' continuous batching manager at once."""
-    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     kwargs = _generate_kwargs(model, tokenizer)
     prompts = [tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"] for r in requests]
     # a paged cache as large as these requests can fill (left to itself, the manager takes
-    # most of the free memory: 6.9 GB for a tiny model on the CPU)
-    page = ContinuousBatchingConfig().page_size
+    # most of the free memory: 6.9 GB for a tiny model on the CPU); the page size is
+    # ``block_size`` in transformers 5.17, ``page_size`` later (compat reads either)
+    page = compat.continuous_batching_page_size()
     blocks = sum(-(-(len(ids) + r.max_new_tokens) // page) for ids, r in zip(prompts, requests, strict=True))
-    cb_config = ContinuousBatchingConfig(num_blocks=blocks + 1)
+    cb_config = compat.continuous_batching_config(num_blocks=blocks + 1)
     eos = kwargs["eos_token_id"]
     config = GenerationConfig(
         do_sample=False,
@@ -226,6 +238,18 @@ def chunked(fn: ArmFn, size: int) -> ArmFn:
     return run
 
 
+def shape_warmup_requests(requests: Sequence[_T], batch: int) -> list[_T]:
+    """The timed run's first ``batch`` requests and its last, partial batch, unchanged
+    (their own ``max_new_tokens``): run once, they make every batch size and cache bucket
+    of a run in fixed batches (A1, the engine on an even workload) before the clock starts,
+    so ``torch.compile`` and CUDA-graph capture happen there. ``measure`` reports any
+    decode shape the timed run met that the warm-up did not."""
+    n = len(requests)
+    head = list(requests[: min(n, batch)])
+    rest = n % batch if n > batch else 0
+    return head + (list(requests[n - rest :]) if rest else [])
+
+
 def warmup_requests(requests: Sequence[BenchRequest]) -> list[BenchRequest]:
     """The first few requests, cut to a few new tokens: loads kernels, fills caches."""
     warm = []
@@ -253,16 +277,25 @@ def measure(
     *,
     device: torch.device,
     subset: bool = False,
+    warmup: Sequence[BenchRequest] | None = None,
 ) -> ArmResult:
-    """Warm up (timed apart), then run ``fn`` on ``requests`` under the meters."""
-    start = time.perf_counter()
-    fn(model, tokenizer, warmup_requests(requests))
-    sync(device)
-    warmup_s = time.perf_counter() - start
+    """Warm up (timed apart; ``warmup``, by default ``warmup_requests``), then run ``fn`` on
+    ``requests`` under the meters.
 
+    The meters' forward hooks are already on the model during the warm-up: adding them
+    afterwards would change what a ``torch.compile``d call guards on, and the compiled arm
+    would recompile inside the timed window.
+    """
+    warm = warmup_requests(requests) if warmup is None else list(warmup)
     memory = PeakMemory(device)
-    memory.start()
     with StepMeter(model, device) as meter:
+        start = time.perf_counter()
+        fn(model, tokenizer, warm)
+        sync(device)
+        warmup_s = time.perf_counter() - start
+        warmed = set(meter.decode_shapes)
+        meter.reset()
+        memory.start()
         sync(device)
         start = time.perf_counter()
         output = fn(model, tokenizer, requests)
@@ -283,6 +316,13 @@ def measure(
         steps=meter.stats,
         outputs=output,
     )
+    cold = sorted(meter.decode_shapes - warmed)
+    result.extra["warmup"] = {
+        "requests": len(warm),
+        "decode_shapes_timed": len(meter.decode_shapes),
+        "decode_shapes_not_warmed": len(cold),
+        "not_warmed_first": [list(shape) for shape in cold[:10]],  # [rows, cache columns]
+    }
     if output.errors:
         first = next(iter(output.errors.values()))
         result.notes.append(f"{len(output.errors)} requests failed, e.g. {first}")

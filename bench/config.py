@@ -13,7 +13,7 @@ from lmjobs.worker.engine.core import EngineConfig
 
 ARMS: dict[str, str] = {
     "A0": "naive: model.generate, one prompt at a time",
-    "A1": "model.generate, batches of 32, input order",
+    "A1": "model.generate, fixed batches in input order",
     "A2": "engine, mode=static",
     "A3": "engine, mode=continuous",
     "A4": "engine, int8 weights (mode=auto)",
@@ -31,6 +31,7 @@ ALIASES = {
     "e2e": "E2E",
 }
 RANDOM_PREFIX = "random:"
+WARMUPS = ("short", "shapes")
 
 
 @dataclass
@@ -48,6 +49,12 @@ class BenchConfig:
     seed: int = 0
     max_batch_size: int = 64
     batch_tokens: int = 0
+    naive_batch: int = 32  # A1's batch size
+    # "short": each arm warms up on 2 requests of 4 new tokens (CPU: cheap); "shapes": on
+    # the timed run's first batch and its last, partial one, with their own max_new_tokens,
+    # so every batch size and cache bucket the timed run uses is compiled (and its CUDA
+    # graphs captured) before the clock starts
+    warmup: str = "short"
     chunk_size: int = 0  # E2E; 0: 4 x max_batch_size
     e2e_database_url: str = ""
     e2e_broker_url: str = DEFAULT_BROKER
@@ -61,6 +68,10 @@ class BenchConfig:
             raise ValueError(
                 f"unknown workload {self.workload!r} (use {', '.join(bench_workloads.WORKLOADS)})"
             )
+        if self.warmup not in WARMUPS:
+            raise ValueError(f"unknown warm-up {self.warmup!r} (use {', '.join(WARMUPS)})")
+        if self.naive_batch < 1:
+            raise ValueError("A1's batch size must be at least 1")
         if self.requests < 1 or self.a0_requests < 0 or self.a1_requests < 0:
             raise ValueError("--requests must be at least 1 and subsets at least 0")
         shape = self.model.removeprefix(RANDOM_PREFIX)
@@ -113,6 +124,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "requests": 2048,
         "a0_requests": 16,
         "a1_requests": 256,
+        "naive_batch": 64,
+        "warmup": "shapes",
         "max_batch_size": 256,
         "chunk_size": 512,
         "budget_s": 390.0,

@@ -115,13 +115,16 @@ class StepMeter:
     model: Any
     device: torch.device
     stats: StepStats = field(default_factory=StepStats)
+    # (rows, cache columns) of every decode step: a compiled decode step is one graph per
+    # such shape, so a timed shape the warm-up did not meet was compiled on the clock
+    decode_shapes: set[tuple[int, int]] = field(default_factory=set)
     _handles: list[Any] = field(default_factory=list)
     _t0: float = 0.0
     _kv_bytes: int = 0
     _weight_bytes: int = 0
 
     def __enter__(self) -> StepMeter:
-        self.stats = StepStats()
+        self.reset()
         self._kv_bytes = kv_bytes_per_token(self.model)
         self._weight_bytes = parameter_bytes(self.model)
         # Kept out of torch.compile'd calls (the engine's compiled decode step): a hook
@@ -133,6 +136,11 @@ class StepMeter:
             self.model.register_forward_hook(after, with_kwargs=True),
         ]
         return self
+
+    def reset(self) -> None:
+        """Forget what was counted (after a warm-up), keeping the hooks in place."""
+        self.stats = StepStats()
+        self.decode_shapes = set()
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
@@ -169,6 +177,7 @@ class StepMeter:
         else:
             cache = kwargs.get("past_key_values")
             length = int(cache.get_seq_length()) + 1 if cache is not None else 1
+        self.decode_shapes.add((rows, length))
         self.stats.decode_steps += 1
         self.stats.decode_rows += rows
         self.stats.decode_s += elapsed

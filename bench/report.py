@@ -182,6 +182,7 @@ class BenchReport:
             "speedup_vs_a0": round(rate / a0, 2) if a0 else None,
             "speedup_vs_a1": round(rate / a1, 2) if a1 else None,
             "warmup_s": round(result.warmup_s, 3),
+            "warmup": result.extra.get("warmup"),
             "peak_memory_mb": result.peak_mb,
             "peak_memory_above_start_mb": result.peak_delta_mb,
             "memory_kind": result.memory_kind,

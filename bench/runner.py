@@ -6,7 +6,7 @@ gives output tokens/s, requests/s, speed-ups over A0 and A1, peak memory, warm-u
 decode-step accounting and the fraction of the decode roofline, and checks greedy outputs
 against A0 token for token. What runs, and the presets, are in ``config``.
 
-Arms: A0 naive loop, A1 ``model.generate`` batches of 32, A2 engine static, A3 engine
+Arms: A0 naive loop, A1 ``model.generate`` in fixed batches (``naive_batch``), A2 engine static, A3 engine
 continuous, A4 engine on an int8 model, A5 engine with ``compile=True`` (CUDA only), A6
 transformers' own continuous batching, A3c the worker's engine calls in process (one per
 E2E chunk), E2E the queue. A0 (and A1) may run on the first N requests only: their rate
@@ -16,6 +16,7 @@ then stands for the full run, and the report says so.
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import time
 from collections.abc import Callable
@@ -124,18 +125,20 @@ def run_bench(
         if _over_budget(config, started, arm, report, say):
             continue
         subset = _subset(config, arm, len(requests))
-        say(f"{arm}: {ARMS[arm]} ({len(requests[:subset])} requests)")
+        label = _label(config, arm)
+        say(f"{arm}: {label} ({len(requests[:subset])} requests)")
         fn = _arm_fn(config, arm)
         try:
             result = measure(
                 arm,
-                ARMS[arm],
+                label,
                 fn,
                 model,
                 tok,
                 requests[:subset],
                 device=device,
                 subset=subset < len(requests),
+                warmup=_warmup(config, arm, requests[:subset]),
             )
         except Exception as exc:  # one arm failing (a compiler error...) keeps the others
             _failed(report, arm, exc, say)
@@ -143,6 +146,7 @@ def run_bench(
             continue
         if arm == "A5" and device.type != "cuda":
             result.notes.append("the engine compiles on CUDA only: its static cache ran eagerly")
+        _note_cold_shapes(config, result)
         report.add(result)
         saved(report)
     if config.profile:
@@ -154,7 +158,11 @@ def run_bench(
     _free(device)
 
     # the queue before int8: its ratio is one of the issue's targets
-    if "E2E" in config.arms and not _over_budget(config, started, "E2E", report, say):
+    missing = e2e_missing_modules()
+    if "E2E" in config.arms and missing:
+        report.skipped["E2E"] = f"needs {', '.join(missing)}, not importable here (the in-process arms ran)"
+        say(f"E2E: skipped ({report.skipped['E2E']})")
+    elif "E2E" in config.arms and not _over_budget(config, started, "E2E", report, say):
         _run_e2e(config, ref, workload, device, report, say)
         saved(report)
     if "A4" in config.arms and not _over_budget(config, started, "A4", report, say):
@@ -174,6 +182,50 @@ def _over_budget(config: BenchConfig, started: float, arm: str, report: BenchRep
     return True
 
 
+# what the E2E arm's worker and its reading of the results need (the in-process arms need
+# only torch, transformers and tokenizers)
+E2E_MODULES = ("celery", "redis", "sqlalchemy", "alembic", "pydantic", "pydantic_settings")
+
+
+def e2e_missing_modules() -> list[str]:
+    """The modules of ``E2E_MODULES`` that cannot be imported here."""
+    missing = []
+    for name in E2E_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def _label(config: BenchConfig, arm: str) -> str:
+    if arm == "A1":
+        return f"model.generate, batches of {config.naive_batch}, input order"
+    return ARMS[arm]
+
+
+def _warmup(config: BenchConfig, arm: str, requests: list[Any]) -> list[Any] | None:
+    """What ``arm`` warms up on: None (``measure``'s few short requests), or with
+    ``warmup="shapes"`` the timed run's first and last batches at full length."""
+    if config.warmup != "shapes":
+        return None
+    batch = {"A0": 1, "A1": config.naive_batch, "A3c": min(_chunk_size(config), config.max_batch_size)}
+    return bench_arms.shape_warmup_requests(requests, batch.get(arm, config.max_batch_size))
+
+
+def _note_cold_shapes(config: BenchConfig, result: bench_arms.ArmResult) -> None:
+    warm = result.extra.get("warmup") or {}
+    cold = warm.get("decode_shapes_not_warmed", 0)
+    if config.warmup == "shapes" and cold and result.arm == "A5":  # the compiled arm
+        result.notes.append(
+            f"{cold} of {warm['decode_shapes_timed']} decode shapes (rows, cache columns) of the "
+            f"timed run were not in the warm-up, e.g. {warm['not_warmed_first'][:3]}: a compiled "
+            "step recompiled there on the clock"
+        )
+
+
 def _subset(config: BenchConfig, arm: str, n: int) -> int:
     limit = {"A0": config.a0_requests, "A1": config.a1_requests}.get(arm, 0)
     return min(n, limit) if limit > 0 else n
@@ -183,7 +235,7 @@ def _arm_fn(config: BenchConfig, arm: str) -> bench_arms.ArmFn:
     if arm == "A0":
         return bench_arms.run_naive
     if arm == "A1":
-        return bench_arms.run_naive_batched
+        return bench_arms.naive_batched(config.naive_batch)
     if arm == "A2":
         return bench_arms.engine_arm(config.engine(mode="static"))
     if arm == "A3":
@@ -216,7 +268,16 @@ def _run_int8(
         return
     fn = bench_arms.engine_arm(config.engine(mode="auto"))
     try:
-        result = measure("A4", ARMS["A4"], fn, quantized.model, quantized.tokenizer, requests, device=device)
+        result = measure(
+            "A4",
+            ARMS["A4"],
+            fn,
+            quantized.model,
+            quantized.tokenizer,
+            requests,
+            device=device,
+            warmup=_warmup(config, "A4", requests),
+        )
     except Exception as exc:
         _failed(report, "A4", exc, say)
     else:
