@@ -73,10 +73,13 @@ def requests_page(job_id: int, after_line: int, page: int, columns: Sequence[Any
     )
 
 
-def results_of(job_id: int, request_ids: Sequence[int], columns: Sequence[Any] = ()) -> Select[Any]:
-    """Those requests' results, by key: ``(request_id, *columns)``."""
+def results_of(job_id: int, first_id: int, last_id: int, columns: Sequence[Any] = ()) -> Select[Any]:
+    """The results of the job's requests with ids in ``[first_id, last_id]``: ``(request_id,
+    *columns)``. A range on ``(job_id, request_id)`` rather than an ``IN`` list: with stale
+    statistics PostgreSQL answered ``request_id IN (...)`` with a bitmap scan over the whole
+    job (0.46 s a page at a million rows); the range keeps the unique index (0.03 s)."""
     return select(Result.request_id, *columns).where(
-        Result.job_id == job_id, Result.request_id.in_(request_ids)
+        Result.job_id == job_id, Result.request_id >= first_id, Result.request_id <= last_id
     )
 
 
@@ -89,7 +92,7 @@ def rows_in_line_order(
     A page at a time, each in its own short session, so a job of millions of lines never
     sits in memory, and in two index lookups whose plan does not hinge on the planner's
     statistics (PITFALLS.md, SQL at scale): the next ``page`` requests by ``(job_id,
-    line_number)``, then those requests' results by ``(job_id, request_id)``. A join here
+    line_number)``, then those requests' results by a range of ``(job_id, request_id)``. A join here
     became a hash join over the whole job when statistics were stale."""
     kinds = ["result" if getattr(c, "class_", None) is Result else "request" for c in columns]
     req_cols = [c for c, k in zip(columns, kinds, strict=True) if k == "request"]
@@ -102,8 +105,9 @@ def rows_in_line_order(
                 return
             results: dict[int, Any] = {}
             if res_cols:
-                ids = [r[0] for r in requests]
-                results = {r[0]: r[1:] for r in s.execute(results_of(job_id, ids, res_cols))}
+                ids = {r[0] for r in requests}  # a job's ids grow with its lines: the range is tight
+                stmt = results_of(job_id, min(ids), max(ids), res_cols)
+                results = {r[0]: r[1:] for r in s.execute(stmt) if r[0] in ids}
         empty = (None,) * len(res_cols)
         for req in requests:
             req_values, res_values = iter(req[2:]), iter(results.get(req[0], empty))
