@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -48,20 +47,38 @@ def write_file(path: Path, lines: int, seed: int = 0) -> None:
             fh.write(json.dumps({"id": f"r{i}", "text": text}) + "\n")
 
 
+# Forks and execs the command from a small process, then writes the command's peak RSS (KB)
+# to the file named first. Measured from the benchmark's own process instead, Linux reports
+# at least the RSS the child inherited at fork (a pytest process with torch loaded: ~870 MB).
+_PEAK_OF = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def timed(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """Run ``lmjobs ARGS``; (seconds, peak resident MB of that process alone, stdout)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([*LMJOBS, *args], env=env, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (Linux: KB)
-        elapsed = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if proc.returncode != 0:
-            tail = err.read().decode(errors="replace").strip()[-500:]
-            raise SystemExit(f"lmjobs {' '.join(args)} exited {proc.returncode}: {tail}")
-        return elapsed, usage.ru_maxrss / 1024, out.read().decode()
+    with tempfile.TemporaryDirectory() as tmp:
+        peak, out, err = Path(tmp) / "peak", Path(tmp) / "out", Path(tmp) / "err"
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            t0 = time.perf_counter()
+            code = subprocess.call(
+                [sys.executable, "-c", _PEAK_OF, str(peak), *LMJOBS, *args],
+                env=env,
+                stdout=stdout,
+                stderr=stderr,
+            )
+            elapsed = time.perf_counter() - t0
+        if code != 0:
+            tail = err.read_text(errors="replace").strip()[-500:]
+            raise SystemExit(f"lmjobs {' '.join(args)} exited {code}: {tail}")
+        return elapsed, int(peak.read_text()) / 1024, out.read_text()
 
 
 def run_backend(name: str, url: str, path: Path, lines: int, home: Path, broker: str) -> dict[str, Any]:
