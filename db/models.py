@@ -99,6 +99,11 @@ class ChunkStatus(str, Enum):
         """Not started: claimable by any worker, cancellable."""
         return (cls.PENDING.value, cls.DISPATCHED.value)
 
+    @classmethod
+    def closed(cls) -> tuple[str, ...]:
+        """Finished or cancelled: ``retry`` may reopen them."""
+        return (cls.DONE.value, cls.CANCELLED.value)
+
 
 class ResultStatus(str, Enum):
     SUCCEEDED = "succeeded"

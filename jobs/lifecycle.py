@@ -244,13 +244,12 @@ def retry_job(db: Database, job_id: int) -> int:
             return 0
         s.execute(update(Request).where(Request.id.in_(failed)).values(isolated_attempts=0))
         s.execute(delete(Result).where(Result.job_id == job_id, Result.status == ResultStatus.FAILED.value))
-        reopen = [ChunkStatus.DONE.value, ChunkStatus.CANCELLED.value]
         s.execute(
             update(Chunk)
             .where(
                 Chunk.job_id == job_id,
                 (Chunk.id.in_(chunk_ids)) | (Chunk.status == ChunkStatus.CANCELLED.value),
-                Chunk.status.in_(reopen),
+                Chunk.status.in_(ChunkStatus.closed()),
             )
             .values(status=ChunkStatus.PENDING.value, attempts=0, last_error=None, finished_at=None)
         )
@@ -268,7 +267,7 @@ def resume_job(db: Database, job_id: int, *, finish_by: datetime | None = None) 
     Returns the number of requests still to run.
     """
     job = get_job(db, job_id)
-    if job.status not in (JobStatus.PAUSED.value, JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+    if job.status != JobStatus.PAUSED.value and job.status not in JobStatus.active():
         raise JobStateError(f"job {job_id} is {job.status}; only a paused or active job can be resumed")
     with db.session() as s:
         s.execute(
