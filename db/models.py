@@ -180,19 +180,28 @@ class Request(Base):
 
 
 class Result(Base):
-    """Exactly one row per request once it has run, succeeded or failed."""
+    """Exactly one row per request and sample once it has run, succeeded or failed."""
 
     __tablename__ = "results"
     __table_args__ = (
-        UniqueConstraint("job_id", "request_id", name="uq_results_job_request"),
+        UniqueConstraint("job_id", "request_id", "sample_index", name="uq_results_job_request_sample"),
         Index("ix_results_job_status", "job_id", "status"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     request_id: Mapped[int] = mapped_column(ForeignKey("requests.id", ondelete="CASCADE"))
+    sample_index: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", doc="0-based sample of the request (n samples: 0..n-1)."
+    )
     status: Mapped[str] = mapped_column(_enum(ResultStatus), doc="succeeded or failed.")
     output_text: Mapped[str | None] = mapped_column(Text)
+    valid: Mapped[bool | None] = mapped_column(
+        doc="Constrained answers: complete under their format (JSON, schema, choice, regex); else NULL."
+    )
+    logprobs_json: Mapped[list | None] = mapped_column(
+        JSON, doc="Per generated token: token, logprob, bytes, top_logprobs (OpenAI's content list)."
+    )
     error: Mapped[str | None] = mapped_column(Text, doc="Why it failed.")
     finish_reason: Mapped[str | None] = mapped_column(String(16), doc="stop, length or error.")
     input_tokens: Mapped[int | None] = mapped_column(Integer)
@@ -225,6 +234,8 @@ class Chunk(Base):
     first_line: Mapped[int] = mapped_column(Integer)
     last_line: Mapped[int] = mapped_column(Integer)
     requests_total: Mapped[int] = mapped_column(Integer)
+    requests_succeeded: Mapped[int | None] = mapped_column(Integer, doc="Written when it closes.")
+    requests_failed: Mapped[int | None] = mapped_column(Integer, doc="Written when it closes.")
     status: Mapped[str] = mapped_column(_enum(ChunkStatus), doc="See ChunkStatus.")
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0, doc="Claims so far.")

@@ -223,7 +223,7 @@ def _record(
     """
     with db.session() as s:
         if rows:
-            s.execute(insert_ignore_many(s, Result, ["job_id", "request_id"]), rows)
+            s.execute(insert_ignore_many(s, Result, ["job_id", "request_id", "sample_index"]), rows)
         return close_chunk(s, chunk_id, worker=ctx.worker) if close else True
 
 

@@ -22,6 +22,40 @@ class FinishReason(str, Enum):
         return self is FinishReason.ERROR
 
 
+OUTPUT_FORMAT_KINDS = ("json_object", "json_schema", "choice", "regex")
+
+# OpenAI's limit on top_logprobs; lmjobs applies it to every input format.
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """A constraint on the answer, enforced token by token by the engine's grammar masks.
+
+    ``kind`` and ``spec``:
+
+    - ``json_object``: any JSON object; ``spec`` is empty.
+    - ``json_schema``: ``spec`` is the schema as canonical JSON text (sorted keys, no
+      spaces), so equal schemas compare, hash and cache equal.
+    - ``choice``: ``spec`` is a JSON list of the allowed answers, in the caller's order.
+    - ``regex``: ``spec`` is the pattern; the whole answer must match it.
+    """
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in OUTPUT_FORMAT_KINDS:
+            raise ValueError(f"unknown output format {self.kind!r} (use one of {OUTPUT_FORMAT_KINDS})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "spec": self.spec}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OutputFormat:
+        return cls(kind=str(data["kind"]), spec=str(data.get("spec") or ""))
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How to decode one request. ``temperature == 0`` means greedy.
@@ -47,12 +81,25 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Samples per prompt: the engine prefills the prompt once and decodes ``n`` rows from its
+    # KV cache; sample i has its own seed stream (``seed + i`` when a seed is set).
+    n: int = 1
+    # Log-probabilities: None = none; K (0..MAX_TOP_LOGPROBS) = each generated token's
+    # log-probability and its K most likely alternatives, taken from the model's own
+    # distribution (log_softmax of the raw logits, before penalties, temperature, top-k/p
+    # and grammar masks), as OpenAI defines them.
+    logprobs: int | None = None
+    # A constraint on the answer (see OutputFormat); None = free text.
+    output_format: OutputFormat | None = None
 
     def __post_init__(self) -> None:
         bias: Any = self.logit_bias
         pairs = bias.items() if isinstance(bias, Mapping) else (bias or ())
         normal = tuple(sorted((int(token), float(value)) for token, value in pairs))
         object.__setattr__(self, "logit_bias", normal)
+        fmt: Any = self.output_format
+        if isinstance(fmt, Mapping):
+            object.__setattr__(self, "output_format", OutputFormat.from_dict(fmt))
 
     @property
     def greedy(self) -> bool:
@@ -77,6 +124,12 @@ class SamplingParams:
             out["frequency_penalty"] = self.frequency_penalty
         if self.logit_bias:
             out["logit_bias"] = {str(token): value for token, value in self.logit_bias}  # JSON keys
+        if self.n != 1:
+            out["n"] = self.n
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
+        if self.output_format is not None:
+            out["output_format"] = self.output_format.to_dict()
         return out
 
     @classmethod
@@ -104,9 +157,38 @@ class GenRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
 
 
+@dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token at a position: OpenAI's ``top_logprobs`` entry."""
+
+    token: str  # the token's text (a partial UTF-8 character decodes with U+FFFD)
+    logprob: float
+    bytes: tuple[int, ...]  # the token's exact bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"token": self.token, "logprob": self.logprob, "bytes": list(self.bytes)}
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability and the ``top`` alternatives (most
+    likely first): OpenAI's ``choices[].logprobs.content`` entry."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = TopLogprob(self.token, self.logprob, self.bytes).to_dict()
+        out["top_logprobs"] = [t.to_dict() for t in self.top]
+        return out
+
+
 @dataclass
 class Generation:
-    """The engine's answer to one GenRequest (same ``key``)."""
+    """The engine's answer to one GenRequest (same ``key``); a request with ``n`` samples
+    gets ``n`` Generations, ``sample_index`` 0..n-1."""
 
     key: int
     text: str
@@ -117,6 +199,13 @@ class Generation:
     error: str | None = None
     # True when the text was copied from an identical greedy request in the same call.
     deduplicated: bool = False
+    sample_index: int = 0
+    # Constrained requests: True when the answer is complete under its format; False when it
+    # was cut (max_new_tokens, a stop string) inside the structure. None when unconstrained.
+    valid: bool | None = None
+    # Requests with params.logprobs set: one entry per generated token that is part of
+    # ``text``'s tokens (EOS and stop-string tokens included, as output_tokens counts them).
+    logprobs: list[TokenLogprob] | None = None
 
     @property
     def ok(self) -> bool:
@@ -131,8 +220,8 @@ class EngineInterrupt(Exception):
     """
 
 
-# What the chunk service calls: a batch of requests in, one Generation per request out
-# (any order; matched by key).
+# What the chunk service calls: a batch of requests in, one Generation per request and
+# sample out (any order; matched by key and sample_index).
 GenerateFn = Callable[[Sequence[GenRequest]], list[Generation]]
 
 
