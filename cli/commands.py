@@ -82,6 +82,13 @@ def status_table(st: Any) -> None:
     )
     for reason, n in st.failures_by_reason.items():
         render.warn(f"{n} failed: {reason}")
+    if st.failures_by_reason and st.failures_counted < st.failed:
+        render.warn(f"(reasons counted over the first {st.failures_counted} of {st.failed} failed requests)")
+
+
+# `status --watch` / `--wait`: each refresh reads the job's chunks (a few indexed queries on
+# one pooled connection), never its results; faster than this would only load the database.
+MIN_INTERVAL_S = 0.2
 
 
 def status(job: int | None, *, watch: bool, wait: bool, interval: float, as_json: bool) -> None:
@@ -91,23 +98,27 @@ def status(job: int | None, *, watch: bool, wait: bool, interval: float, as_json
     def ended(status: str) -> bool:
         return JobStatus(status).is_finished or status == JobStatus.PAUSED.value
 
+    if (watch or wait) and not interval >= MIN_INTERVAL_S:
+        raise UsageError(f"--interval must be at least {MIN_INTERVAL_S} seconds (got {interval})")
     db = context.database()
     job_id = job if job is not None else _latest_job(db)
-    st = job_status(db, job_id)
     if watch and not as_json:
+        st = job_status(db, job_id, tokens=False)
         with render.progress() as bar:
             tid = bar.add_task(f"job {job_id}", total=st.requests_total, rate="")
             while True:
-                st = job_status(db, job_id)
-                rate = f"{st.output_tokens_per_s:.0f} tok/s" if st.output_tokens_per_s else ""
+                st = job_status(db, job_id, tokens=False)
+                rate = f"{st.requests_per_s:.1f} req/s" if st.requests_per_s else ""
                 bar.update(tid, completed=st.done, rate=f"{st.status} {rate}")
                 if ended(st.status):
                     break
                 time.sleep(interval)
     elif wait:
+        st = job_status(db, job_id, tokens=False)
         while not ended(st.status):
             time.sleep(interval)
-            st = job_status(db, job_id)
+            st = job_status(db, job_id, tokens=False)
+    st = job_status(db, job_id)  # once, with the token totals
     if as_json:
         render.dump_json(st.to_json())
     else:

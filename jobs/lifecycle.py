@@ -10,12 +10,20 @@ Every transition is one conditional UPDATE, so two processes racing for the same
 (two workers, two beat hosts, a worker and ``lmjobs cancel``) make it once. The sets of
 statuses that queries use (active, open, waiting, finished) are the enums' own
 (``db/models.py``).
+
+A chunk's ``requests_succeeded`` / ``requests_failed`` are written by the same UPDATE that
+closes it (``done`` or ``cancelled``): the requests of that chunk (at most its size) counted
+by the status of their sample-0 result, a bounded query through ``ix_requests_chunk`` and
+the results' unique key. Every UPDATE that reopens a chunk sets them back to NULL, so
+``status``, ``list`` and ``report`` read a job's progress from its chunks
+(``jobs/control.py``) and never count ``results``.
 """
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -32,10 +40,41 @@ from lmjobs.db.models import (
     utcnow,
 )
 from lmjobs.db.session import Database, rows_changed
-from lmjobs.jobs.control import get_job, result_counts
+from lmjobs.jobs.control import get_job, job_progress
 from lmjobs.jobs.errors import JobStateError
 
 log = logging.getLogger(__name__)
+
+
+def _requests_of_chunk_with(status: ResultStatus) -> Any:
+    """Correlated with the chunk being updated: its requests whose sample-0 result has ``status``."""
+    return (
+        select(func.count())
+        .select_from(Request)
+        .join(
+            Result,
+            and_(
+                Result.job_id == Request.job_id,
+                Result.request_id == Request.id,
+                Result.sample_index == 0,
+            ),
+        )
+        .where(Request.chunk_id == Chunk.id, Result.status == status.value)
+        .correlate(Chunk)
+        .scalar_subquery()
+    )
+
+
+def closed_counts() -> dict[str, Any]:
+    """The values of an UPDATE that closes chunks: their requests counted by result status."""
+    return {
+        "requests_succeeded": _requests_of_chunk_with(ResultStatus.SUCCEEDED),
+        "requests_failed": _requests_of_chunk_with(ResultStatus.FAILED),
+    }
+
+
+# The values of an UPDATE that reopens chunks: an open chunk has no counts.
+OPEN_COUNTS: dict[str, Any] = {"requests_succeeded": None, "requests_failed": None}
 
 
 def claim_chunk(
@@ -64,6 +103,7 @@ def claim_chunk(
             lease_expires_at=now + timedelta(seconds=lease_seconds),
             attempts=Chunk.attempts + 1,
             started_at=now,
+            **OPEN_COUNTS,
         )
         .execution_options(synchronize_session=False)
     )
@@ -105,6 +145,7 @@ def release_chunk(db: Database, chunk_id: int, *, worker: str, error: str) -> No
                 lease_owner=None,
                 lease_expires_at=None,
                 last_error=error[:2000],
+                **OPEN_COUNTS,
             )
         )
 
@@ -116,14 +157,10 @@ def finalize_job_if_done(db: Database, job_id: int) -> str | None:
     last two chunks at once, at least the later one sees both closed.
     """
     with db.session() as s:
-        open_chunks = s.scalar(
-            select(func.count())
-            .select_from(Chunk)
-            .where(Chunk.job_id == job_id, Chunk.status.in_(ChunkStatus.open()))
-        )
-        if open_chunks:
+        progress = job_progress(s, [job_id])[job_id]
+        if any(progress.chunks.get(st) for st in ChunkStatus.open()):
             return None
-        ok, bad = result_counts(s, job_id)
+        ok, bad = progress.succeeded, progress.failed
         if bad == 0:
             status = JobStatus.COMPLETED
         elif ok == 0:
@@ -174,7 +211,7 @@ def pause_overdue_jobs(db: Database, now: datetime) -> list[int]:
             s.execute(
                 update(Chunk)
                 .where(Chunk.job_id.in_(ids), Chunk.status == ChunkStatus.DISPATCHED.value)
-                .values(status=ChunkStatus.PENDING.value, dispatched_at=None)
+                .values(status=ChunkStatus.PENDING.value, dispatched_at=None, **OPEN_COUNTS)
             )
     return ids
 
@@ -189,6 +226,7 @@ def requeue_expired_leases(db: Database, now: datetime) -> int:
                 lease_owner=None,
                 lease_expires_at=None,
                 last_error="lease expired: the worker died or lost the database",
+                **OPEN_COUNTS,
             )
         )
         return rows_changed(res)
@@ -218,7 +256,7 @@ def cancel_job(db: Database, job_id: int) -> int:
                 Chunk.job_id == job_id,
                 Chunk.status.in_(ChunkStatus.waiting()),
             )
-            .values(status=ChunkStatus.CANCELLED.value)
+            .values(status=ChunkStatus.CANCELLED.value, **closed_counts())
         )
         return rows_changed(res)
 
@@ -251,7 +289,13 @@ def retry_job(db: Database, job_id: int) -> int:
                 (Chunk.id.in_(chunk_ids)) | (Chunk.status == ChunkStatus.CANCELLED.value),
                 Chunk.status.in_(ChunkStatus.closed()),
             )
-            .values(status=ChunkStatus.PENDING.value, attempts=0, last_error=None, finished_at=None)
+            .values(
+                status=ChunkStatus.PENDING.value,
+                attempts=0,
+                last_error=None,
+                finished_at=None,
+                **OPEN_COUNTS,
+            )
         )
         s.execute(
             update(Job)
@@ -264,7 +308,8 @@ def retry_job(db: Database, job_id: int) -> int:
 def resume_job(db: Database, job_id: int, *, finish_by: datetime | None = None) -> int:
     """Continue a paused (deadline) job: its unfinished requests run; finished ones are kept.
 
-    Returns the number of requests still to run.
+    Returns the number of requests still to run: those of its open chunks, and of closed
+    chunks without a result (read from the chunks' counts, not by counting ``results``).
     """
     job = get_job(db, job_id)
     if job.status != JobStatus.PAUSED.value and job.status not in JobStatus.active():
@@ -279,8 +324,8 @@ def resume_job(db: Database, job_id: int, *, finish_by: datetime | None = None) 
             )
         )
     with db.session() as s:
-        has_result = exists().where(Result.request_id == Request.id)
-        return int(s.scalar(select(func.count()).where(Request.job_id == job_id, ~has_result)) or 0)
+        progress = job_progress(s, [job_id])[job_id]
+    return max(0, job.requests_total - progress.succeeded - progress.failed)
 
 
 def discard_job(db: Database, job_id: int) -> None:
@@ -306,6 +351,7 @@ def close_chunk(session: Session, chunk_id: int, *, worker: str) -> bool:
             finished_at=utcnow(),
             lease_owner=None,
             lease_expires_at=None,
+            **closed_counts(),
         )
     )
     return rows_changed(res) == 1
@@ -364,6 +410,6 @@ def fail_job(db: Database, job_id: int, error: str) -> bool:
         s.execute(
             update(Chunk)
             .where(Chunk.job_id == job_id, Chunk.status.in_(ChunkStatus.waiting()))
-            .values(status=ChunkStatus.CANCELLED.value, last_error=error[:2000])
+            .values(status=ChunkStatus.CANCELLED.value, last_error=error[:2000], **closed_counts())
         )
         return True

@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 
 from lmjobs.db.models import Job, Reject, Request, Result, ResultStatus
 from lmjobs.db.session import Database
-from lmjobs.jobs.control import get_job
+from lmjobs.jobs.control import failure_reasons, get_job, job_progress
 from lmjobs.jobs.export import rows_in_line_order
 from lmjobs.jobs.metrics import corpus_scores, mean_scores, score_values
 
@@ -206,17 +206,16 @@ def _rows(db: Database, job_id: int) -> Any:
     )
 
 
-def _failures(db: Database, job_id: int) -> list[tuple[str, int]]:
+def _failures(db: Database, job_id: int, failed: int) -> list[tuple[str, int]]:
+    """The top reasons among (at most ``control.FAILURE_SAMPLE``) failed requests, through the
+    (job_id, status) index; "(other)": the rest of the job's ``failed`` requests."""
+    if not failed:
+        return []
     with db.session() as s:
-        rows = s.execute(
-            select(Result.error, func.count())
-            .where(Result.job_id == job_id, Result.status == ResultStatus.FAILED.value)
-            .group_by(Result.error)
-            .order_by(func.count().desc(), Result.error)
-        ).all()
-    top = [(str(e or "(no message)")[:300], int(n)) for e, n in rows[:TOP_FAILURES]]
-    rest = sum(int(n) for _, n in rows[TOP_FAILURES:])
-    return [*top, ("(other)", rest)] if rest else top
+        reasons, _ = failure_reasons(s, job_id, top=TOP_FAILURES)
+    top = list(reasons.items())
+    rest = failed - sum(n for _, n in top)
+    return [*top, ("(other)", rest)] if rest > 0 else top
 
 
 def _score_histograms(db: Database, job_id: int) -> dict[str, Histogram]:
@@ -258,6 +257,10 @@ def build_report(db: Database, job_id: int) -> JobReport:
     totals = total.done()
     with db.session() as s:
         rejected = s.scalar(select(func.count()).where(Reject.job_id == job_id)) or 0
+        progress = job_progress(s, [job_id])[job_id]  # the job's counts, as `status` reads them
+    totals.requests = job.requests_total
+    totals.succeeded, totals.failed = progress.succeeded, progress.failed
+    totals.pending = max(0, job.requests_total - progress.succeeded - progress.failed)
     return JobReport(
         job_id=job.id,
         name=job.name,
@@ -273,7 +276,7 @@ def build_report(db: Database, job_id: int) -> JobReport:
         bucket_s=width,
         throughput=buckets,
         latency_histogram=histogram(lat, 0.0, p99 if p99 > 0 else 1.0, LATENCY_BINS),
-        failures=_failures(db, job_id),
+        failures=_failures(db, job_id, totals.failed),
         scores=mean_scores(db, job_id),
         corpus_scores=corpus_scores(db, job_id),
         score_histograms=_score_histograms(db, job_id),
