@@ -8,8 +8,12 @@ chunk id reaches it differs. Delivery is at least once, results are exactly once
   cancelled chunk does nothing;
 * requests that already have a result are skipped (a chunk that was half done when its
   worker died is not generated again);
-* results are inserted with insert-or-ignore on (job, request) in the same transaction
-  that closes the chunk;
+* results are inserted with insert-or-ignore on (job, request, sample) in the same
+  transaction that closes the chunk;
+* a request asked for ``n`` samples is recorded with all ``n`` rows (``sample_index``
+  0..n-1) or, when the engine failed or left out any of them, as one failed row (sample 0):
+  never as a partial set. Sample 0's row is the request's status, so counts of requests
+  are counts of sample-0 rows;
 * a heartbeat keeps the lease alive while the engine runs and while the results are
   recorded, so a slow chunk is not taken by a second worker; a dead worker's lease
   expires after ``lease_seconds``;
@@ -22,9 +26,10 @@ Every status change goes through ``jobs/lifecycle.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +76,7 @@ class ChunkOutcome:
     attempt: int = 0
     generated: int = 0  # requests sent to the engine
     skipped: int = 0  # requests that already had a result
-    succeeded: int = 0
+    succeeded: int = 0  # requests, not samples: a request with n samples counts once
     failed: int = 0
     lease_lost: bool = False
     reason: str = ""
@@ -155,11 +160,16 @@ def _result_row(
     req: Request, job: Job, gen: Generation, gen_req: GenRequest, ctx: ChunkContext, attempt: int
 ) -> dict[str, Any]:
     ok = gen.ok
+    # Stored only when asked for (NULL otherwise), as OpenAI answers them only when asked.
+    logprobs = gen.logprobs if ok and gen_req.params.logprobs is not None else None
     return {
         "job_id": req.job_id,
         "request_id": req.id,
+        "sample_index": gen.sample_index,
         "status": (ResultStatus.SUCCEEDED if ok else ResultStatus.FAILED).value,
         "output_text": gen.text if ok else None,
+        "valid": gen.valid if ok else None,
+        "logprobs_json": None if logprobs is None else [t.to_dict() for t in logprobs],
         "error": None if ok else (gen.error or "generation failed"),
         "finish_reason": gen.finish_reason.value,
         "input_tokens": gen.input_tokens,
@@ -202,15 +212,72 @@ def _build(pending: list[tuple[Request, Job]]) -> tuple[list[GenRequest], list[G
     return gen_reqs, early
 
 
-def _run_engine(generate: GenerateFn, gen_reqs: Sequence[GenRequest]) -> list[Generation]:
+def _request_failed(gen_req: GenRequest, error: str, like: Generation | None = None) -> list[Generation]:
+    """A request's answer when it failed: one failed row, sample 0 (no partial sample set)."""
+    if like is not None and not like.ok:
+        return [dataclasses.replace(like, sample_index=0, valid=None, logprobs=None)]
+    gen = _failed_generation(gen_req.key, error)
+    if like is not None:
+        gen.input_tokens = like.input_tokens
+    return [gen]
+
+
+def _complete(gen_req: GenRequest, gens: Sequence[Generation]) -> list[Generation]:
+    """The request's ``n`` samples in order, each as its params asked (log-probabilities when
+    asked, a validity verdict for a constrained format); else the request failed, as one row.
+
+    A failed sample fails the request with that sample's error (so an engine fault that
+    fails every request still reads as one error); a missing sample fails it with a count.
+    """
+    n = max(1, gen_req.params.n)
+    by_index: dict[int, Generation] = {}
+    for g in gens:
+        if not 0 <= g.sample_index < n or g.sample_index in by_index:
+            log.warning("engine answered request %s with an unexpected sample %s", g.key, g.sample_index)
+            continue
+        by_index[g.sample_index] = g
+    failed = [g for _, g in sorted(by_index.items()) if not g.ok]
+    if failed:
+        return _request_failed(gen_req, "", failed[0])
+    first = by_index.get(0)
+    if not by_index:
+        return _request_failed(gen_req, "the engine returned no answer for this request")
+    if len(by_index) < n:
+        missing = [i for i in range(n) if i not in by_index]
+        return _request_failed(
+            gen_req,
+            f"the engine returned {len(by_index)} of {n} samples for this request (missing: "
+            f"{', '.join(map(str, missing))})",
+            first,
+        )
+    samples = [by_index[i] for i in range(n)]
+    if gen_req.params.logprobs is not None and any(g.logprobs is None for g in samples):
+        return _request_failed(
+            gen_req, "the engine returned no log-probabilities for this request, which asked for them", first
+        )
+    if gen_req.params.output_format is not None and any(g.valid is None for g in samples):
+        return _request_failed(
+            gen_req,
+            f"the engine did not check the answer against its {gen_req.params.output_format.kind} format",
+            first,
+        )
+    return samples
+
+
+def _answers(gen_reqs: Iterable[GenRequest], gens: Iterable[Generation]) -> dict[int, list[Generation]]:
+    """Each request's complete answer (see :func:`_complete`), by key."""
+    by_key: dict[int, list[Generation]] = {}
+    for g in gens:
+        by_key.setdefault(g.key, []).append(g)
+    return {r.key: _complete(r, by_key.get(r.key, ())) for r in gen_reqs}
+
+
+def _run_engine(generate: GenerateFn, gen_reqs: Sequence[GenRequest]) -> dict[int, list[Generation]]:
+    """Each request's answer by key: all its samples, or one failed row. An engine must answer
+    every request and every sample; silence is the request's failure."""
     if not gen_reqs:
-        return []
-    out = generate(gen_reqs)
-    by_key = {g.key: g for g in out}
-    missing = [r.key for r in gen_reqs if r.key not in by_key]
-    for key in missing:  # an engine must answer every request; treat silence as failure
-        by_key[key] = _failed_generation(key, "the engine returned no answer for this request")
-    return [by_key[r.key] for r in gen_reqs]
+        return {}
+    return _answers(gen_reqs, generate(gen_reqs))
 
 
 def _record(
@@ -277,9 +344,10 @@ def process_chunk(db: Database, chunk_id: int, *, generate: GenerateFn, ctx: Chu
             return outcome
         closed = ctx.db(lambda: _record(db, chunk_id, rows, ctx, close=True), f"record chunk {chunk_id}")
     outcome.lease_lost = keeper.lost or not closed
-    ok = sum(r["status"] == ResultStatus.SUCCEEDED.value for r in rows)
+    firsts = [r for r in rows if r["sample_index"] == 0]  # one per request: its status
+    ok = sum(r["status"] == ResultStatus.SUCCEEDED.value for r in firsts)
     outcome.succeeded = ok + outcome.isolated_succeeded
-    outcome.failed = len(rows) - ok + outcome.isolated_failed
+    outcome.failed = len(firsts) - ok + outcome.isolated_failed
     if closed:
         score_new_results(db, job_id, _scorable(pending, rows))
         ctx.db(lambda: finalize_job_if_done(db, job_id), f"finalize job {job_id}")
@@ -289,12 +357,15 @@ def process_chunk(db: Database, chunk_id: int, *, generate: GenerateFn, ctx: Chu
 def _scorable(
     pending: list[tuple[Request, Job]], rows: list[dict[str, Any]]
 ) -> list[tuple[int, str, str, str]]:
-    """(request id, output, reference, task) of the new successful results that have a reference."""
+    """(request id, output, reference, task) of the new successful results that have a
+    reference; a request with several samples is scored on its first."""
     refs = {r.id: (r.reference, r.task) for r, _ in pending if r.reference is not None}
     return [
         (row["request_id"], row["output_text"] or "", *refs[row["request_id"]])
         for row in rows
-        if row["request_id"] in refs and row["status"] == ResultStatus.SUCCEEDED.value
+        if row["request_id"] in refs
+        and row["sample_index"] == 0
+        and row["status"] == ResultStatus.SUCCEEDED.value
     ]
 
 
@@ -313,13 +384,14 @@ def _generate_rows(
     req_by_key = {g.key: g for g in gen_reqs}
     job_id = pending[0][1].id if pending else 0
     copies, to_run = reuse_finished(db, job_id, gen_reqs, {r.id: r.content_sha256 for r, _ in pending})
-    gens = _run_engine(generate, to_run) + early + copies
-    by_id = {r.id: (r, j) for r, j in pending}
+    answers = _run_engine(generate, to_run)
+    copied_keys = {g.key for g in copies}
+    answers.update(_answers((req_by_key[k] for k in copied_keys), copies))
+    answers.update({g.key: [g] for g in early})
     rows = []
-    for gen in gens:
-        req, job = by_id[gen.key]
-        gen_req = req_by_key.get(gen.key) or GenRequest(key=gen.key)
-        rows.append(_result_row(req, job, gen, gen_req, ctx, attempt))
+    for req, job in pending:  # line order, then sample order
+        gen_req = req_by_key.get(req.id) or GenRequest(key=req.id)
+        rows.extend(_result_row(req, job, gen, gen_req, ctx, attempt) for gen in answers[req.id])
     outcome.generated = len(to_run)
     return rows
 
@@ -352,25 +424,27 @@ def _run_isolated(
     for req, job in pending:
         tries = ctx.db(lambda: count_try(req.id), f"isolated try of request {req.id}")  # noqa: B023
         if tries > ctx.max_attempts:
-            gen = _failed_generation(
-                req.id,
-                f"gave up after {tries - 1} isolated attempts: this request crashed the worker each time",
-            )
+            gens = [
+                _failed_generation(
+                    req.id,
+                    f"gave up after {tries - 1} isolated attempts: this request crashed the worker each time",
+                )
+            ]
             gen_req = GenRequest(key=req.id)
         else:
             gen_reqs, early = _build([(req, job)])
             try:
-                gen = (_run_engine(generate, gen_reqs) + early)[0]
+                gens = _run_engine(generate, gen_reqs).get(req.id) or early
             except Exception as exc:  # alone, an exception is this request's own failure
-                gen = _failed_generation(req.id, f"{type(exc).__name__}: {exc}")
+                gens = [_failed_generation(req.id, f"{type(exc).__name__}: {exc}")]
             gen_req = gen_reqs[0] if gen_reqs else GenRequest(key=req.id)
-        row = _result_row(req, job, gen, gen_req, ctx, attempt)
+        rows = [_result_row(req, job, gen, gen_req, ctx, attempt) for gen in gens]
         ctx.db(
-            lambda: _record(db, chunk_id, [row], ctx, close=False),  # noqa: B023
+            lambda: _record(db, chunk_id, rows, ctx, close=False),  # noqa: B023
             "record isolated result",
         )
-        outcome.isolated_succeeded += gen.ok
-        outcome.isolated_failed += not gen.ok
+        outcome.isolated_succeeded += gens[0].ok  # a request, whatever its number of samples
+        outcome.isolated_failed += not gens[0].ok
     return []
 
 
