@@ -1,4 +1,4 @@
-"""results: sample index, validity and log-probabilities; chunks: closed counts
+"""results: sample index, validity, log-probabilities, content hash; chunks: closed counts
 
 Revision ID: 0004
 Revises: 0003
@@ -11,6 +11,11 @@ Create Date: 2026-12-03
   expression) is complete under its grammar; NULL for unconstrained requests.
 - ``results.logprobs_json``: each generated token's log-probability and its top
   alternatives, for requests that asked for them (OpenAI's ``content`` list shape).
+- ``results.content_sha256`` with an index on (job, hash), and no index on
+  ``requests.content_sha256``: the identical-prompt lookup reads the (few, slowly written)
+  results instead of the (many, bulk-loaded) requests. An index of random hashes cost a bulk
+  ingest 4x on SQLite (170k against 44k rows/s) and 1.8x on PostgreSQL (89k against 50k
+  rows/s by COPY), measured on 300,000 rows.
 - ``chunks.requests_succeeded`` / ``chunks.requests_failed``: written when a chunk closes
   (NULL while it is open), so a job's progress is a sum over its chunks, never a count of
   its results.
@@ -75,8 +80,15 @@ def upgrade() -> None:
         batch.add_column(sa.Column("sample_index", sa.Integer(), nullable=False, server_default="0"))
         batch.add_column(sa.Column("valid", sa.Boolean(), nullable=True))
         batch.add_column(sa.Column("logprobs_json", sa.JSON(), nullable=True))
+        batch.add_column(sa.Column("content_sha256", sa.String(length=64), nullable=True))
         batch.drop_constraint("uq_results_job_request", type_="unique")
         batch.create_unique_constraint("uq_results_job_request_sample", ["job_id", "request_id", "sample_index"])
+        batch.create_index("ix_results_job_content", ["job_id", "content_sha256"])
+    op.execute(
+        "UPDATE results SET content_sha256 = "
+        "(SELECT q.content_sha256 FROM requests q WHERE q.id = results.request_id)"
+    )
+    op.drop_index("ix_requests_content_sha256", table_name="requests")
     with op.batch_alter_table("chunks") as batch:
         batch.add_column(sa.Column("requests_succeeded", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("requests_failed", sa.Integer(), nullable=True))
@@ -86,12 +98,15 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP VIEW IF EXISTS job_results")
     op.execute("DELETE FROM results WHERE sample_index > 0")
+    op.create_index("ix_requests_content_sha256", "requests", ["content_sha256"])
     with op.batch_alter_table("chunks") as batch:
         batch.drop_column("requests_failed")
         batch.drop_column("requests_succeeded")
     with op.batch_alter_table("results") as batch:
         batch.drop_constraint("uq_results_job_request_sample", type_="unique")
         batch.create_unique_constraint("uq_results_job_request", ["job_id", "request_id"])
+        batch.drop_index("ix_results_job_content")
+        batch.drop_column("content_sha256")
         batch.drop_column("logprobs_json")
         batch.drop_column("valid")
         batch.drop_column("sample_index")
