@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import typer
@@ -41,6 +42,29 @@ JOB_OPTIONS: list[tuple[str, Any, Any]] = [
         bool,
         typer.Option(False, "--raw-prompt", help="Instruction tasks: the plain prompt, no chat template"),
     ),
+    # Output formats (at most one) and what each request returns; a line's own fields override.
+    (
+        "json_schema",
+        Path | None,
+        typer.Option(
+            None,
+            "--json-schema",
+            help='Answers follow this JSON Schema (a JSON file; OpenAI\'s {"name", "schema"} wrapper too)',
+        ),
+    ),
+    ("json_object", bool, typer.Option(False, "--json-object", help="Answers are a JSON object")),
+    (
+        "choice",
+        list[str] | None,
+        typer.Option(None, "--choice", help="The answer is one of these (repeatable)"),
+    ),
+    ("regex", str | None, typer.Option(None, "--regex", help="The whole answer matches this regex")),
+    (
+        "logprobs",
+        int | None,
+        typer.Option(None, "--logprobs", help="Log-probabilities per token, with K top alternatives (0-20)"),
+    ),
+    ("n", int | None, typer.Option(None, "--n", help="Samples per prompt (1-128) [default: 1]")),
 ]
 
 

@@ -59,6 +59,7 @@ from lmjobs.jobs.line_formats import (
     Refused,
     check_fields,
     dump_messages,
+    native_output_params,
 )
 
 __all__ = [
@@ -277,11 +278,14 @@ def _native(obj: dict[str, Any], line_number: int, task: str) -> ParsedRequest:
         data["messages"] = dump_messages(data["messages"])
     if line.metadata is not None:
         data["metadata"] = line.metadata
+    params = line.sampling(line.max_new_tokens)
+    if output := native_output_params(obj):
+        params = {**(params or {}), **output}
     return ParsedRequest(
         line_number=line_number,
         custom_id=line.id if line.id is not None else str(line_number),
         input=data,
-        params=line.sampling(line.max_new_tokens),
+        params=params,
         reference=line.reference,
         input_format="native",
         task=task,
@@ -322,11 +326,14 @@ def _openai(obj: dict[str, Any], line_number: int) -> ParsedRequest:
         data["user"] = body.user
     if body.metadata is not None:
         data["metadata"] = body.metadata
+    params = body.sampling(limits.pop() if limits else None)
+    if output := body.output_params(task):
+        params = {**(params or {}), **output}
     return ParsedRequest(
         line_number=line_number,
         custom_id=line.custom_id,
         input=data,
-        params=body.sampling(limits.pop() if limits else None),
+        params=params,
         reference=line.reference,
         input_format="openai",
         task=task,

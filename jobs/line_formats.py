@@ -19,6 +19,19 @@ from pydantic import (
     model_validator,
 )
 
+from lmjobs.jobs.formats import (
+    MAX_COMPLETION_LOGPROBS,
+    MAX_N,
+    MAX_TOP_LOGPROBS,
+    OutputFormatError,
+    check_logprobs,
+    check_n,
+    choice_format,
+    json_object_format,
+    regex_format,
+    response_format,
+    schema_format,
+)
 from lmjobs.jobs.params import MAX_NEW_TOKENS, SEED_MAX, TEMPERATURE_MAX
 
 TASKS = ("translate", "summarize", "qa", "generate", "chat")
@@ -256,6 +269,19 @@ class _OpenAIBody(_SamplingCore):
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     user: str | None = Field(None, max_length=MAX_ID_CHARS)  # kept as input["user"]
     metadata: dict[str, Any] | None = None  # kept as input["metadata"]
+    n: int | None = Field(None, ge=1, le=MAX_N)
+    # Their meaning depends on the url (a boolean for chat, a count for completions) and on
+    # each other: checked by openai_output_params once the url is known.
+    logprobs: Any = None
+    top_logprobs: Any = None
+    response_format: Any = None
+
+    def output_params(self, task: str) -> dict[str, Any] | None:
+        """The overrides of n, logprobs and response_format (``openai_output_params``)."""
+        asked = (self.n, self.logprobs, self.top_logprobs, self.response_format)
+        if asked == (None, None, None, None):
+            return None  # the common line: nothing more to check
+        return openai_output_params(self, task)
 
 
 class OpenAILine(BaseModel):
@@ -279,16 +305,12 @@ def _never(_: Any) -> bool:
 _TOOLS = "tool and function calling is not supported"
 
 
-_LOGPROBS = "log-probabilities are not supported yet"
-
-
 # OpenAI options lmjobs does not honour: (does this value ask for nothing?, why it is refused).
 # A value that asks for nothing (stream: false, n: 1, tools: []) is accepted; any other
 # refuses the line with the field named.
 OPENAI_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "stream": (_is(False), "stream is not supported in a batch"),
     "stream_options": (_never, "stream is not supported in a batch"),
-    "n": (_is(1), "only n=1 is supported: one answer per line"),
     "best_of": (_is(1), "best_of above 1 is not supported"),
     "echo": (_is(False), "echo is not supported"),
     "suffix": (_never, "suffix (insertion) is not supported"),
@@ -303,9 +325,6 @@ OPENAI_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "web_search_options": (_never, "web search is not supported"),
     "reasoning_effort": (_never, "reasoning effort is not supported"),
     "service_tier": (_never, "service tiers are not supported"),
-    "response_format": (_is({"type": "text"}), "structured outputs are not supported yet"),
-    "logprobs": (_is(False), _LOGPROBS),
-    "top_logprobs": (_never, _LOGPROBS),
     "store": (_is(False), "store: true (OpenAI's stored completions) is not supported"),
 }
 
@@ -317,12 +336,14 @@ OPENAI_BODY_FIELDS = frozenset(_OpenAIBody.model_fields)
 
 
 # Native lines: names that can only be an instruction lmjobs would drop, so the line is
-# refused. Names that may just as well be a column of the file's own data (n, stream,
-# user, audio, prediction...) are not here: other fields of a native line are ignored.
+# refused. Names that may just as well be a column of the file's own data (stream, user,
+# audio, prediction...) are not here: other fields of a native line are ignored.
 NATIVE_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_tokens": (_never, "native lines take max_new_tokens"),
     "max_completion_tokens": (_never, "native lines take max_new_tokens"),
     "top_k": (_never, "a per-line top_k is not supported"),
+    "response_format": (_never, "native lines take json_schema, json_object, choices or regex"),
+    "top_logprobs": (_never, "native lines take logprobs: K, the number of alternatives (0-20)"),
     **{
         name: OPENAI_UNSUPPORTED[name]
         for name in (
@@ -336,12 +357,91 @@ NATIVE_REFUSED: dict[str, tuple[Callable[[Any], bool], str]] = {
             "web_search_options",
             "reasoning_effort",
             "service_tier",
-            "response_format",
-            "logprobs",
-            "top_logprobs",
         )
     },
 }
+
+
+# Native lines' output fields: one format (json_schema, json_object, choices, regex), and
+# logprobs and n. Read outside the pydantic models, and only when the line has one of them,
+# so lines without them pay one set test.
+NATIVE_FORMAT_FIELDS = ("json_schema", "json_object", "choices", "regex")
+NATIVE_OUTPUT_FIELDS = frozenset((*NATIVE_FORMAT_FIELDS, "logprobs", "n"))
+
+
+def native_output_params(obj: dict[str, Any]) -> dict[str, Any] | None:
+    """A native line's overrides of ``output_format``, ``logprobs`` and ``n`` (as
+    ``SamplingParams`` fields); raises ``Refused`` naming the field. Null is absent."""
+    if NATIVE_OUTPUT_FIELDS.isdisjoint(obj):
+        return None
+    present = [f for f in NATIVE_FORMAT_FIELDS if obj.get(f) is not None]
+    if len(present) > 1:
+        raise Refused(f"{', '.join(present)}: at most one output format per line")
+    out: dict[str, Any] = {}
+    field = present[0] if present else None
+    try:
+        if field == "json_schema":
+            out["output_format"] = schema_format(obj[field])
+        elif field == "json_object":
+            if obj[field] is not True:
+                raise OutputFormatError("must be true (leave it out for free text)")
+            out["output_format"] = json_object_format()
+        elif field == "choices":
+            out["output_format"] = choice_format(obj[field])
+        elif field == "regex":
+            out["output_format"] = regex_format(obj[field])
+        field = "logprobs"
+        if obj.get(field) is not None:
+            out[field] = check_logprobs(obj[field])
+        field = "n"
+        if obj.get(field) is not None:
+            out[field] = check_n(obj[field])
+    except OutputFormatError as exc:
+        raise Refused(f"{field}: {exc}") from None
+    if "output_format" in out:
+        out["output_format"] = out["output_format"].to_dict()
+    return out or None
+
+
+def openai_output_params(body: Any, task: str) -> dict[str, Any] | None:
+    """An OpenAI body's ``n``, ``logprobs``, ``top_logprobs`` and ``response_format`` as
+    overrides; raises ``Refused`` naming the field.
+
+    Chat: ``logprobs`` is a boolean and ``top_logprobs`` (0-20) needs ``logprobs: true``, as
+    OpenAI. Completions: ``logprobs`` is the number of alternatives (0-5, OpenAI's legacy
+    limit) and there is no ``top_logprobs``. ``response_format: {"type": "text"}`` and chat's
+    ``logprobs: false`` say "none": stored as ``false``, so a job-wide format or --logprobs
+    does not apply to that line (``jobs/params.py``)."""
+    out: dict[str, Any] = {}
+    if body.n is not None:
+        out["n"] = body.n
+    if task == "chat":
+        if body.logprobs is not None and not isinstance(body.logprobs, bool):
+            raise Refused("body.logprobs: must be a boolean for /v1/chat/completions (top_logprobs: K)")
+        if body.top_logprobs is not None:
+            if body.logprobs is not True:
+                raise Refused("body.top_logprobs: requires logprobs: true")
+            try:
+                out["logprobs"] = check_logprobs(body.top_logprobs, MAX_TOP_LOGPROBS)
+            except OutputFormatError as exc:
+                raise Refused(f"body.top_logprobs: {exc}") from None
+        elif body.logprobs is not None:
+            out["logprobs"] = 0 if body.logprobs else False
+    else:
+        if body.top_logprobs is not None:
+            raise Refused("body.top_logprobs: not a /v1/completions field (logprobs: K asks for K)")
+        if body.logprobs is not None:
+            try:
+                out["logprobs"] = check_logprobs(body.logprobs, MAX_COMPLETION_LOGPROBS)
+            except OutputFormatError as exc:
+                raise Refused(f"body.logprobs: {exc}") from None
+    if body.response_format is not None:
+        try:
+            fmt = response_format(body.response_format, "body.response_format")
+        except OutputFormatError as exc:
+            raise Refused(str(exc)) from None
+        out["output_format"] = fmt.to_dict() if fmt is not None else False
+    return out or None
 
 
 def check_fields(

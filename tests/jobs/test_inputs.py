@@ -436,7 +436,7 @@ def test_openai_params_absent_and_reference(tmp_path: Path) -> None:
          "missing field 'body.prompt'"),
         (openai_line("/v1/completions", prompt=["a", "b"]), "body.prompt: Input should be a valid"),
         (openai_line(None, prompt="x", messages=U), "url is missing"),
-        (openai_line(messages=U, n=2), "body.n: only n=1 is supported"),
+        (openai_line(messages=U, n=129), "body.n: Input should be less than or equal to 128"),
         (openai_line(messages=[{"role": "tool", "content": "x"}]), "body.messages[0].role"),
         (openai_line(messages=[{"role": "user", "content": [{"type": "image_url"}]}]),
          "only text parts are supported, got type 'image_url'"),
