@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, tuple_, update
+from sqlalchemy import case, func, select, tuple_, update
 
 from lmjobs.db.models import Batch, BatchStatus, Chunk, ChunkStatus, Job, JobStatus, Reject, Result, utcnow
 from lmjobs.db.session import Database, rows_changed
@@ -300,7 +300,8 @@ def _view(db: Database, b: Batch) -> BatchView:
         v.completed, v.failed = result_counts(s, b.job_id)
         tokens = s.execute(
             select(
-                func.coalesce(func.sum(Result.input_tokens), 0),
+                # a prompt counts once, however many samples it was asked for (OpenAI's usage)
+                func.coalesce(func.sum(case((Result.sample_index == 0, Result.input_tokens), else_=0)), 0),
                 func.coalesce(func.sum(Result.output_tokens), 0),
             ).where(Result.job_id == b.job_id)
         ).one()

@@ -10,11 +10,19 @@ Every format but ``openai`` carries the same columns (``COLUMNS``), among them `
 output names it. ``finished_at`` is the result's ``created_at`` (ISO 8601 UTC in
 JSONL/CSV, a UTC timestamp in Parquet). In CSV an empty cell is NULL (the csv module cannot
 tell the two apart); ``input_json`` is JSON text.
+
+A request asked for ``n`` samples has ``n`` rows (``sample_index`` 0..n-1, in line order then
+sample order; a request still pending has one, sample 0); ``valid`` says whether a
+constrained answer is complete under its format. JSONL also carries ``logprobs`` (the stored
+``logprobs_json``: OpenAI's ``content`` list, null when not asked for). The OpenAI format
+has one line per request whose ``choices`` hold every sample (``index`` = ``sample_index``),
+each with its ``logprobs`` in the shape of its endpoint.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -57,6 +65,9 @@ COLUMNS = [
     # Last, so positional readers of older exports keep working. The model the line asked for
     # (OpenAI body.model), beside ``model``, the one that actually ran it.
     "requested_model",
+    # Then the sample (0..n-1) and whether a constrained answer is complete under its format.
+    "sample_index",
+    "valid",
 ]
 
 # The status an exported row shows for a request with no result yet.
@@ -73,21 +84,27 @@ def requests_page(job_id: int, after_line: int, page: int, columns: Sequence[Any
     )
 
 
-def results_of(job_id: int, first_id: int, last_id: int, columns: Sequence[Any] = ()) -> Select[Any]:
+def results_of(
+    job_id: int, first_id: int, last_id: int, columns: Sequence[Any] = (), *, samples: bool = False
+) -> Select[Any]:
     """The results of the job's requests with ids in ``[first_id, last_id]``: ``(request_id,
-    *columns)``. A range on ``(job_id, request_id)`` rather than an ``IN`` list: with stale
-    statistics PostgreSQL answered ``request_id IN (...)`` with a bitmap scan over the whole
-    job (0.46 s a page at a million rows); the range keeps the unique index (0.03 s)."""
-    return select(Result.request_id, *columns).where(
+    *columns)``; only sample 0 (one row per request: its status) unless ``samples``. A range
+    on ``(job_id, request_id)`` rather than an ``IN`` list: with stale statistics PostgreSQL
+    answered ``request_id IN (...)`` with a bitmap scan over the whole job (0.46 s a page at a
+    million rows); the range keeps the unique index (0.03 s)."""
+    stmt = select(Result.request_id, *columns).where(
         Result.job_id == job_id, Result.request_id >= first_id, Result.request_id <= last_id
     )
+    return stmt if samples else stmt.where(Result.sample_index == 0)
 
 
 def rows_in_line_order(
-    db: Database, job_id: int, *columns: Any, page: int = PAGE
+    db: Database, job_id: int, *columns: Any, page: int = PAGE, samples: bool = False
 ) -> Iterator[tuple[Any, ...]]:
     """``(line_number, *columns)`` for every request of the job, in input order, with the
-    columns of ``Result`` None where a request has no result yet.
+    columns of ``Result`` None where a request has no result yet. The columns of ``Result``
+    are those of its sample 0 (the request's status), or with ``samples`` one tuple per
+    sample, in sample order (fetched with the page, by the same key range).
 
     A page at a time, each in its own short session, so a job of millions of lines never
     sits in memory, and in two index lookups whose plan does not hinge on the planner's
@@ -103,15 +120,20 @@ def rows_in_line_order(
             requests = s.execute(requests_page(job_id, last, page, req_cols)).all()
             if not requests:
                 return
-            results: dict[int, Any] = {}
+            results: dict[int, list[Any]] = {}
             if res_cols:
                 ids = {r[0] for r in requests}  # a job's ids grow with its lines: the range is tight
-                stmt = results_of(job_id, min(ids), max(ids), res_cols)
-                results = {r[0]: r[1:] for r in s.execute(stmt) if r[0] in ids}
-        empty = (None,) * len(res_cols)
+                stmt = results_of(
+                    job_id, min(ids), max(ids), [Result.sample_index, *res_cols], samples=samples
+                )
+                for r in s.execute(stmt):
+                    if r[0] in ids:
+                        results.setdefault(r[0], []).append(r[1:])
+        empty = [(0, *(None,) * len(res_cols))]
         for req in requests:
-            req_values, res_values = iter(req[2:]), iter(results.get(req[0], empty))
-            yield (req[1], *(next(res_values) if k == "result" else next(req_values) for k in kinds))
+            for res in sorted(results.get(req[0], empty), key=lambda r: r[0]):
+                req_values, res_values = iter(req[2:]), iter(res[1:])
+                yield (req[1], *(next(res_values) if k == "result" else next(req_values) for k in kinds))
         last = requests[-1][1]
 
 
@@ -139,27 +161,48 @@ _EXPORT_COLUMNS = [
     ("reference", Request.reference),
     ("input_json", Request.input_json),
     ("requested_model", Request.requested_model),
+    ("sample_index", Result.sample_index),
+    ("valid", Result.valid),
     ("task", Request.task),  # kept for the OpenAI format's body kind; not an export column
     ("result_id", Result.id),
 ]
-_EXPORT_KEYS = [k for k, _ in _EXPORT_COLUMNS]
+_LOGPROBS = ("logprobs", Result.logprobs_json)  # JSONL and OpenAI only: it can be large
 
 
 def iter_result_rows(
-    db: Database, job_id: int, *, only_finished: bool = False, with_task: bool = False
+    db: Database,
+    job_id: int,
+    *,
+    only_finished: bool = False,
+    with_task: bool = False,
+    with_logprobs: bool = False,
 ) -> Iterator[dict[str, Any]]:
-    """One dict per request in input order (plain columns: no ORM objects per row);
-    ``with_task`` adds the request's ``task`` (what the OpenAI format needs)."""
-    for line_number, *values in rows_in_line_order(db, job_id, *(c for _, c in _EXPORT_COLUMNS)):
+    """One dict per request and sample in input order, then sample order (plain columns: no
+    ORM objects per row); ``with_task`` adds the request's ``task`` (what the OpenAI format
+    needs), ``with_logprobs`` the stored ``logprobs`` (OpenAI's ``content`` list, or None)."""
+    columns = [*_EXPORT_COLUMNS[:-2], *([_LOGPROBS] if with_logprobs else []), *_EXPORT_COLUMNS[-2:]]
+    keys = [k for k, _ in columns[2:-2]]
+    for line_number, *values in rows_in_line_order(db, job_id, *(c for _, c in columns), samples=True):
         if values[-1] is None and only_finished:
             continue
         row = {"job_id": values[0], "request_id": values[1], "line_number": line_number}
-        row.update(zip(_EXPORT_KEYS[2:-2], values[2:-2], strict=True))
+        row.update(zip(keys, values[2:-2], strict=True))
         if with_task:
             row["task"] = values[-2]
         if values[-1] is None:
             row["status"] = NOT_FINISHED
+            row["sample_index"] = 0
         yield row
+
+
+def iter_request_samples(
+    db: Database, job_id: int, *, only_finished: bool = False, with_task: bool = False
+) -> Iterator[list[dict[str, Any]]]:
+    """Each request's rows (:func:`iter_result_rows`, with ``logprobs``) together, in input
+    order: its samples in order, one row for a failed or pending request."""
+    rows = iter_result_rows(db, job_id, only_finished=only_finished, with_task=with_task, with_logprobs=True)
+    for _, samples in itertools.groupby(rows, key=lambda r: r["request_id"]):
+        yield list(samples)
 
 
 def open_output(path: Path | None, *, force: bool, binary: bool = False) -> IO[Any]:
@@ -194,45 +237,84 @@ CHAT_ENDPOINT = "/v1/chat/completions"
 COMPLETIONS_ENDPOINT = "/v1/completions"
 
 
-def _usage(row: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = row["input_tokens"] or 0, row["output_tokens"] or 0
+def _usage(samples: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """The prompt once (its samples share it), the completion tokens of every sample."""
+    prompt = samples[0]["input_tokens"] or 0
+    completion = sum(r["output_tokens"] or 0 for r in samples)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def openai_body(row: dict[str, Any], endpoint: str, model: str) -> dict[str, Any]:
-    """What OpenAI's endpoint answers for a succeeded row: a ``chat.completion`` for
-    ``/v1/chat/completions``, a ``text_completion`` for ``/v1/completions``."""
-    created = int(row["finished_at"].timestamp()) if row["finished_at"] else 0
-    finish = row["finish_reason"] if row["finish_reason"] in ("stop", "length") else "stop"
-    if endpoint == CHAT_ENDPOINT:
-        return {
-            "id": f"chatcmpl-lmjobs-{row['request_id']}",
-            "object": "chat.completion",
-            "created": created,
-            "model": row["model"] or model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": row["output_text"] or ""},
-                    "finish_reason": finish,
-                    "logprobs": None,
-                }
-            ],
-            "usage": _usage(row),
-        }
+def chat_logprobs(content: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """A chat choice's ``logprobs``: the stored list is OpenAI's ``content`` already."""
+    return None if content is None else {"content": content, "refusal": None}
+
+
+def completion_logprobs(content: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    """A text completion choice's (legacy) ``logprobs``: parallel lists of the tokens, their
+    log-probabilities, each position's alternatives as ``{token: logprob}`` (the most likely
+    of tokens that decode alike), and each token's character offset in the choice's text."""
+    if content is None:
+        return None
+    offsets, at = [], 0
+    for t in content:
+        offsets.append(at)
+        at += len(t["token"])
+    tops = []
+    for t in content:
+        top: dict[str, float] = {}
+        for c in t.get("top_logprobs") or ():
+            top.setdefault(c["token"], c["logprob"])
+        tops.append(top)
     return {
-        "id": f"cmpl-lmjobs-{row['request_id']}",
-        "object": "text_completion",
-        "created": created,
-        "model": row["model"] or model,
-        "choices": [
-            {"index": 0, "text": row["output_text"] or "", "finish_reason": finish, "logprobs": None}
-        ],
-        "usage": _usage(row),
+        "tokens": [t["token"] for t in content],
+        "token_logprobs": [t["logprob"] for t in content],
+        "top_logprobs": tops,
+        "text_offset": offsets,
     }
 
 
-def _openai_line(row: dict[str, Any], model: str) -> dict[str, Any]:
+def openai_body(samples: Sequence[dict[str, Any]], endpoint: str, model: str) -> dict[str, Any]:
+    """What OpenAI's endpoint answers for a succeeded request, from its sample rows (in
+    order; ``logprobs`` as :func:`iter_request_samples` gives it): a ``chat.completion`` for
+    ``/v1/chat/completions``, a ``text_completion`` for ``/v1/completions``; one choice per
+    sample, ``usage.completion_tokens`` summed over them."""
+    first = samples[0]
+    created = int(first["finished_at"].timestamp()) if first["finished_at"] else 0
+    chat = endpoint == CHAT_ENDPOINT
+    choices = []
+    for row in samples:
+        finish = row["finish_reason"] if row["finish_reason"] in ("stop", "length") else "stop"
+        logprobs = row.get("logprobs")
+        if chat:
+            choices.append(
+                {
+                    "index": row["sample_index"],
+                    "message": {"role": "assistant", "content": row["output_text"] or ""},
+                    "finish_reason": finish,
+                    "logprobs": chat_logprobs(logprobs),
+                }
+            )
+        else:
+            choices.append(
+                {
+                    "index": row["sample_index"],
+                    "text": row["output_text"] or "",
+                    "finish_reason": finish,
+                    "logprobs": completion_logprobs(logprobs),
+                }
+            )
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-lmjobs-{first['request_id']}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": created,
+        "model": first["model"] or model,
+        "choices": choices,
+        "usage": _usage(samples),
+    }
+
+
+def _openai_line(samples: list[dict[str, Any]], model: str) -> dict[str, Any]:
+    row = samples[0]  # a failed or pending request has this one row
     if row["status"] == ResultStatus.SUCCEEDED.value:
         # generate lines (and OpenAI /v1/completions lines) continue a prompt: a text completion
         endpoint = COMPLETIONS_ENDPOINT if row["task"] == "generate" else CHAT_ENDPOINT
@@ -242,7 +324,7 @@ def _openai_line(row: dict[str, Any], model: str) -> dict[str, Any]:
             "response": {
                 "status_code": 200,
                 "request_id": str(row["request_id"]),
-                "body": openai_body(row, endpoint, model),
+                "body": openai_body(samples, endpoint, model),
             },
             "error": None,
         }
@@ -268,7 +350,7 @@ def write_results(
     """Write every row to ``out`` (text for jsonl/csv/openai, binary for parquet)."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    rows = iter_result_rows(db, job_id, only_finished=only_finished, with_task=fmt == "openai")
+    rows = iter_result_rows(db, job_id, only_finished=only_finished, with_logprobs=fmt == "jsonl")
     n = 0
     if fmt == "jsonl":
         for row in rows:
@@ -278,8 +360,8 @@ def write_results(
         with db.session() as s:
             job = s.get(Job, job_id)
             model = job.model if job else ""
-        for row in rows:
-            out.write(json.dumps(_openai_line(row, model), ensure_ascii=False) + "\n")
+        for samples in iter_request_samples(db, job_id, only_finished=only_finished, with_task=True):
+            out.write(json.dumps(_openai_line(samples, model), ensure_ascii=False) + "\n")
             n += 1
     elif fmt == "csv":
         w = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
@@ -328,6 +410,8 @@ def _write_parquet(rows: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
             ("reference", pa.string()),
             ("input_json", pa.string()),
             ("requested_model", pa.string()),
+            ("sample_index", pa.int64()),
+            ("valid", pa.bool_()),
         ]
     )
     n = 0
