@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import JSON, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+
+from lmjobs.db.session import json_text
 
 
 def insert_ignore_many(session: Session, model: Any, conflict_cols: Sequence[str]) -> Any:
@@ -61,7 +62,7 @@ def bulk_insert_ignore(
         with cursor.copy(f'COPY "{tmp}" ({names}) FROM STDIN') as copy:  # type: ignore[attr-defined]
             for row in rows:
                 copy.write_row(
-                    [json.dumps(row[c]) if c in json_cols and row[c] is not None else row[c] for c in cols]
+                    [json_text(row[c]) if c in json_cols and row[c] is not None else row[c] for c in cols]
                 )
         conflict = ", ".join(f'"{c}"' for c in conflict_cols)
         cursor.execute(

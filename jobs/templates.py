@@ -26,9 +26,10 @@ distinguishable. ``raw_prompt`` and ``system_prompt`` are job params, recorded o
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 # Bump the task's version on ANY change to its wording below (instructions, prompt shapes,
 # language names): the version is stored with each result.
@@ -157,7 +158,7 @@ def content_hash(task: str, rendered: RenderedInput, params: dict[str, Any] | No
     """SHA-256 (hex) of what the engine is given: task, both rendered forms and the
     effective sampling params (job defaults merged with the request's overrides).
 
-    Stable across runs and machines: sorted-key compact JSON. Params are normalized first so
+    Stable across runs and machines: sorted-key compact UTF-8 JSON (orjson). Params are normalized first so
     equal meaning gives an equal hash: ``None`` == ``{}``, keys set to ``None`` are dropped,
     ``temperature``/``top_p`` compare as floats (``1`` == ``1.0``), a ``stop`` string equals
     a one-item list. The task is included so different tasks never share a cache entry.
@@ -168,8 +169,7 @@ def content_hash(task: str, rendered: RenderedInput, params: dict[str, Any] | No
         "messages": list(rendered.messages) if rendered.messages is not None else None,
         "params": _normalize_params(params),
     }
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def _normalize_params(params: dict[str, Any] | None) -> dict[str, Any]:

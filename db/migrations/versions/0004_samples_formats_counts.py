@@ -82,7 +82,9 @@ def upgrade() -> None:
         batch.add_column(sa.Column("logprobs_json", sa.JSON(), nullable=True))
         batch.add_column(sa.Column("content_sha256", sa.String(length=64), nullable=True))
         batch.drop_constraint("uq_results_job_request", type_="unique")
-        batch.create_unique_constraint("uq_results_job_request_sample", ["job_id", "request_id", "sample_index"])
+        batch.create_unique_constraint(
+            "uq_results_job_request_sample", ["job_id", "request_id", "sample_index"]
+        )
         batch.create_index("ix_results_job_content", ["job_id", "content_sha256"])
     op.execute(
         "UPDATE results SET content_sha256 = "
