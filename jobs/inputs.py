@@ -15,8 +15,11 @@ Each decision below answers a trap of PITFALLS.md ("JSONL input"):
   nesting over ``MAX_DEPTH``, and a lone surrogate (``"\ud800"``) or NUL (``"\u0000"``) in
   any key or string: PostgreSQL can store neither.
 - Native lines: the task's fields (``TASK_MODELS``) plus optional ``id``, ``reference``,
-  ``model`` (recorded as the requested model, never switches it), sampling overrides and
-  ``metadata`` (an object, kept as ``input["metadata"]``). Option names that can only be an
+  ``model`` (recorded as the requested model, never switches it), sampling overrides,
+  ``metadata`` (an object, kept as ``input["metadata"]``), and the answer's shape: one of
+  ``json_schema``, ``json_object``, ``choices``, ``regex``, plus ``logprobs`` and ``n``
+  (``native_output_params``: checked with llguidance, cached by spec; a line without them
+  pays one set test). Option names that can only be an
   instruction lmjobs would drop (``NATIVE_REFUSED``: ``max_tokens``, ``tools``...) refuse
   the line; any other field is the file's own data and is ignored, so files written for
   other tools load unchanged.
@@ -25,9 +28,11 @@ Each decision below answers a trap of PITFALLS.md ("JSONL input"):
   ``ParsedRequest.task`` says which. Every field of the line and of its body is honoured or
   refuses the line with the field named (DESIGN.md item 8): ``body.model`` is recorded as
   the requested model (the job's model runs), ``user`` and ``metadata`` are kept in the
-  input, options lmjobs lacks are refused unless their value asks for nothing (``stream:
-  false``, ``n: 1``...), and an unknown field is "unsupported". A field set to null is
-  absent, as in OpenAI's API.
+  input, ``response_format``, ``logprobs``, ``top_logprobs`` and ``n`` become the request's
+  output format, log-probabilities and samples (``openai_output_params``), options lmjobs
+  lacks are refused unless their value asks for nothing (``stream: false``, ``best_of:
+  1``...), and an unknown field is "unsupported". A field set to null is absent, as in
+  OpenAI's API.
 - No state across lines: duplicate ids are left to the database's unique constraint at
   ingest, and an empty file yields nothing (the ingest refuses it).
 """
@@ -136,6 +141,15 @@ def read_requests(
 def _read(
     path: Path, task: str, max_line_bytes: int, progress: ReadProgress
 ) -> Iterator[ParsedRequest | LineError]:
+    for line_number, raw in read_raw_lines(path, max_line_bytes, progress):
+        yield raw if isinstance(raw, LineError) else parse_line(raw, line_number, task)
+
+
+def read_raw_lines(
+    path: Path, max_line_bytes: int, progress: ReadProgress
+) -> Iterator[tuple[int, bytes | LineError]]:
+    """Yield (line number, the line's bytes without its newline) per physical line, or a
+    LineError for a line over ``max_line_bytes`` (skipped without being read whole)."""
     with path.open("rb") as f:
         line_number = 0
         while raw := f.readline(max_line_bytes + 1):
@@ -146,9 +160,9 @@ def _read(
             elif len(raw) > max_line_bytes:
                 size = len(raw) + _skip_rest_of_line(f)
                 reason = f"line too long: {size} bytes, over the limit of {max_line_bytes}"
-                yield LineError(line_number, reason, _excerpt(raw))
+                yield line_number, LineError(line_number, reason, _excerpt(raw))
                 continue
-            yield parse_line(raw, line_number, task)
+            yield line_number, raw
 
 
 def _skip_rest_of_line(f: IO[bytes]) -> int:
