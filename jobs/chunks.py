@@ -184,6 +184,7 @@ def _result_row(
         "worker": ctx.worker,
         "attempt": attempt,
         "deduplicated": gen.deduplicated,
+        "content_sha256": req.content_sha256,  # what jobs/dedup.py looks up
         "created_at": utcnow(),
     }
 

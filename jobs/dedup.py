@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from lmjobs.db.models import Request, Result, ResultStatus
+from lmjobs.db.models import Result, ResultStatus
 from lmjobs.db.session import Database
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest, TokenLogprob, TopLogprob
 
@@ -46,10 +46,11 @@ def reuse_finished(
     if not wanted:
         return [], list(requests)
     with db.session() as s:
+        # results.content_sha256 with its (job, hash) index: requests' hashes are not indexed
         rows = s.execute(
             select(
-                Request.content_sha256,
-                Request.id,
+                Result.content_sha256,
+                Result.request_id,
                 Result.sample_index,
                 Result.output_text,
                 Result.finish_reason,
@@ -57,11 +58,9 @@ def reuse_finished(
                 Result.output_tokens,
                 Result.valid,
                 Result.logprobs_json,
-            )
-            .join(Result, Result.request_id == Request.id)
-            .where(
-                Request.job_id == job_id,
-                Request.content_sha256.in_(wanted),
+            ).where(
+                Result.job_id == job_id,
+                Result.content_sha256.in_(wanted),
                 Result.status == ResultStatus.SUCCEEDED.value,
             )
         ).all()
