@@ -102,6 +102,9 @@ def _report_tables(rep: Any) -> None:
         )
     for metric, value in {**rep.scores, **rep.corpus_scores}.items():
         summary[metric] = _f(value, 3 if value < 10 else 2)
+    if rep.structured is not None:
+        st = rep.structured
+        summary["valid answers"] = f"{st.valid:,} of {st.answers:,} ({st.valid_share:.1%})"
     title = f"job {rep.job_id}" + (f" ({rep.name})" if rep.name else "")
     render.kv_table(title, summary)
     render.table(
@@ -136,6 +139,10 @@ def _report_tables(rep: Any) -> None:
     )
     if rep.failures:
         render.table(["failures", "reason"], [(n, r) for r, n in rep.failures], title="failures by reason")
+    if rep.structured is not None and rep.structured.labels:
+        render.table(
+            ["answers", "label"], [(n, lbl) for lbl, n in rep.structured.labels], title="choice labels"
+        )
 
 
 # -- schedule -----------------------------------------------------------------------------

@@ -195,6 +195,8 @@ def _cards(rep: JobReport) -> str:
     ]
     items += [(f"{m} (mean)", _fmt(v, 3 if v < 10 else 1)) for m, v in rep.scores.items()]
     items += [(m.replace("_", " "), _fmt(v, 1)) for m, v in rep.corpus_scores.items()]
+    if rep.structured is not None:
+        items.append(("valid answers", f"{rep.structured.valid_share:.1%}"))
     return "".join(f'<div class="card"><b>{v}</b><span>{escape(k)}</span></div>' for k, v in items)
 
 
@@ -232,6 +234,19 @@ def _task_table(figs: Sequence[Figures]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _labels_table(rep: JobReport) -> str:
+    """Structured answers: the valid share, and each choice label's count."""
+    st = rep.structured
+    if st is None:
+        return ""
+    rows = "".join(f"<tr><td>{escape(lbl)}</td><td>{n:,}</td></tr>" for lbl, n in st.labels)
+    table = f"<table><thead><tr><th>label</th><th>answers</th></tr></thead><tbody>{rows}</tbody></table>"
+    return (
+        f'<section id="structured"><h2>Structured answers</h2><div class="sub">{st.valid:,} of '
+        f"{st.answers:,} valid ({st.valid_share:.1%})</div>{table if st.labels else ''}</section>"
+    )
+
+
 def render_html(rep: JobReport, *, generated_at: datetime) -> str:
     title = f"lmjobs job {rep.job_id}" + (f" ({rep.name})" if rep.name else "")
     lat = rep.latency_histogram
@@ -264,6 +279,7 @@ def render_html(rep: JobReport, *, generated_at: datetime) -> str:
 created {rep.created_at:%Y-%m-%d %H:%M}Z · report {generated_at:%Y-%m-%d %H:%M}Z</div>
 <div class="cards">{_cards(rep)}</div>
 <section><h2>By task</h2>{_task_table([*rep.per_task, rep.totals])}</section>
+{_labels_table(rep)}
 <div class="grid">{"".join(sections)}</div>
 </main></body></html>
 """

@@ -11,6 +11,9 @@ finished request (for exact percentiles) and a few fixed-size bins, not the rows
   its results at once, so a bucket shorter than a chunk is bursty. The width is a round
   number of seconds giving at most ``MAX_BUCKETS`` points.
 * The latency histogram spans 0..p99; slower requests are counted, not drawn.
+* Structured answers (requests with an output format): the share of answers that are
+  complete under their format (``results.valid``), counted per sample, and for ``choice``
+  formats how often each label was answered; two aggregate queries.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ MAX_BUCKETS = 60
 LATENCY_BINS = 20
 SCORE_BINS = 10
 TOP_FAILURES = 10
+TOP_LABELS = 50  # choice labels listed; the rest are summed as "(other)"
 _STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400)
 SCORE_RANGES = {"chrf": 100.0, "bleu": 100.0}  # the rest are 0..1
 
@@ -82,6 +86,17 @@ class Histogram:
 
 
 @dataclass
+class StructuredAnswers:
+    """The answers of constrained requests (JSON, JSON Schema, choice, regex), per sample."""
+
+    answers: int  # succeeded samples of constrained requests
+    valid: int  # of those, complete under their format
+    valid_share: float  # valid / answers
+    # Choice formats: each valid answer's label and how often, most common first; "(other)" last.
+    labels: list[tuple[str, int]] = field(default_factory=list)
+
+
+@dataclass
 class JobReport:
     job_id: int
     name: str | None
@@ -101,6 +116,7 @@ class JobReport:
     scores: dict[str, float]  # mean per metric
     corpus_scores: dict[str, float]
     score_histograms: dict[str, Histogram]
+    structured: StructuredAnswers | None = None  # None: the job has no constrained answers
 
     @property
     def elapsed_s(self) -> float | None:
@@ -229,6 +245,40 @@ def _score_histograms(db: Database, job_id: int) -> dict[str, Histogram]:
     return dict(sorted(hists.items()))
 
 
+def structured_answers(db: Database, job_id: int) -> StructuredAnswers | None:
+    """Valid share and choice labels of the job's constrained answers; None when it has none.
+
+    A constrained answer is a succeeded result with a validity verdict (``valid`` is NULL for
+    unconstrained requests and for failed ones); labels are the ``output_text`` of valid
+    answers whose format (``params_json.output_format.kind``) is ``choice``."""
+    answered = (
+        Result.job_id == job_id,
+        Result.status == ResultStatus.SUCCEEDED.value,
+        Result.valid.is_not(None),
+    )
+    with db.session() as s:
+        answers, valid = s.execute(
+            select(func.count(), func.count().filter(Result.valid.is_(True))).where(*answered)
+        ).one()
+        if not answers:
+            return None
+        kind = Result.params_json["output_format"]["kind"].as_string()
+        rows = s.execute(
+            select(Result.output_text, func.count())
+            .where(*answered, Result.valid.is_(True), kind == "choice")
+            .group_by(Result.output_text)
+            .order_by(func.count().desc(), Result.output_text)
+        ).all()
+    labels = [(str(label), int(n)) for label, n in rows[:TOP_LABELS]]
+    rest = sum(int(n) for _, n in rows[TOP_LABELS:])
+    return StructuredAnswers(
+        answers=int(answers),
+        valid=int(valid),
+        valid_share=int(valid) / int(answers),
+        labels=[*labels, ("(other)", rest)] if rest else labels,
+    )
+
+
 def build_report(db: Database, job_id: int) -> JobReport:
     """Every figure of the report; reads only (run ``score_job`` first for fresh scores)."""
     job = get_job(db, job_id)
@@ -280,4 +330,5 @@ def build_report(db: Database, job_id: int) -> JobReport:
         scores=mean_scores(db, job_id),
         corpus_scores=corpus_scores(db, job_id),
         score_histograms=_score_histograms(db, job_id),
+        structured=structured_answers(db, job_id),
     )
