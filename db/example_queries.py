@@ -4,6 +4,10 @@ Portable on purpose: no ``date_trunc``/``strftime`` (time buckets use the text f
 timestamp), no ``percentile_cont`` (percentiles by rank over a window), no ``ROUND`` of a
 float (PostgreSQL has ``round(numeric, int)`` only). ``tests/db/test_schema_doc.py`` runs
 every one of them on both backends through ``lmjobs query``'s read-only connection.
+
+``BACKEND_EXAMPLES`` are the few that cannot be portable: reading JSON out of a text column
+(``output_text``) or unnesting a JSON list (``logprobs_json``) is spelled differently on each
+backend, so each has one query per backend, and the test runs each on its own.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ from __future__ import annotations
 EXAMPLES: list[tuple[str, str, str]] = [
     (
         "Progress of the latest job",
-        "Requests by status, `pending` included, while the job runs.",
+        "Requests by status, `pending` included, while the job runs "
+        "(sample 0 only: a request asked for `n` samples has `n` rows).",
         """
 SELECT status, COUNT(*) AS requests
 FROM job_results
-WHERE job_id = (SELECT MAX(id) FROM jobs)
+WHERE job_id = (SELECT MAX(id) FROM jobs) AND sample_index = 0
 GROUP BY status
 ORDER BY requests DESC;
 """,
@@ -35,11 +40,12 @@ LIMIT 20;
     ),
     (
         "Tokens per job",
-        "Input and output tokens of every job, newest first.",
+        "Input and output tokens of every job, newest first (a prompt's tokens once, "
+        "however many samples it had).",
         """
 SELECT j.id, j.task, j.model, j.status,
        COUNT(r.id) AS results,
-       COALESCE(SUM(r.input_tokens), 0) AS input_tokens,
+       COALESCE(SUM(CASE WHEN r.sample_index = 0 THEN r.input_tokens ELSE 0 END), 0) AS input_tokens,
        COALESCE(SUM(r.output_tokens), 0) AS output_tokens,
        AVG(r.output_tokens) AS avg_output_tokens
 FROM jobs j
@@ -165,5 +171,63 @@ FROM rejects
 ORDER BY job_id DESC, line_number
 LIMIT 50;
 """,
+    ),
+]
+
+# (title, one-line note, {"sqlite": SQL, "postgresql": SQL})
+BACKEND_EXAMPLES: list[tuple[str, str, dict[str, str]]] = [
+    (
+        "A field of structured answers",
+        "The `label` field of the latest job's JSON answers (`--json-schema`, `--json-object`), "
+        "valid answers only (`valid` is false for an answer cut inside its JSON), counted per value.",
+        {
+            "sqlite": """
+SELECT json_extract(output_text, '$.label') AS label, COUNT(*) AS answers
+FROM results
+WHERE job_id = (SELECT MAX(job_id) FROM results WHERE valid IS NOT NULL)
+  AND status = 'succeeded' AND valid
+GROUP BY json_extract(output_text, '$.label')
+ORDER BY answers DESC, label;
+""",
+            "postgresql": """
+SELECT (output_text::jsonb) ->> 'label' AS label, COUNT(*) AS answers
+FROM results
+WHERE job_id = (SELECT MAX(job_id) FROM results WHERE valid IS NOT NULL)
+  AND status = 'succeeded' AND valid
+GROUP BY (output_text::jsonb) ->> 'label'
+ORDER BY answers DESC, label;
+""",
+        },
+    ),
+    (
+        "Least confident answers",
+        "Mean token log-probability of each answer of the latest job that asked for them "
+        "(`--logprobs`), lowest first: the answers worth a second look.",
+        {
+            "sqlite": """
+SELECT q.line_number, q.custom_id, r.sample_index, r.output_text,
+       AVG(CAST(t.value ->> 'logprob' AS REAL)) AS mean_logprob,
+       COUNT(*) AS tokens
+FROM results r
+JOIN requests q ON q.id = r.request_id
+JOIN json_each(r.logprobs_json) t
+WHERE r.job_id = (SELECT MAX(job_id) FROM results WHERE logprobs_json IS NOT NULL)
+GROUP BY r.id, q.line_number, q.custom_id, r.sample_index, r.output_text
+ORDER BY mean_logprob, q.line_number, r.sample_index
+LIMIT 20;
+""",
+            "postgresql": """
+SELECT q.line_number, q.custom_id, r.sample_index, r.output_text,
+       AVG(CAST(t.value ->> 'logprob' AS REAL)) AS mean_logprob,
+       COUNT(*) AS tokens
+FROM results r
+JOIN requests q ON q.id = r.request_id
+CROSS JOIN LATERAL json_array_elements(r.logprobs_json) AS t(value)
+WHERE r.job_id = (SELECT MAX(job_id) FROM results WHERE logprobs_json IS NOT NULL)
+GROUP BY r.id, q.line_number, q.custom_id, r.sample_index, r.output_text
+ORDER BY mean_logprob, q.line_number, r.sample_index
+LIMIT 20;
+""",
+        },
     ),
 ]

@@ -197,7 +197,7 @@ def _view() -> list[str]:
 
 
 def _examples() -> list[str]:
-    from lmjobs.db.example_queries import EXAMPLES
+    from lmjobs.db.example_queries import BACKEND_EXAMPLES, EXAMPLES
 
     lines = [
         "## Example queries",
@@ -208,6 +208,17 @@ def _examples() -> list[str]:
     ]
     for title, note, sql in EXAMPLES:
         lines += [f"### {title}", "", note, "", "```sql", sql.strip(), "```", ""]
+    lines += [
+        "### Per backend: JSON in answers and log-probabilities",
+        "",
+        "Reading JSON out of a text column or unnesting a JSON list is spelled differently on",
+        "the two backends: these come in one version for each (a test runs each on its own).",
+        "",
+    ]
+    for title, note, by_backend in BACKEND_EXAMPLES:
+        lines += [f"#### {title}", "", note, ""]
+        for backend, label in (("sqlite", "SQLite"), ("postgresql", "PostgreSQL")):
+            lines += [f"{label}:", "", "```sql", by_backend[backend].strip(), "```", ""]
     return lines
 
 

@@ -88,3 +88,49 @@ def test_example_queries_run_on_both_backends(db_url: str, tmp_path: Path) -> No
     with run_readonly_query(db_url, sql_of["Compare two jobs' scores"]) as res:
         by_metric = {r[0]: r for r in res.rows}
     assert set(by_metric) == {"bleu", "chrf"} and by_metric["chrf"][1] == 4  # one failure per chunk
+
+
+def test_backend_example_queries_run_on_their_backend(db_url: str, tmp_path: Path) -> None:
+    """The JSON examples, each in its backend's spelling: a field of valid structured answers
+    only, and each answer's mean token log-probability."""
+    import json
+
+    from sqlalchemy import select, update
+
+    from lmjobs.db.example_queries import BACKEND_EXAMPLES
+    from lmjobs.db.models import Request
+
+    db = get_database(db_url)
+    lines = [{"prompt": f"what animal is {i}"} for i in range(6)]
+    job_id = submit(db, write_jsonl(tmp_path / "in.jsonl", lines), "generate", chunk_size=3)
+    schema = {
+        "type": "object",
+        "properties": {"label": {"enum": ["cat", "dog", "owl"]}},
+        "required": ["label"],
+    }
+    fmt = {"kind": "json_schema", "spec": json.dumps(schema, sort_keys=True, separators=(",", ":"))}
+    with db.session() as s:  # what the input side stores for --json-schema and --logprobs
+        for rid, line in s.execute(select(Request.id, Request.line_number).where(Request.job_id == job_id)):
+            cut = {"max_new_tokens": 1} if line == 6 else {}  # one answer cut inside its JSON
+            params = {"output_format": fmt, "logprobs": 2, "n": 2, "temperature": 1.0, **cut}
+            s.execute(update(Request).where(Request.id == rid).values(params_json=params))
+    run(db, job_id)
+    with db.session() as s:
+        rows = s.execute(
+            text("SELECT output_text, valid FROM results WHERE job_id = :j"), {"j": job_id}
+        ).all()
+    want: dict[str, int] = {}
+    for out, valid in rows:
+        if valid:
+            label = json.loads(out)["label"]
+            want[label] = want.get(label, 0) + 1
+    assert sum(want.values()) == 10 and len(rows) == 12
+    backend = "postgresql" if db_url.startswith("postgresql") else "sqlite"
+    sql_of = {title: by_backend[backend] for title, _, by_backend in BACKEND_EXAMPLES}
+    with run_readonly_query(db_url, sql_of["A field of structured answers"].strip()) as res:
+        assert {label: int(n) for label, n in res.rows} == want
+    with run_readonly_query(db_url, sql_of["Least confident answers"].strip()) as res:
+        confidences = list(res.rows)
+    assert len(confidences) == 12
+    means = [float(r[4]) for r in confidences]
+    assert means == sorted(means) and all(-0.5 <= m <= 0 for m in means)
