@@ -389,7 +389,7 @@ def _generate_rows(
     copied_keys = {g.key for g in copies}
     answers.update(_answers((req_by_key[k] for k in copied_keys), copies))
     answers.update({g.key: [g] for g in early})
-    rows = []
+    rows: list[dict[str, Any]] = []
     for req, job in pending:  # line order, then sample order
         gen_req = req_by_key.get(req.id) or GenRequest(key=req.id)
         rows.extend(_result_row(req, job, gen, gen_req, ctx, attempt) for gen in answers[req.id])
