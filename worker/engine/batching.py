@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest, SamplingParams
+from lmjobs.jobs.engine_api import MAX_TOP_LOGPROBS, FinishReason, Generation, GenRequest, SamplingParams
 from lmjobs.worker.engine.logits import check_request
 from lmjobs.worker.engine.prompts import render
 
@@ -33,6 +33,7 @@ class Prepared:
     key: int
     ids: tuple[int, ...]
     params: SamplingParams  # max_new_tokens already capped to the context when truncating
+    sample_index: int = 0  # which of the request's ``n`` samples (seed already set for it)
 
     @property
     def reserved(self) -> int:
@@ -130,7 +131,7 @@ def prepare(
         if request.params.max_new_tokens < 0:
             refused[i] = failed(request, "max_new_tokens must be >= 0", len(ids))
             continue
-        problem = check_request(request.params, vocab_size)
+        problem = check_request(request.params, vocab_size) or check_samples(request.params)
         if problem is not None:
             refused[i] = failed(request, problem, len(ids))
             continue
@@ -141,6 +142,31 @@ def prepare(
         run_ids, params = fitted
         runnable.append(Prepared(i, request.key, tuple(run_ids), params))
     return runnable, refused
+
+
+def check_samples(params: SamplingParams) -> str | None:
+    """Why ``n`` or ``logprobs`` cannot run, or None."""
+    if params.n < 1:
+        return f"n must be >= 1 (got {params.n})"
+    if params.logprobs is not None and not 0 <= params.logprobs <= MAX_TOP_LOGPROBS:
+        return f"logprobs must be within 0..{MAX_TOP_LOGPROBS} (got {params.logprobs})"
+    return None
+
+
+def expand_samples(rows: Sequence[Prepared]) -> list[Prepared]:
+    """One row per sample to decode: a sampled request with ``n`` > 1 becomes ``n`` rows
+    (sample i seeded ``seed + i`` when a seed is set; otherwise each row draws its own
+    fresh seed). A greedy request decodes once whatever its ``n``: its samples would be
+    identical, and the caller copies the one answer."""
+    out: list[Prepared] = []
+    for row in rows:
+        if row.params.n == 1 or row.params.greedy:
+            out.append(row)
+            continue
+        for i in range(row.params.n):
+            seed = None if row.params.seed is None else row.params.seed + i
+            out.append(replace(row, params=replace(row.params, seed=seed), sample_index=i))
+    return out
 
 
 def dedup(rows: Sequence[Prepared]) -> tuple[list[Prepared], dict[int, int]]:

@@ -26,6 +26,24 @@ forward (CUDA graphs) for decode steps; static batching only. Not run on a GPU y
 the tokens that completed a stop string included (what it cost); ``text`` has neither.
 ``input_tokens`` is the prompt the model saw (after truncation).
 
+Output formats (``SamplingParams.output_format``): compiled once per worker by
+``grammar.grammars_for`` (a failing one fails its requests alone), enforced each step by
+masking the constrained rows' logits after the logits rules and before the choice. A
+constrained row ends (``stop``) when its grammar is complete; ``Generation.valid`` says
+whether the text is a complete answer under the format (False when max_new_tokens or a
+stop string cut it). Compile time is logged and counted in ``grammar.STATS``.
+
+Log-probabilities (``SamplingParams.logprobs``): per generated token (EOS and stop-string
+tokens included), the log-probability of the chosen token and of the K most likely ones,
+from log_softmax of the model's raw logits at that step: before penalties, biases, the
+generation config's rules, temperature, top-k/p and grammar masks (OpenAI's meaning).
+
+Samples (``SamplingParams.n``): a sampled request decodes ``n`` rows whose prompt is
+prefilled once (its KV cache rows copied); sample i is seeded ``seed + i`` when the
+request has a seed, else each draws a fresh seed. A greedy request decodes once and its
+other samples are copies (``deduplicated``). Each request gets ``n`` Generations,
+``sample_index`` 0..n-1.
+
 ``latency_ms`` of a Generation is the wall time from the start of its prefill to its last
 token: the time the request spent in a batch, shared with its batch neighbours (the sum
 over a batch exceeds the batch's wall time). Deduplicated copies carry the latency of
@@ -37,22 +55,26 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
+from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest, TokenLogprob, TopLogprob
+from lmjobs.worker.engine import grammar
 from lmjobs.worker.engine.attention import ragged_attention
 from lmjobs.worker.engine.batching import (
     Prepared,
     dedup,
     default_batch_tokens,
+    expand_samples,
+    failed,
     order,
     prepare,
 )
 from lmjobs.worker.engine.compat import cache_argument
 from lmjobs.worker.engine.decoding import DecodeContext, Row
+from lmjobs.worker.engine.grammar import Grammars
 from lmjobs.worker.engine.logits import GenerationRules
 from lmjobs.worker.engine.prompts import context_length
 from lmjobs.worker.engine.scheduler import Scheduler
@@ -82,11 +104,12 @@ def generate(
     requests: Sequence[GenRequest],
     config: EngineConfig = EngineConfig(),
 ) -> list[Generation]:
-    """One Generation per request, in the order of ``requests``.
+    """One Generation per request and sample (``n`` per request, ``sample_index`` 0..n-1),
+    in the order of ``requests``.
 
     A request that cannot run (too long, a failing forward, non-finite logits, out of
-    memory even alone) gets ``finish_reason=error`` and an ``error``; its neighbours never
-    fail with it.
+    memory even alone, an output format that does not compile) gets ``finish_reason=error``
+    and an ``error`` (once per sample); its neighbours never fail with it.
     """
     if not requests:
         return []
@@ -96,15 +119,20 @@ def generate(
     # whole call (ModelLoadError), before any request is tokenized
     device = _device_of(model)
     ctx = _context(model, tokenizer, device, is_seq2seq=is_seq2seq)
-    prepared, answers = prepare(
+    prepared, refused = prepare(
         requests, tokenizer, context, is_seq2seq=is_seq2seq, vocab_size=vocab_size(model)
     )
+    answers: dict[int, list[Generation]] = {i: _samples(g, requests[i].params.n) for i, g in refused.items()}
     unique, copies = dedup(prepared) if config.dedup else (prepared, {})
-    rows = [Row(req) for req in order(unique, sort_by_length=config.sort_by_length)]
+    grammars, unique = _grammars(model, tokenizer, ctx, unique, requests, answers)
+    if grammars is not None:
+        ctx = replace(ctx, grammars=grammars)
+    rows = [Row(req) for req in order(expand_samples(unique), sort_by_length=config.sort_by_length)]
     # rows that can finish without a forward pass (max_new_tokens == 0)
     todo = [row for row in rows if row.req.params.max_new_tokens > 0]
     for row in rows:
         if row.req.params.max_new_tokens == 0:
+            row.start(ctx)
             row.finish = FinishReason.LENGTH
 
     scheduler = Scheduler(
@@ -121,11 +149,80 @@ def generate(
         with torch.inference_mode(), ragged_attention(model, enabled=not config.compile):
             scheduler.run(todo)
 
-    for row in rows:
-        answers[row.req.index] = _answer(row, ctx)
+    tokens = _TokenText(tokenizer, grammars)
+    for row in sorted(rows, key=lambda r: r.req.sample_index):
+        answers.setdefault(row.req.index, []).append(_answer(row, ctx, tokens))
+    for index, samples in answers.items():
+        n = requests[index].params.n
+        if len(samples) == 1 and n > 1:  # greedy: one decode, n copies
+            samples.extend(_copy(samples[0], samples[0].key, i) for i in range(1, n))
     for index, source in copies.items():
-        answers[index] = _copy(answers[source], requests[index].key)
-    return [answers[i] for i in range(len(requests))]
+        answers[index] = [_copy(g, requests[index].key, g.sample_index) for g in answers[source]]
+    return [g for i in range(len(requests)) for g in answers[i]]
+
+
+def _samples(refusal: Generation, n: int) -> list[Generation]:
+    """A refused request's answer for each of its samples."""
+    return [refusal] + [replace(refusal, sample_index=i) for i in range(1, max(1, n))]
+
+
+def _grammars(
+    model: Any,
+    tokenizer: Any,
+    ctx: DecodeContext,
+    rows: list[Prepared],
+    requests: Sequence[GenRequest],
+    answers: dict[int, list[Generation]],
+) -> tuple[Grammars | None, list[Prepared]]:
+    """The worker's Grammars when a request needs them (an output format, log-probability
+    bytes), every output format compiled; the rows that can run. A request whose format
+    does not compile is answered with the error (in ``answers``) and left out."""
+    formats = {r.params.output_format for r in rows if r.params.output_format is not None}
+    if not formats and not any(r.params.logprobs is not None for r in rows):
+        return None, rows
+    before = grammar.STATS.snapshot()
+    try:
+        grammars: Grammars | None = grammar.grammars_for(
+            tokenizer, logits_width(model, tokenizer), ctx.eos_ids
+        )
+    except Exception as exc:  # llguidance reads fast tokenizers only
+        grammars, problem = None, f"output formats need a tokenizer llguidance can read: {exc}"
+    errors: dict[Any, str] = {}
+    for fmt in formats:
+        found = grammars.compile(fmt) if grammars is not None else problem
+        if found is not None:
+            errors[fmt] = f"the output format ({fmt.kind}) does not compile: {found}"
+    spent = grammar.STATS.compile_s - before.compile_s
+    if grammar.STATS.compiled > before.compiled:
+        logger.info(
+            "compiled %d output format(s) in %.3f s (%d failed)",
+            grammar.STATS.compiled - before.compiled,
+            spent,
+            grammar.STATS.failed - before.failed,
+        )
+    runnable: list[Prepared] = []
+    for row in rows:
+        error = errors.get(row.params.output_format)
+        if error is None:
+            runnable.append(row)
+            continue
+        refusal = failed(requests[row.index], error, len(row.ids))
+        answers[row.index] = _samples(refusal, row.params.n)
+    return grammars, runnable
+
+
+def logits_width(model: Any, tokenizer: Any) -> int:
+    """Columns of the model's logits: its output embedding's rows (the config's vocab_size
+    when it has none), never fewer than the tokenizer's ids."""
+    width = 0
+    try:
+        out = model.get_output_embeddings()
+        weight = getattr(out, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            width = int(weight.shape[0])
+    except (AttributeError, NotImplementedError):
+        width = 0
+    return max(width or vocab_size(model) or 0, len(tokenizer))
 
 
 def resolve_mode(mode: str) -> str:
@@ -191,31 +288,71 @@ def _context(model: Any, tokenizer: Any, device: torch.device, *, is_seq2seq: bo
     )
 
 
-def _answer(row: Row, ctx: DecodeContext) -> Generation:
+class _TokenText:
+    """Text and exact bytes of single tokens (for log-probabilities), cached per call."""
+
+    def __init__(self, tokenizer: Any, grammars: Grammars | None) -> None:
+        self.tokenizer = tokenizer
+        self.grammars = grammars
+        self._seen: dict[int, tuple[str, tuple[int, ...]]] = {}
+
+    def __call__(self, token: int) -> tuple[str, tuple[int, ...]]:
+        found = self._seen.get(token)
+        if found is None:
+            text = str(self.tokenizer.decode([token]))
+            raw = self.grammars.token_bytes(token) if self.grammars is not None else text.encode()
+            found = self._seen[token] = (text, tuple(raw))
+        return found
+
+
+def _answer(row: Row, ctx: DecodeContext, tokens: _TokenText) -> Generation:
     req: Prepared = row.req
     if row.finish is None:  # cannot happen: the scheduler finishes every row
         row.fail("the engine did not finish this request")
     assert row.finish is not None
     ok = not row.finish.is_error
+    text = row.text(ctx) if ok else ""
     return Generation(
         key=req.key,
-        text=row.text(ctx) if ok else "",
+        text=text,
         finish_reason=row.finish,
         input_tokens=len(req.ids),
         output_tokens=len(row.generated) if ok else 0,
         latency_ms=round(row.latency_ms, 3),
         error=row.error,
+        sample_index=req.sample_index,
+        valid=_valid(row, ctx, text) if ok else None,
+        logprobs=_logprobs(row, tokens) if ok and req.params.logprobs is not None else None,
     )
 
 
-def _copy(source: Generation, key: int) -> Generation:
-    return Generation(
-        key=key,
-        text=source.text,
-        finish_reason=source.finish_reason,
-        input_tokens=source.input_tokens,
-        output_tokens=source.output_tokens,
-        latency_ms=source.latency_ms,
-        error=source.error,
-        deduplicated=True,
-    )
+def _valid(row: Row, ctx: DecodeContext, text: str) -> bool | None:
+    """Whether a constrained row's ``text`` is a complete answer under its format: the
+    matcher's own state when the text is all it consumed, else (a stop string cut the
+    text) a fresh matcher run over the text."""
+    fmt = row.req.params.output_format
+    if fmt is None:
+        return None
+    if row.grammar is None or ctx.grammars is None:
+        return False
+    ids = row.generated[:-1] if row.generated and row.generated[-1] in ctx.eos_ids else row.generated
+    if text == ctx.decode(ids):
+        return row.grammar.accepting
+    return ctx.grammars.accepts(fmt, text)
+
+
+def _logprobs(row: Row, tokens: _TokenText) -> list[TokenLogprob]:
+    out: list[TokenLogprob] = []
+    for token, step in zip(row.generated, row.logprobs, strict=True):
+        text, raw = tokens(token)
+        top = tuple(
+            TopLogprob(token=tokens(t)[0], logprob=lp, bytes=tokens(t)[1])
+            for t, lp in zip(step.top_ids, step.top_logprobs, strict=True)
+        )
+        out.append(TokenLogprob(token=text, logprob=step.logprob, bytes=raw, top=top))
+    return out
+
+
+def _copy(source: Generation, key: int, sample_index: int) -> Generation:
+    logprobs = list(source.logprobs) if source.logprobs is not None else None
+    return replace(source, key=key, sample_index=sample_index, deduplicated=True, logprobs=logprobs)

@@ -10,6 +10,11 @@ that is what continuous batching needs.
 
 Encoder-decoder batches run the encoder once and keep its output; all their rows start
 decoding together, so they can drop rows but not take new ones.
+
+Samples of one request (``SamplingParams.n``) are rows of the same family (the request's
+``Prepared.index``): a prefill runs each family's prompt once and copies its KV cache rows
+(and logits) to the family's other rows (``shared_prefill``), which then decode as
+independent rows.
 """
 
 from __future__ import annotations
@@ -24,9 +29,10 @@ import torch
 from lmjobs.jobs.engine_api import FinishReason
 from lmjobs.worker.engine.batching import Prepared
 from lmjobs.worker.engine.compat import BaseModelOutput, output_cache
+from lmjobs.worker.engine.grammar import Grammars, RowGrammar
 from lmjobs.worker.engine.kvcache import GrowingLayer, fill_holes, make_growing
 from lmjobs.worker.engine.logits import GenerationRules, RowLogits
-from lmjobs.worker.engine.sampling import choose_tokens, make_generator
+from lmjobs.worker.engine.sampling import StepLogprobs, choose_tokens, make_generator
 
 NON_FINITE = "non-finite logits (NaN or inf) from the model"
 
@@ -45,6 +51,7 @@ class DecodeContext:
     logits_to_keep: bool = False  # the model's forward takes ``logits_to_keep``
     position_ids: bool = True  # ... and ``position_ids`` (alibi models such as Bloom do not)
     cache_arg: str = "past_key_values"  # the forward's KV-cache keyword (compat.cache_argument)
+    grammars: Grammars | None = None  # compiled output formats (None: no request has one)
 
     def optional_args(self, positions: torch.Tensor, *, prefill: bool, cache: Any = None) -> dict[str, Any]:
         """Forward arguments that depend on the model or the release: the KV cache (decode
@@ -67,6 +74,8 @@ class Row:
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     logits: RowLogits | None = None  # what this row does to its logits (None: nothing)
+    grammar: RowGrammar | None = None  # the row's output-format matcher (None: free text)
+    logprobs: list[StepLogprobs] = field(default_factory=list)  # one per generated token, if asked
     finish: FinishReason | None = None
     error: str | None = None
     started: float = 0.0
@@ -83,6 +92,12 @@ class Row:
         self.generator = None if params.greedy else make_generator(params.seed, ctx.device)
         start = ctx.decoder_start_id if ctx.decoder_start_id is not None else ctx.pad_id
         self.logits = ctx.rules.row(self.req.ids, params, ctx.device, start)
+        self.logprobs = []
+        self.grammar = None
+        if params.output_format is not None:
+            if ctx.grammars is None:  # generate compiles every format before decoding
+                raise RuntimeError("a constrained row without compiled grammars")
+            self.grammar = ctx.grammars.matcher(params.output_format)
         # A stop string of n characters spans at most 4n byte-level tokens, plus one token
         # that may straddle its start.
         self._stop_window = 4 * max((len(s) for s in params.stop), default=0) + 1
@@ -91,15 +106,26 @@ class Row:
         self.finish, self.error = FinishReason.ERROR, error
         self.latency_ms = (time.perf_counter() - self.started) * 1000 if self.started else 0.0
 
-    def push(self, token: int, finite: bool, ctx: DecodeContext) -> bool:
-        """Append the token just chosen; True when the row is finished."""
+    def push(self, token: int, finite: bool, ctx: DecodeContext, step: StepLogprobs | None = None) -> bool:
+        """Append the token just chosen (and its log-probabilities, when asked); True when
+        the row is finished. A constrained row also finishes when its grammar is complete
+        (nothing more allowed)."""
         if not finite:
             self.fail(NON_FINITE)
             return True
         self.generated.append(token)
+        if step is not None:
+            self.logprobs.append(step)
+        if self.grammar is not None:
+            problem = self.grammar.consume(token)
+            if problem is not None:  # only when the rules left no allowed token a chance
+                self.fail(f"the output format could not be followed: {problem}")
+                return True
         if token in ctx.eos_ids and not self.req.params.ignore_eos:
             self.finish = FinishReason.STOP
         elif self.req.params.stop and self._hit_stop(ctx):
+            self.finish = FinishReason.STOP
+        elif self.grammar is not None and self.grammar.stopped:
             self.finish = FinishReason.STOP
         elif len(self.generated) >= self.req.params.max_new_tokens:
             self.finish = FinishReason.LENGTH
@@ -137,6 +163,22 @@ def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
+def shared_prefill(rows: Sequence[Row]) -> tuple[list[Row], list[int] | None]:
+    """The rows whose prompts a prefill runs (the first row of each family, in order) and,
+    for every row, the position of its family's first row among them; None when every row
+    is alone in its family (nothing to share)."""
+    first: dict[int, int] = {}
+    leaders: list[Row] = []
+    where: list[int] = []
+    for row in rows:
+        family = row.req.index
+        if family not in first:
+            first[family] = len(leaders)
+            leaders.append(row)
+        where.append(first[family])
+    return leaders, (where if len(leaders) < len(rows) else None)
+
+
 def pad_prompts(
     rows: Sequence[Row], pad_id: int, *, left: bool, slots: int = 0, columns: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +210,10 @@ class CausalBatch:
         self.can_merge = False  # only growing layers can be padded and cut freely
 
     def prefill(self) -> torch.Tensor:
-        """Run the prompts; return the logits of each row's next token: [B, V]."""
+        """Run the prompts (once per family); return the logits of each row's next token: [B, V]."""
         ctx = self.ctx
-        ids, mask = pad_prompts(self.rows, ctx.pad_id, left=True)
+        leaders, where = shared_prefill(self.rows)
+        ids, mask = pad_prompts(leaders, ctx.pad_id, left=True)
         ids, mask = ids.to(ctx.device), mask.to(ctx.device)
         # input_ids, mask, positions: [B, S]; pad positions are clamped to 0 (never attended)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -180,9 +223,19 @@ class CausalBatch:
             use_cache=True,
             **ctx.optional_args(positions, prefill=True),
         )
-        self.cache, self.mask, self.pos = output_cache(out), mask, mask.sum(-1)
+        self.cache = output_cache(out)
         self.can_merge = make_growing(self.cache)  # not with sliding windows and the like
-        return out.logits[:, -1, :]
+        logits = out.logits[:, -1, :]
+        if where is not None:  # copy each family's cache rows to its other samples
+            index = torch.tensor(where, device=mask.device)
+            if self.can_merge:
+                for layer in self.cache.layers:
+                    layer.batch_select_indices(index)
+            else:
+                self.cache.batch_select_indices(index)
+            mask, logits = mask[index], logits[index]
+        self.mask, self.pos = mask, mask.sum(-1)
+        return logits
 
     def decode(self) -> torch.Tensor:
         """Feed ``last`` (one token per row); return the next logits: [B, V]."""
@@ -265,10 +318,15 @@ class Seq2SeqBatch:
     def prefill(self) -> torch.Tensor:
         """Encode the prompts and run the decoder's first step: logits [B, V]."""
         ctx = self.ctx
-        ids, mask = pad_prompts(self.rows, ctx.pad_id, left=False)  # the encoder sees a mask
+        leaders, where = shared_prefill(self.rows)  # each family's prompt encoded once
+        ids, mask = pad_prompts(leaders, ctx.pad_id, left=False)  # the encoder sees a mask
         ids, mask = ids.to(ctx.device), mask.to(ctx.device)
         encoder = ctx.model.get_encoder()
-        self.encoded = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        encoded = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        if where is not None:
+            index = torch.tensor(where, device=mask.device)
+            encoded, mask = encoded[index], mask[index]
+        self.encoded = encoded
         self.enc_mask = mask
         start = ctx.decoder_start_id if ctx.decoder_start_id is not None else ctx.pad_id
         self.last = torch.full((len(self.rows),), start, dtype=torch.long, device=ctx.device)
@@ -302,15 +360,19 @@ class Seq2SeqBatch:
 def advance_rows(batch: Any, logits: torch.Tensor) -> list[Row]:
     """logits: [B, V] for ``batch.rows``. Push one token per row, drop finished rows."""
     rows, ctx = batch.rows, batch.ctx
-    tokens, finite = choose_tokens(
+    tokens, finite, steps = choose_tokens(
         logits,
         [r.req.params for r in rows],
         [r.generator for r in rows],
         [r.logits for r in rows],
         [r.generated for r in rows],
+        [r.grammar for r in rows],
+        ctx.grammars,
     )
     batch.last = torch.tensor(tokens, dtype=torch.long, device=logits.device)
-    done = [row.push(tok, ok, ctx) for row, tok, ok in zip(rows, tokens, finite, strict=True)]
+    done = [
+        row.push(tok, ok, ctx, step) for row, tok, ok, step in zip(rows, tokens, finite, steps, strict=True)
+    ]
     finished = [row for row, d in zip(rows, done, strict=True) if d]
     if finished and len(finished) < len(rows):
         batch.select([i for i, d in enumerate(done) if not d])

@@ -8,10 +8,12 @@ own logits only, never on which other requests share the batch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from lmjobs.jobs.engine_api import SamplingParams
+from lmjobs.worker.engine.grammar import Grammars, RowGrammar
 from lmjobs.worker.engine.logits import RowLogits
 
 
@@ -52,30 +54,84 @@ def sample(
     return torch.multinomial(probs, 1, generator=gen)
 
 
+@dataclass(frozen=True)
+class StepLogprobs:
+    """One row's log-probabilities at one step, from the model's raw distribution."""
+
+    logprob: float  # of the chosen token
+    top_ids: tuple[int, ...]  # the K most likely tokens, most likely first
+    top_logprobs: tuple[float, ...]
+
+
 def choose_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
     rules: Sequence[RowLogits | None],
     generated: Sequence[Sequence[int]],
-) -> tuple[list[int], list[bool]]:
-    """The next token of every row, and whether the row's logits were all finite.
+    grammars: Sequence[RowGrammar | None] = (),
+    masker: Grammars | None = None,
+) -> tuple[list[int], list[bool], list[StepLogprobs | None]]:
+    """The next token of every row, whether the row's logits were all finite, and the
+    log-probabilities of the rows that asked for them (None for the others).
 
     logits: [B, V]. ``rules[i]``: what row i does to its logits first (the model's generation
     config, the request's penalties and biases; None: nothing), given the tokens it has
-    ``generated``. Greedy rows then take the argmax in one batched call; sampled rows draw
-    from their own generator (a small Python loop over sampled rows only). Finiteness is
-    judged on the model's logits, before the rules put -inf into them. One transfer to the
-    host per step.
+    ``generated``. Then the grammar masks of the constrained rows (``grammars[i]`` not None;
+    ``masker`` computes them): disallowed tokens get -inf, after the rules and before the
+    choice, and only those rows are touched. Greedy rows then take the argmax in one
+    batched call; sampled rows draw from their own generator (a small Python loop over
+    sampled rows only). Finiteness is judged on the model's logits, before the rules put
+    -inf into them. One transfer to the host per step (two when log-probabilities are asked).
+
+    Log-probabilities (``params[i].logprobs`` = K) have OpenAI's meaning: log_softmax of the
+    model's raw logits at that step, before the rules, temperature, top-k/p and grammar
+    masks: the chosen token's, and the K most likely tokens' (sorted, most likely first).
+    One log_softmax and one topk over the rows that asked.
     """
     logits = logits.float()
     finite = torch.isfinite(logits).all(dim=-1)  # [B]
+    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    logprobs: torch.Tensor | None = None
+    if want:
+        # before anything below writes into ``logits`` (``.float()`` of float32 is no copy)
+        logprobs = torch.log_softmax(logits[want], dim=-1)  # [k, V]
     for i, row_rules in enumerate(rules):
         if row_rules is not None:
             logits[i : i + 1] = row_rules.apply(logits[i : i + 1], generated[i])
+    constrained = [i for i, g in enumerate(grammars) if g is not None]
+    if constrained and masker is not None:
+        masker.mask_logits(logits, constrained, [g for g in grammars if g is not None])
     tokens = logits.argmax(dim=-1)  # [B]
     for i, (row_params, gen) in enumerate(zip(params, generators, strict=True)):
         if not row_params.greedy and gen is not None:
             tokens[i] = sample(logits[i], row_params, gen, finite[i])[0]
     host = torch.stack([tokens, finite.long()]).tolist()
-    return host[0], [bool(ok) for ok in host[1]]
+    steps: list[StepLogprobs | None] = [None] * len(params)
+    if logprobs is not None:
+        steps = _step_logprobs(logprobs, want, tokens, params, steps)
+    return host[0], [bool(ok) for ok in host[1]], steps
+
+
+def _step_logprobs(
+    logprobs: torch.Tensor,
+    want: list[int],
+    tokens: torch.Tensor,
+    params: Sequence[SamplingParams],
+    steps: list[StepLogprobs | None],
+) -> list[StepLogprobs | None]:
+    """Fill ``steps[i]`` for the rows ``want`` from their log-probabilities [k, V]."""
+    index = torch.tensor(want, device=logprobs.device)
+    chosen = logprobs.gather(1, tokens[index][:, None])[:, 0].tolist()  # [k]
+    top_k = max(int(params[i].logprobs or 0) for i in want)
+    if top_k:
+        values, ids = torch.topk(logprobs, min(top_k, logprobs.shape[-1]), dim=-1)  # sorted
+        top_values, top_ids = values.tolist(), ids.tolist()
+    for j, i in enumerate(want):
+        k = int(params[i].logprobs or 0)
+        steps[i] = StepLogprobs(
+            float(chosen[j]),
+            tuple(top_ids[j][:k]) if k else (),
+            tuple(top_values[j][:k]) if k else (),
+        )
+    return steps

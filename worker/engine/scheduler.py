@@ -73,7 +73,9 @@ def prefill_groups(rows: Sequence[Row]) -> list[list[Row]]:
     width = real = 0
     for row in ordered:
         n = len(row.req.ids)
-        if groups and width * (len(groups[-1]) + 1) <= PREFILL_SLACK * (real + n):
+        # samples of one request stay together: their prompt is prefilled once
+        sibling = bool(groups) and groups[-1][-1].req.index == row.req.index
+        if groups and (sibling or width * (len(groups[-1]) + 1) <= PREFILL_SLACK * (real + n)):
             groups[-1].append(row)
             real += n
             continue
@@ -146,7 +148,9 @@ class Scheduler:
         A batch costs the largest its padded cache can get (``peak_tokens``): finished rows
         leave at once, so rows with few tokens to write do not hold their columns until the
         longest one ends. A static cache is allocated whole: there a batch costs rows x the
-        longest row's reserve (prompt + max_new_tokens). A row alone is always taken.
+        longest row's reserve (prompt + max_new_tokens). A row alone is always taken, and
+        so are the waiting samples of a request one of whose samples was just taken (within
+        ``cap``): they share its prefill.
         """
         current = batch.rows if batch is not None else []
         mask = getattr(batch, "mask", None)
@@ -156,7 +160,8 @@ class Scheduler:
         taken: list[Row] = []
         while queue and len(current) + len(taken) < cap:
             row = queue[0]
-            if current or taken:
+            sibling = bool(taken) and taken[-1].req.index == row.req.index
+            if (current or taken) and not sibling:
                 if self.static_cache:
                     reserve = max(reserve, row.req.reserved)
                     cost = (len(current) + len(taken) + 1) * reserve

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from lmjobs.worker.engine.compat import StaticCache
-from lmjobs.worker.engine.decoding import DecodeContext, Row, advance_rows, pad_prompts
+from lmjobs.worker.engine.compat import StaticCache, cache_layers
+from lmjobs.worker.engine.decoding import DecodeContext, Row, advance_rows, pad_prompts, shared_prefill
 
 LENGTH_BUCKET = 256
 # Compiled graphs kept per model: one per (batch bucket, length bucket) in use.
@@ -43,6 +43,20 @@ def decode_call(model: Any, device: torch.device) -> Any:
     # One graph per bucket; the default limit (8) would fall back to eager silently.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
     return model.get_compiled_call(None)
+
+
+def expand_static(cache: Any, index: torch.Tensor) -> None:
+    """Give a prefilled StaticCache one row per slot: slot i gets prefilled row index[i].
+    The new tensors are marked static before any decode step, as transformers marks its own."""
+    for layer in cache_layers(cache) or []:
+        layer.keys = layer.keys.index_select(0, index)
+        layer.values = layer.values.index_select(0, index)
+        layer.batch_size = len(index)
+        if layer.keys.is_cuda:
+            import torch._dynamo
+
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
 
 
 class StaticCacheBatch:
@@ -72,25 +86,36 @@ class StaticCacheBatch:
         self.full_last[self.active] = tokens.to(self.full_last.device)
 
     def prefill(self) -> torch.Tensor:
+        """Run each family's prompt once (``shared_prefill``), then give every slot its
+        rows of the cache: a row its family's, a dummy slot the first row's under a mask of
+        one column (its output is thrown away). Returns the rows' logits [B, V]."""
         ctx = self.ctx
+        leaders, where = shared_prefill(self.rows)
         width = max(len(r.req.ids) for r in self.rows)
         longest = max(len(r.req.ids) + r.req.params.max_new_tokens for r in self.rows)
         length = bucket_length(max(longest, width + 1), self.context)
-        ids, mask = pad_prompts(self.rows, ctx.pad_id, left=True, slots=self.slots, columns=length)
-        mask[len(self.rows) :, width - 1] = 1  # dummy slots: one pad token, never all-masked
+        ids, mask = pad_prompts(leaders, ctx.pad_id, left=True, columns=length)
         ids, mask = ids.to(ctx.device), mask.to(ctx.device)
-        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)  # [slots, S]
+        positions = (mask[:, :width].cumsum(-1) - 1).clamp(min=0)  # [leaders, S]
         self.cache = StaticCache(config=ctx.model.config, max_cache_len=length)
         out = ctx.model(
             input_ids=ids,
-            attention_mask=mask,  # [slots, L]: static caches attend over all L columns
+            attention_mask=mask,  # [leaders, L]: static caches attend over all L columns
             use_cache=True,
             **{ctx.cache_arg: self.cache},
             **ctx.optional_args(positions, prefill=True),
         )
-        self.mask, self.pos, self.column = mask, mask.sum(-1), width
+        rows_of = where if where is not None else list(range(len(self.rows)))
+        slot_of = rows_of + [0] * (self.slots - len(self.rows))  # slot -> leader
+        index = torch.tensor(slot_of, device=mask.device)
+        if len(leaders) != self.slots:
+            expand_static(self.cache, index)
+        full = mask[index]
+        full[len(self.rows) :] = 0
+        full[len(self.rows) :, width - 1] = 1  # dummy slots: one column, never all-masked
+        self.mask, self.pos, self.column = full, full.sum(-1), width
         self.full_last = torch.full((self.slots,), ctx.pad_id, dtype=torch.long, device=ctx.device)
-        return out.logits[:, -1, :][self.active]
+        return out.logits[:, -1, :][torch.tensor(rows_of, device=mask.device)]
 
     def decode(self) -> torch.Tensor:
         if self.column >= self.mask.shape[1]:
