@@ -1,0 +1,44 @@
+"""The feature arms of the benchmark (output formats, n samples) on a tiny random model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tiny_models import build_tiny_causal
+
+from lmjobs.bench import features
+from lmjobs.worker.engine.core import EngineConfig
+from lmjobs.worker.models import load_model
+
+
+def test_feature_arms_report_both_comparisons(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    lm = load_model(
+        str(build_tiny_causal(tmp_path / "llama")),
+        device="cpu",
+        dtype="float32",
+        cache_dir=tmp_path / "cache",
+    )
+    forward = lm.model.forward
+
+    report = features.run(
+        lm.model,
+        lm.tokenizer,
+        requests=3,
+        prompt_tokens=12,
+        new_tokens=40,
+        config=EngineConfig(mode="continuous"),
+    )
+
+    assert lm.model.forward == forward  # the prefill counter is gone
+    free, bound = report["constrained"]
+    assert free["arm"] == "unconstrained" and bound["arm"] == "json_schema"
+    assert free["output_tokens"] > 0 and bound["output_tokens"] > 0
+    assert bound["compiled_in_timed_run"] == 0  # compiled in the warm-up, reused after
+    n4, separate = report["samples"]
+    assert n4["prefill_calls"] == 1 and separate["prefill_calls"] >= 1
+    assert separate["prefill_tokens"] == 4 * n4["prefill_tokens"]
+    assert report["prefill_tokens_ratio"] == 0.25
+    assert report["n4_texts_equal_separate_requests"] is True
+    assert n4["output_tokens"] == separate["output_tokens"] == 4 * 40
