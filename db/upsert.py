@@ -5,11 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import JSON, Table
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
-
-from lmjobs.db.session import json_text
 
 
 def insert_ignore_many(session: Session, model: Any, conflict_cols: Sequence[str]) -> Any:
@@ -37,37 +34,42 @@ def insert_ignore(
     return insert_ignore_many(session, model, conflict_cols).values(list(rows))
 
 
-def bulk_insert_ignore(
-    session: Session, table: Table, rows: Sequence[dict[str, Any]], conflict_cols: Sequence[str]
+def bulk_insert_rows(
+    session: Session,
+    table: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    conflict_cols: Sequence[str],
 ) -> None:
-    """Insert-or-ignore many rows as fast as the backend takes them: on PostgreSQL through
-    ``COPY`` into a temporary table and one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``
-    (COPY cannot skip conflicts itself); elsewhere the cached executemany statement."""
+    """Insert-or-ignore many rows as fast as the backend takes them. ``rows`` are tuples in
+    the order of ``columns``, JSON columns already serialized to text, so no per-value
+    processing happens here: on PostgreSQL ``COPY`` into a temporary table and one
+    ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` (COPY cannot skip conflicts itself);
+    on SQLite the driver's executemany of one statement."""
     if not rows:
         return
+    names = ", ".join(f'"{c}"' for c in columns)
+    conflict = ", ".join(f'"{c}"' for c in conflict_cols)
     if session.get_bind().dialect.name != "postgresql":
-        session.execute(insert_ignore_many(session, table, conflict_cols), list(rows))
+        marks = ", ".join("?" for _ in columns)
+        session.connection().exec_driver_sql(
+            f'INSERT INTO "{table}" ({names}) VALUES ({marks}) ON CONFLICT ({conflict}) DO NOTHING',
+            list(rows),
+        )
         return
-    cols = list(rows[0])
-    names = ", ".join(f'"{c}"' for c in cols)
-    json_cols = {c for c in cols if isinstance(table.c[c].type, JSON)}
-    tmp = f"lmjobs_copy_{table.name}"
+    tmp = f"lmjobs_copy_{table}"
     cursor = session.connection().connection.cursor()
     try:
         # Only the copied columns, no constraints; emptied at commit, kept for the connection.
         cursor.execute(
             f'CREATE TEMP TABLE IF NOT EXISTS "{tmp}" ON COMMIT DELETE ROWS '
-            f'AS SELECT {names} FROM "{table.name}" WITH NO DATA'
+            f'AS SELECT {names} FROM "{table}" WITH NO DATA'
         )
         with cursor.copy(f'COPY "{tmp}" ({names}) FROM STDIN') as copy:  # type: ignore[attr-defined]
             for row in rows:
-                copy.write_row(
-                    [json_text(row[c]) if c in json_cols and row[c] is not None else row[c] for c in cols]
-                )
-        conflict = ", ".join(f'"{c}"' for c in conflict_cols)
+                copy.write_row(row)
         cursor.execute(
-            f'INSERT INTO "{table.name}" ({names}) SELECT {names} FROM "{tmp}" '
-            f"ON CONFLICT ({conflict}) DO NOTHING"
+            f'INSERT INTO "{table}" ({names}) SELECT {names} FROM "{tmp}" ON CONFLICT ({conflict}) DO NOTHING'
         )
         cursor.execute(f'DELETE FROM "{tmp}"')  # a second batch in the same transaction
     finally:

@@ -10,8 +10,12 @@ chunk tells which chunks lost lines), so no set of ids is kept in memory.
 from __future__ import annotations
 
 import getpass
-from collections.abc import Callable
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -19,10 +23,19 @@ from sqlalchemy import Table, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, JobStatus, Reject, Request, utcnow
-from lmjobs.db.session import Database, analyze_after_bulk_load
-from lmjobs.db.upsert import bulk_insert_ignore, insert_ignore_many
+from lmjobs.db.session import Database, analyze_after_bulk_load, json_text
+from lmjobs.db.upsert import bulk_insert_rows, insert_ignore_many
 from lmjobs.jobs.errors import InputFileError, UsageError
-from lmjobs.jobs.inputs import TASKS, LineError, ParsedRequest, ReadProgress, read_requests, sha256_file
+from lmjobs.jobs.inputs import (
+    TASKS,
+    LineError,
+    ParsedRequest,
+    ReadProgress,
+    parse_line,
+    read_raw_lines,
+    read_requests,
+    sha256_file,
+)
 from lmjobs.jobs.lifecycle import discard_job, mark_ready
 from lmjobs.jobs.params import sampling_params
 from lmjobs.jobs.queues import queue_for_model
@@ -66,40 +79,159 @@ def _check_options(path: Path, opts: SubmitOptions) -> None:
         raise InputFileError(f"{path}: the file is empty")
 
 
-def _request_row(
-    job_id: int, p: ParsedRequest, opts: SubmitOptions, effective: dict[str, Any] | None
-) -> dict[str, Any]:
-    """Raises ValueError when the task template refuses the fields (e.g. no target language).
-    ``effective``: the job's sampling params as a dict, reused for lines without their own."""
-    rendered = render(p.task, p.input, opts.params)
-    if effective is None or p.params:
-        effective = sampling_params(opts.params, p.params).to_dict()
-    return {
-        "job_id": job_id,
-        "line_number": p.line_number,
-        "custom_id": p.custom_id,
-        "task": p.task,
-        "input_json": p.input,
-        "params_json": p.params,
-        "reference": p.reference,
-        "requested_model": p.model,
-        "content_sha256": content_hash(p.task, rendered, effective),
-        "isolated_attempts": 0,
-    }
-
-
 # Requests written per transaction: few commits (each is an fsync on SQLite), bounded memory.
 FLUSH_ROWS = 4096
+# Lines parsed per block: the unit of work handed to a parsing process.
+BLOCK_LINES = 2048
+# Files smaller than this are parsed in the submitting process (starting helpers costs more).
+PARALLEL_MIN_BYTES = 8 << 20
+
+# A request row as the writer inserts it (JSON columns already serialized):
+# (line_number, custom_id, task, input_json, params_json, reference, requested_model, content_sha256)
+RequestRow = tuple[int, str, str, str, str | None, str | None, str | None, str]
+REQUEST_COLUMNS = (
+    "job_id",
+    "chunk_id",
+    "line_number",
+    "custom_id",
+    "task",
+    "input_json",
+    "params_json",
+    "reference",
+    "requested_model",
+    "content_sha256",
+    "isolated_attempts",
+)
+
+
+@dataclass
+class PreparedBlock:
+    """One block of lines, parsed, validated, rendered and hashed: what the writer stores."""
+
+    rows: list[RequestRow] = field(default_factory=list)
+    rejects: list[LineError] = field(default_factory=list)
+    formats: set[str] = field(default_factory=set)
+    mismatches: dict[int, str] = field(default_factory=dict)  # line -> the model it asked for
+    bytes_read: int = 0  # progress of the reader at the end of this block
+    lines: int = 0
+
+
+class Preparer:
+    """Turns raw lines into request rows: the per-line work of a submit (parse and check the
+    line, render the task template, hash what the engine will see, serialize the JSON
+    columns). Pure and picklable, so parsing processes run it on blocks of lines."""
+
+    def __init__(self, task: str, params: dict[str, Any], job_model: str) -> None:
+        self.task, self.params, self.job_model = task, params, job_model
+        self.effective = sampling_params(params, None).to_dict()
+
+    def __call__(self, block: list[tuple[int, bytes | LineError]]) -> PreparedBlock:
+        out = PreparedBlock()
+        for line_number, raw in block:
+            p = raw if isinstance(raw, LineError) else parse_line(raw, line_number, self.task)
+            if isinstance(p, LineError):
+                out.rejects.append(p)
+                continue
+            try:
+                rendered = render(p.task, p.input, self.params)
+                effective = sampling_params(self.params, p.params).to_dict() if p.params else self.effective
+            except ValueError as exc:  # the task template or the params refuse the fields
+                out.rejects.append(LineError(line_number, str(exc), ""))
+                continue
+            out.rows.append(
+                (
+                    line_number,
+                    p.custom_id,
+                    p.task,
+                    json_text(p.input),
+                    None if p.params is None else json_text(p.params),
+                    p.reference,
+                    p.model,
+                    content_hash(p.task, rendered, effective),
+                )
+            )
+            out.formats.add(p.input_format)
+            if model_mismatch(p, self.job_model):
+                out.mismatches[line_number] = p.model or ""
+        return out
+
+
+def ingest_processes(size: int) -> int:
+    """Parsing processes for a file of ``size`` bytes: none (parse here) for small files or
+    one core; else one per core (the submitting process mostly waits on the database).
+    ``LMJOBS_INGEST_PROCESSES`` overrides (0 = parse in the submitting process)."""
+    forced = os.environ.get("LMJOBS_INGEST_PROCESSES")
+    if forced is not None and forced.strip():
+        try:
+            return max(0, int(forced))
+        except ValueError:
+            raise UsageError(f"LMJOBS_INGEST_PROCESSES must be a whole number, got {forced!r}") from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if size < PARALLEL_MIN_BYTES or cores < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return 0
+    return cores
+
+
+_worker_preparer: Preparer | None = None
+
+
+def _init_worker(preparer: Preparer) -> None:
+    global _worker_preparer
+    _worker_preparer = preparer
+
+
+def _prepare_in_worker(block: list[tuple[int, bytes | LineError]]) -> PreparedBlock:
+    assert _worker_preparer is not None
+    return _worker_preparer(block)
+
+
+def prepared_blocks(
+    path: Path, preparer: Preparer, max_line_bytes: int, processes: int
+) -> Iterator[PreparedBlock]:
+    """The file's lines as PreparedBlocks, in order. With ``processes``, blocks are prepared
+    by that many forked processes, at most a few blocks ahead of the consumer, so memory
+    stays bounded whatever the file's size."""
+    read = ReadProgress()
+
+    def blocks() -> Iterator[tuple[list[tuple[int, bytes | LineError]], int, int]]:
+        block: list[tuple[int, bytes | LineError]] = []
+        for item in read_raw_lines(path, max_line_bytes, read):
+            block.append(item)
+            if len(block) >= BLOCK_LINES:
+                yield block, read.bytes_read, read.lines
+                block = []
+        if block:
+            yield block, read.bytes_read, read.lines
+
+    def stamped(prepared: PreparedBlock, bytes_read: int, lines: int) -> PreparedBlock:
+        prepared.bytes_read, prepared.lines = bytes_read, lines
+        return prepared
+
+    if processes <= 0:
+        for block, bytes_read, lines in blocks():
+            yield stamped(preparer(block), bytes_read, lines)
+        return
+    # fork: the children inherit the loaded code (no re-import) and touch no connection
+    with multiprocessing.get_context("fork").Pool(processes, _init_worker, (preparer,)) as pool:
+        window: deque[tuple[AsyncResult[PreparedBlock], int, int]] = deque()
+        for block, bytes_read, lines in blocks():
+            window.append((pool.apply_async(_prepare_in_worker, (block,)), bytes_read, lines))
+            if len(window) > 2 * processes:
+                result, b, n = window.popleft()
+                yield stamped(result.get(), b, n)
+        while window:
+            result, b, n = window.popleft()
+            yield stamped(result.get(), b, n)
 
 
 class _Writer:
-    """Buffers parsed lines into chunks and writes many chunks per transaction, each table
+    """Groups prepared rows into chunks and writes many chunks per transaction, each table
     with one cached statement executed with many rows (no SQL compiled per batch)."""
 
     def __init__(self, db: Database, job: Job, opts: SubmitOptions) -> None:
         self.db, self.job, self.opts = db, job, opts
-        self.batch: list[ParsedRequest] = []  # the chunk being filled
-        self.full: list[list[ParsedRequest]] = []  # chunks waiting to be written
+        self.rows: list[RequestRow] = []  # accepted rows not yet written
+        self.mismatches: dict[int, str] = {}  # of the rows not yet written
         self.rejects: list[LineError] = []
         self.pending_rejects: list[dict[str, Any]] = []
         self.accepted = 0
@@ -107,7 +239,6 @@ class _Writer:
         self.chunks = 0
         self.model_mismatches = 0
         self.first_model_mismatch: tuple[int, str] | None = None
-        self.effective = sampling_params(opts.params, None).to_dict()
 
     def reject(self, err: LineError) -> None:
         self.rejected += 1
@@ -121,68 +252,53 @@ class _Writer:
                 "excerpt": err.excerpt,
             }
         )
-        if len(self.pending_rejects) >= FLUSH_ROWS:
-            self.flush(final=False)
 
-    def add(self, p: ParsedRequest) -> None:
-        self.batch.append(p)
-        if len(self.batch) >= self.opts.chunk_size:
-            self.full.append(self.batch)
-            self.batch = []
-            if len(self.full) * self.opts.chunk_size >= FLUSH_ROWS:
-                self.flush(final=False)
+    def add(self, block: PreparedBlock) -> None:
+        for err in block.rejects:
+            self.reject(err)
+        self.rows.extend(block.rows)
+        self.mismatches.update(block.mismatches)
+        if len(self.rows) >= FLUSH_ROWS or len(self.pending_rejects) >= FLUSH_ROWS:
+            self.flush(final=False)
 
     def flush(self, *, final: bool) -> None:
         """Write the full chunks (and, when ``final``, the last partial one) and the rejects."""
-        if final and self.batch:
-            self.full.append(self.batch)
-            self.batch = []
-        if not self.full and not self.pending_rejects:
+        size = self.opts.chunk_size
+        cut = len(self.rows) if final else len(self.rows) - len(self.rows) % size
+        if cut == 0 and not self.pending_rejects:
             return
         with self.db.session() as s:
-            if self.full:
-                self._write_chunks(s, self.full)
-                self.full = []
+            if cut:
+                self._write_chunks(s, [self.rows[i : min(i + size, cut)] for i in range(0, cut, size)])
+                del self.rows[:cut]
             if self.pending_rejects:
                 s.execute(insert_ignore_many(s, Reject, ["job_id", "line_number"]), self.pending_rejects)
                 self.pending_rejects = []
 
-    def _write_chunks(self, s: Session, groups: list[list[ParsedRequest]]) -> None:
+    def _write_chunks(self, s: Session, groups: list[list[RequestRow]]) -> None:
         job_id = self.job.id
-        chunk_rows: list[dict[str, Any]] = []
-        request_groups: list[list[dict[str, Any]]] = []
-        for group in groups:
-            rows: list[dict[str, Any]] = []
-            for p in group:
-                try:
-                    rows.append(_request_row(job_id, p, self.opts, self.effective))
-                except ValueError as exc:
-                    self.reject(LineError(p.line_number, str(exc), ""))
-            if not rows:
-                continue
-            chunk_rows.append(
-                {
-                    "job_id": job_id,
-                    "seq": self.chunks + len(chunk_rows),
-                    "first_line": rows[0]["line_number"],
-                    "last_line": rows[-1]["line_number"],
-                    "requests_total": len(rows),
-                    "status": ChunkStatus.PENDING.value,
-                    "priority": self.opts.priority,
-                    "attempts": 0,
-                }
-            )
-            request_groups.append(rows)
-        if not chunk_rows:
-            return
+        chunk_rows = [
+            {
+                "job_id": job_id,
+                "seq": self.chunks + i,
+                "first_line": rows[0][0],
+                "last_line": rows[-1][0],
+                "requests_total": len(rows),
+                "status": ChunkStatus.PENDING.value,
+                "priority": self.opts.priority,
+                "attempts": 0,
+            }
+            for i, rows in enumerate(groups)
+        ]
         # Core tables: no ORM bookkeeping per row
-        chunks, requests = cast(Table, Chunk.__table__), cast(Table, Request.__table__)
+        chunks = cast(Table, Chunk.__table__)
         ids = list(s.scalars(insert(chunks).returning(chunks.c.id, sort_by_parameter_order=True), chunk_rows))
-        for chunk_id, rows in zip(ids, request_groups, strict=True):
-            for row in rows:
-                row["chunk_id"] = chunk_id
-        bulk_insert_ignore(
-            s, requests, [row for rows in request_groups for row in rows], ["job_id", "custom_id"]
+        bulk_insert_rows(
+            s,
+            "requests",
+            REQUEST_COLUMNS,
+            [(job_id, chunk_id, *row, 0) for chunk_id, rows in zip(ids, groups, strict=True) for row in rows],
+            ["job_id", "custom_id"],
         )
         # A line whose id was taken by an earlier line was ignored: find those chunks by count.
         counts = dict(
@@ -192,36 +308,31 @@ class _Writer:
                 .group_by(Request.chunk_id)
             ).all()
         )
-        for chunk_id, rows in zip(ids, request_groups, strict=True):
+        for chunk_id, rows in zip(ids, groups, strict=True):
             if counts.get(chunk_id, 0) != len(rows):
                 rows[:] = self._drop_duplicates(s, chunk_id, rows)
-        by_line = {p.line_number: p for group in groups for p in group}
-        for rows in request_groups:
             for row in rows:
-                p = by_line[row["line_number"]]
-                if model_mismatch(p, self.job.model):
+                model = self.mismatches.pop(row[0], None)
+                if model is not None:
                     self.model_mismatches += 1
                     if self.first_model_mismatch is None:
-                        self.first_model_mismatch = (p.line_number, p.model or "")
+                        self.first_model_mismatch = (row[0], model)
             self.accepted += len(rows)
+        self.mismatches.clear()  # rows dropped as duplicates leave theirs behind
         self.chunks += len(chunk_rows)
 
-    def _drop_duplicates(self, s: Session, chunk_id: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _drop_duplicates(self, s: Session, chunk_id: int, rows: list[RequestRow]) -> list[RequestRow]:
         """Reject the chunk's rows that were not inserted (duplicate ids); fix up or remove the chunk."""
         present = set(s.scalars(select(Request.line_number).where(Request.chunk_id == chunk_id)))
-        kept = [r for r in rows if r["line_number"] in present]
+        kept = [r for r in rows if r[0] in present]
         for row in rows:
-            if row["line_number"] not in present:
-                self.reject(LineError(row["line_number"], f"duplicate id {row['custom_id']!r}", ""))
+            if row[0] not in present:
+                self.reject(LineError(row[0], f"duplicate id {row[1]!r}", ""))
         if kept:
             s.execute(
                 update(Chunk)
                 .where(Chunk.id == chunk_id)
-                .values(
-                    requests_total=len(kept),
-                    first_line=kept[0]["line_number"],
-                    last_line=kept[-1]["line_number"],
-                )
+                .values(requests_total=len(kept), first_line=kept[0][0], last_line=kept[-1][0])
             )
         else:
             s.execute(delete(Chunk).where(Chunk.id == chunk_id))
@@ -253,9 +364,8 @@ def _validate_strict(path: Path, opts: SubmitOptions) -> None:
         )
 
 
-# (bytes of the file read, lines read, lines rejected so far)
+# (bytes of the file read, lines read, lines rejected so far); called once per block of lines
 ReadProgressFn = Callable[[int, int, int], None]
-PROGRESS_EVERY = 2048  # lines between progress reports
 
 
 def create_job(
@@ -293,18 +403,18 @@ def create_job(
         s.add(job)
     writer = _Writer(db, job, opts)
     formats: set[str] = set()
-    read = ReadProgress()
-    for item in read_requests(path, opts.task, max_line_bytes=opts.max_line_bytes, progress=read):
-        if isinstance(item, LineError):
-            writer.reject(item)
-        else:
-            formats.add(item.input_format)
-            writer.add(item)
-        if on_progress is not None and read.lines % PROGRESS_EVERY == 0:
-            on_progress(read.bytes_read, read.lines, writer.rejected)
+    preparer = Preparer(opts.task, opts.params, opts.model)
+    processes = ingest_processes(path.stat().st_size)
+    bytes_read = lines = 0
+    for block in prepared_blocks(path, preparer, opts.max_line_bytes, processes):
+        writer.add(block)
+        formats |= block.formats
+        bytes_read, lines = block.bytes_read, block.lines
+        if on_progress is not None:
+            on_progress(bytes_read, lines, writer.rejected)
     writer.flush(final=True)
     if on_progress is not None:
-        on_progress(read.bytes_read, read.lines, writer.rejected)
+        on_progress(bytes_read, lines, writer.rejected)
     analyze_after_bulk_load(db, ["requests", "chunks", "rejects"])
 
     if writer.accepted == 0:

@@ -340,7 +340,7 @@ def test_exports_carry_the_requested_model_beside_the_model_that_ran(db_url: str
     rows = [line(custom_id="a", model="gpt-4o-mini"), line(custom_id="b", model=None)]
     db, rep = _submit(db_url, write_jsonl(tmp_path / "in.jsonl", rows))
     run_job_locally(db, rep.job_id, generate=FakeEngine(), ctx=FAKE_CTX)
-    assert COLUMNS[-1] == "requested_model"
+    assert "requested_model" in COLUMNS
     for fmt in ("jsonl", "csv", "parquet"):
         got = [(r["custom_id"], r["model"], r["requested_model"]) for r in _export(db, rep.job_id, fmt)]
         empty = "" if fmt == "csv" else None  # CSV: an empty cell is NULL

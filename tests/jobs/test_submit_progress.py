@@ -14,14 +14,17 @@ from sqlalchemy import func, select
 from lmjobs.db.models import Chunk, Request
 from lmjobs.db.session import get_database
 from lmjobs.jobs import ingest
+from lmjobs.jobs.errors import UsageError
 from lmjobs.jobs.ingest import create_job
 from lmjobs.jobs.submit import SubmitOptions
 
 
+@pytest.mark.parametrize("processes", ["0", "2"])  # parsed here, or by two forked processes
 def test_progress_reaches_the_end_of_the_file_with_the_reject_count(
-    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processes: str
 ) -> None:
-    monkeypatch.setattr(ingest, "PROGRESS_EVERY", 100)
+    monkeypatch.setenv("LMJOBS_INGEST_PROCESSES", processes)
+    monkeypatch.setattr(ingest, "BLOCK_LINES", 100)
     monkeypatch.setattr(ingest, "FLUSH_ROWS", 256)  # several transactions in this small file
     rows: list[object] = [{"id": f"r{i}", "text": f"text number {i}"} for i in range(1000)]
     rows[10] = "{not json"
@@ -68,3 +71,13 @@ def test_submit_draws_no_progress_on_a_pipe(lmjobs_home: Path, tmp_path: Path) -
     assert proc.returncode == 0, proc.stderr
     assert "submitting" not in proc.stderr and "lines/s" not in proc.stderr
     assert json.loads(proc.stdout)["requests"] == 50
+
+
+def test_parsing_processes_follow_the_file_size_and_the_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LMJOBS_INGEST_PROCESSES", raising=False)
+    assert ingest.ingest_processes(1000) == 0  # a small file is parsed where it is submitted
+    monkeypatch.setenv("LMJOBS_INGEST_PROCESSES", "3")
+    assert ingest.ingest_processes(1000) == 3
+    monkeypatch.setenv("LMJOBS_INGEST_PROCESSES", "many")
+    with pytest.raises(UsageError, match="LMJOBS_INGEST_PROCESSES must be a whole number"):
+        ingest.ingest_processes(1000)
