@@ -85,8 +85,8 @@ def job_progress(session: Session, job_ids: Sequence[int]) -> dict[int, Progress
         p = out[int(job_id)]
         p.chunks[str(status)] = int(n)
         if status in ChunkStatus.closed():
-            p.succeeded += int(ok)
-            p.failed += int(bad)
+            p.succeeded += int(ok or 0)
+            p.failed += int(bad or 0)
         if n_uncounted:
             legacy.add(int(job_id))
     if legacy:
