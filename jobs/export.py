@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
+import operator
 import os
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
 from sqlalchemy import Select, select
 
 from lmjobs.db.models import Job, Request, Result, ResultStatus
@@ -114,26 +114,29 @@ def rows_in_line_order(
     kinds = ["result" if getattr(c, "class_", None) is Result else "request" for c in columns]
     req_cols = [c for c, k in zip(columns, kinds, strict=True) if k == "request"]
     res_cols = [c for c, k in zip(columns, kinds, strict=True) if k == "result"]
+    # Each output tuple is gathered in C from (line_number, *request columns, *result columns).
+    where = iter(range(1, 1 + len(req_cols))), iter(range(1 + len(req_cols), 1 + len(columns)))
+    gather = operator.itemgetter(0, *(next(where[k == "result"]) for k in kinds))
+    empty = [(None,) * len(res_cols)]
     last = 0
     while True:
         with db.session() as s:
-            requests = s.execute(requests_page(job_id, last, page, req_cols)).all()
+            conn = s.connection()  # Core rows: no ORM loading step per row
+            requests = conn.execute(requests_page(job_id, last, page, req_cols)).all()
             if not requests:
                 return
-            results: dict[int, list[Any]] = {}
+            results: dict[int, list[tuple[Any, ...]]] = {}
             if res_cols:
-                ids = {r[0] for r in requests}  # a job's ids grow with its lines: the range is tight
-                stmt = results_of(
-                    job_id, min(ids), max(ids), [Result.sample_index, *res_cols], samples=samples
-                )
-                for r in s.execute(stmt):
-                    if r[0] in ids:
-                        results.setdefault(r[0], []).append(r[1:])
-        empty = [(0, *(None,) * len(res_cols))]
+                # a job's ids grow with its lines: the range of the page's ids is tight
+                ids = [r[0] for r in requests]
+                stmt = results_of(job_id, min(ids), max(ids), res_cols, samples=samples)
+                stmt = stmt.order_by(Result.request_id, Result.sample_index)
+                for r in conn.execute(stmt):
+                    results.setdefault(r[0], []).append(tuple(r[1:]))
         for req in requests:
-            for res in sorted(results.get(req[0], empty), key=lambda r: r[0]):
-                req_values, res_values = iter(req[2:]), iter(res[1:])
-                yield (req[1], *(next(res_values) if k == "result" else next(req_values) for k in kinds))
+            head = (req[1], *req[2:])
+            for res in results.get(req[0], empty):
+                yield gather(head + res)
         last = requests[-1][1]
 
 
@@ -352,34 +355,31 @@ def write_results(
         raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     rows = iter_result_rows(db, job_id, only_finished=only_finished, with_logprobs=fmt == "jsonl")
     n = 0
-    if fmt == "jsonl":
+    write = out.write
+    if fmt == "jsonl":  # orjson writes datetimes as ISO 8601 (with their UTC offset) itself
         for row in rows:
-            out.write(json.dumps(_text_row(row), ensure_ascii=False) + "\n")
+            write(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE).decode())
             n += 1
     elif fmt == "openai":
         with db.session() as s:
             job = s.get(Job, job_id)
             model = job.model if job else ""
         for samples in iter_request_samples(db, job_id, only_finished=only_finished, with_task=True):
-            out.write(json.dumps(_openai_line(samples, model), ensure_ascii=False) + "\n")
+            write(orjson.dumps(_openai_line(samples, model), option=orjson.OPT_APPEND_NEWLINE).decode())
             n += 1
     elif fmt == "csv":
-        w = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
+        w = csv.writer(out)
+        w.writerow(COLUMNS)
+        cells = operator.itemgetter(*COLUMNS)
         for row in rows:
-            text_json = json.dumps(row["input_json"], ensure_ascii=False)
-            w.writerow({**_text_row(row), "input_json": text_json})
+            row["input_json"] = orjson.dumps(row["input_json"]).decode()
+            if row["finished_at"] is not None:
+                row["finished_at"] = row["finished_at"].isoformat()
+            w.writerow(cells(row))
             n += 1
     else:
         n = _write_parquet(rows, out)
     return n
-
-
-def _text_row(row: dict[str, Any]) -> dict[str, Any]:
-    finished = row["finished_at"]
-    if isinstance(finished, datetime):
-        return {**row, "finished_at": finished.isoformat()}
-    return row
 
 
 def _write_parquet(rows: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
@@ -414,16 +414,22 @@ def _write_parquet(rows: Iterator[dict[str, Any]], out: IO[bytes]) -> int:
             ("valid", pa.bool_()),
         ]
     )
+    names = schema.names
+
+    def group(batch: list[dict[str, Any]]) -> pa.Table:  # columns built once per row group
+        return pa.Table.from_pydict({c: [r[c] for r in batch] for c in names}, schema=schema)
+
     n = 0
     with pq.ParquetWriter(out, schema) as writer:
         batch: list[dict[str, Any]] = []
         for row in rows:
-            batch.append({**row, "input_json": json.dumps(row["input_json"], ensure_ascii=False)})
+            row["input_json"] = orjson.dumps(row["input_json"]).decode()
+            batch.append(row)
             if len(batch) >= ROW_GROUP:
-                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                writer.write_table(group(batch))
                 n += len(batch)
                 batch = []
         if batch or n == 0:
-            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            writer.write_table(group(batch))
             n += len(batch)
     return n
