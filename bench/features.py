@@ -107,11 +107,21 @@ def _timed(run: Callable[[], list[Generation]]) -> tuple[list[Generation], float
 def constrained_arms(
     model: Any, tokenizer: Any, prompts: Sequence[str], new_tokens: int, config: EngineConfig
 ) -> list[ArmFigures]:
-    """Free and JSON-schema generation of the same prompts (greedy)."""
+    """Free and JSON-schema generation of the same prompts (greedy), and free generation
+    forced to the constrained answers' lengths (``ignore_eos``): the same batch shapes
+    step by step, so the difference is the grammar's own cost."""
 
-    def requests(fmt: OutputFormat | None) -> list[GenRequest]:
+    def requests(fmt: OutputFormat | None, lengths: Sequence[int] = ()) -> list[GenRequest]:
         return [
-            GenRequest(key=i, prompt=p, params=SamplingParams(max_new_tokens=new_tokens, output_format=fmt))
+            GenRequest(
+                key=i,
+                prompt=p,
+                params=SamplingParams(
+                    max_new_tokens=lengths[i] if lengths else new_tokens,
+                    output_format=fmt,
+                    ignore_eos=bool(lengths),
+                ),
+            )
             for i, p in enumerate(prompts)
         ]
 
@@ -121,10 +131,15 @@ def constrained_arms(
     warm_s = time.perf_counter() - started
     compile_s = grammar.STATS.compile_s - before.compile_s
     free, free_s = _timed(lambda: generate(model, tokenizer, requests(None), config))
+    timed = grammar.STATS.snapshot()
     bound, bound_s = _timed(lambda: generate(model, tokenizer, requests(SCHEMA_FORMAT), config))
+    step_s = grammar.STATS.step_s - timed.step_s
+    lengths = [g.output_tokens for g in bound]
+    same, same_s = _timed(lambda: generate(model, tokenizer, requests(None, lengths), config))
     valid = sum(1 for g in bound if g.valid)
     return [
         ArmFigures("unconstrained", sum(g.output_tokens for g in free), free_s),
+        ArmFigures("unconstrained, same lengths", sum(g.output_tokens for g in same), same_s),
         ArmFigures(
             "json_schema",
             sum(g.output_tokens for g in bound),
@@ -134,6 +149,8 @@ def constrained_arms(
                 "compile_s": round(compile_s, 4),
                 "first_call_s": round(warm_s, 3),
                 "compiled_in_timed_run": grammar.STATS.compiled - before.compiled - 1,
+                "grammar_step_s": round(step_s, 4),  # masks and matchers, inside ``seconds``
+                "masked_rows": grammar.STATS.masked_rows - timed.masked_rows,
             },
         ),
     ]
@@ -192,13 +209,17 @@ def run(
     ]
     constrained = constrained_arms(model, tokenizer, prompts, new_tokens, config)
     samples = samples_arms(model, tokenizer, prompts[0], new_tokens, config)
-    free, bound = constrained
+    free, same_lengths, bound = constrained
     n4, sep = samples
     # sample i of n=4 is seeded seed + i: the same draws as the four requests seeded 0..3
     same = n4.extra.pop("texts") == sep.extra.pop("texts")
     return {
         "constrained": [a.to_dict() for a in constrained],
-        "constrained_cost": round(1 - bound.tokens_per_s / free.tokens_per_s, 4)
+        # share of output tokens/s lost to the grammar, against free text of the same lengths
+        "constrained_cost": round(1 - bound.tokens_per_s / same_lengths.tokens_per_s, 4)
+        if same_lengths.tokens_per_s
+        else None,
+        "constrained_cost_vs_free_lengths": round(1 - bound.tokens_per_s / free.tokens_per_s, 4)
         if free.tokens_per_s
         else None,
         "samples": [a.to_dict() for a in samples],

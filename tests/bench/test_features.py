@@ -32,9 +32,15 @@ def test_feature_arms_report_both_comparisons(tmp_path: Path) -> None:
     )
 
     assert lm.model.forward == forward  # the prefill counter is gone
-    free, bound = report["constrained"]
-    assert free["arm"] == "unconstrained" and bound["arm"] == "json_schema"
-    assert free["output_tokens"] > 0 and bound["output_tokens"] > 0
+    free, same, bound = report["constrained"]
+    assert [free["arm"], same["arm"], bound["arm"]] == [
+        "unconstrained",
+        "unconstrained, same lengths",
+        "json_schema",
+    ]
+    assert free["output_tokens"] > 0 and bound["output_tokens"] == same["output_tokens"]
+    assert bound["masked_rows"] >= bound["output_tokens"] - 3  # every step of every row but the last
+    assert 0 < bound["grammar_step_s"] < bound["seconds"]
     assert bound["compiled_in_timed_run"] == 0  # compiled in the warm-up, reused after
     n4, separate = report["samples"]
     assert n4["prefill_calls"] == 1 and separate["prefill_calls"] >= 1

@@ -54,9 +54,13 @@ class GrammarStats:
     compile_s: float = 0.0  # seconds spent compiling them (and building token tables)
     cache_hits: int = 0  # matchers handed out from an already compiled format
     failed: int = 0  # formats that did not compile
+    masked_rows: int = 0  # row-steps masked (one per constrained row and decode step)
+    step_s: float = 0.0  # seconds computing and applying masks and advancing matchers
 
     def snapshot(self) -> GrammarStats:
-        return GrammarStats(self.compiled, self.compile_s, self.cache_hits, self.failed)
+        return GrammarStats(
+            self.compiled, self.compile_s, self.cache_hits, self.failed, self.masked_rows, self.step_s
+        )
 
 
 STATS = GrammarStats()
@@ -160,6 +164,7 @@ class Grammars:
         import llguidance
         import llguidance.torch as lt
 
+        started = time.perf_counter()
         words = (self.width + 31) // 32
         bitmask = torch.empty((len(rows), words), dtype=torch.int32)
         if len(rows) == 1:
@@ -173,6 +178,10 @@ class Grammars:
         allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[-1])
         index = torch.tensor(list(rows), device=logits.device)
         logits[index] = logits[index].masked_fill(~allowed, -float("inf"))
+        spent = time.perf_counter() - started  # the host's share (a GPU's kernels run on)
+        with _LOCK:
+            STATS.masked_rows += len(rows)
+            STATS.step_s += spent
 
 
 def unpack_bitmask(bitmask: torch.Tensor, width: int) -> torch.Tensor:
@@ -193,7 +202,12 @@ class RowGrammar:
 
     def consume(self, token: int) -> str | None:
         """Advance by the chosen token; the error when the grammar refuses it."""
-        if self.matcher.consume_token(token):
+        started = time.perf_counter()
+        ok = self.matcher.consume_token(token)
+        spent = time.perf_counter() - started
+        with _LOCK:
+            STATS.step_s += spent
+        if ok:
             return None
         return _first_line(self.matcher.get_error()) or f"token {token} is not allowed here"
 
