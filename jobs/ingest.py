@@ -156,16 +156,13 @@ class Preparer:
         return out
 
 
-def ingest_processes(size: int) -> int:
-    """Parsing processes for a file of ``size`` bytes: none (parse here) for small files or
-    one core; else one per core (the submitting process mostly waits on the database).
-    ``LMJOBS_INGEST_PROCESSES`` overrides (0 = parse in the submitting process)."""
-    forced = os.environ.get("LMJOBS_INGEST_PROCESSES")
-    if forced is not None and forced.strip():
-        try:
-            return max(0, int(forced))
-        except ValueError:
-            raise UsageError(f"LMJOBS_INGEST_PROCESSES must be a whole number, got {forced!r}") from None
+def ingest_processes(size: int, requested: int | None = None) -> int:
+    """Parsing processes for a file of ``size`` bytes: ``requested`` when given
+    (``LMJOBS_INGEST_PROCESSES``; 0 = parse in the submitting process); else none for small
+    files or one core, and one per core otherwise (the submitting process mostly waits on the
+    database meanwhile)."""
+    if requested is not None:
+        return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if size < PARALLEL_MIN_BYTES or cores < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return 0
@@ -404,7 +401,7 @@ def create_job(
     writer = _Writer(db, job, opts)
     formats: set[str] = set()
     preparer = Preparer(opts.task, opts.params, opts.model)
-    processes = ingest_processes(path.stat().st_size)
+    processes = ingest_processes(path.stat().st_size, opts.ingest_processes)
     bytes_read = lines = 0
     for block in prepared_blocks(path, preparer, opts.max_line_bytes, processes):
         writer.add(block)

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     dtype: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
     trust_remote_code: bool = False
     chunk_size: int = Field(default=64, ge=1, le=100_000)
+    # Processes that parse a submitted file: unset = one per core for files of 8 MB and more
+    # (none below, or on one core); 0 = parse in the submitting process.
+    ingest_processes: int | None = Field(default=None, ge=0, le=256)
     lease_seconds: int = Field(default=300, ge=5)
     heartbeat_seconds: int = Field(default=0, ge=0)  # 0: lease_seconds / 3
     max_attempts: int = Field(default=3, ge=1)
@@ -45,7 +48,7 @@ class Settings(BaseSettings):
     # the factory returns a GenerateFn with an ``info`` (ModelInfo) attribute.
     test_engine: str = ""
 
-    @field_validator("chunk_size", "max_attempts", mode="before")
+    @field_validator("chunk_size", "max_attempts", "ingest_processes", mode="before")
     @classmethod
     def _strip(cls, v: object) -> object:
         return v.strip() if isinstance(v, str) else v

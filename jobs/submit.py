@@ -42,6 +42,7 @@ class SubmitOptions:
     finish_by: datetime | None = None
     max_line_bytes: int = 1_000_000
     schedule_id: int | None = None
+    ingest_processes: int | None = None  # None: by the file's size and the cores (jobs/ingest.py)
 
 
 def parse_time_option(text: str | None, flag: str) -> datetime | None:
@@ -74,6 +75,7 @@ def make_options(
     size = chunk_size if chunk_size is not None else settings.chunk_size
     if size < 1:
         raise UsageError("--chunk-size must be at least 1")
+    rest.setdefault("ingest_processes", settings.ingest_processes)
     return SubmitOptions(task=task, model=model or settings.model, params=params, chunk_size=size, **rest)
 
 

@@ -8,22 +8,22 @@ from pathlib import Path
 
 import pytest
 from analytics_data import write_jsonl
+from pydantic import ValidationError
 from services import cli_env, run_cli
 from sqlalchemy import func, select
 
 from lmjobs.db.models import Chunk, Request
 from lmjobs.db.session import get_database
 from lmjobs.jobs import ingest
-from lmjobs.jobs.errors import UsageError
 from lmjobs.jobs.ingest import create_job
-from lmjobs.jobs.submit import SubmitOptions
+from lmjobs.jobs.settings import Settings
+from lmjobs.jobs.submit import SubmitOptions, make_options
 
 
-@pytest.mark.parametrize("processes", ["0", "2"])  # parsed here, or by two forked processes
+@pytest.mark.parametrize("processes", [0, 2])  # parsed here, or by two forked processes
 def test_progress_reaches_the_end_of_the_file_with_the_reject_count(
-    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processes: str
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processes: int
 ) -> None:
-    monkeypatch.setenv("LMJOBS_INGEST_PROCESSES", processes)
     monkeypatch.setattr(ingest, "BLOCK_LINES", 100)
     monkeypatch.setattr(ingest, "FLUSH_ROWS", 256)  # several transactions in this small file
     rows: list[object] = [{"id": f"r{i}", "text": f"text number {i}"} for i in range(1000)]
@@ -36,7 +36,7 @@ def test_progress_reaches_the_end_of_the_file_with_the_reject_count(
     rep = create_job(
         db,
         path,
-        SubmitOptions(task="summarize", model="m", chunk_size=64),
+        SubmitOptions(task="summarize", model="m", chunk_size=64, ingest_processes=processes),
         on_progress=lambda b, n, r: calls.append((b, n, r)),
     )
 
@@ -73,11 +73,11 @@ def test_submit_draws_no_progress_on_a_pipe(lmjobs_home: Path, tmp_path: Path) -
     assert json.loads(proc.stdout)["requests"] == 50
 
 
-def test_parsing_processes_follow_the_file_size_and_the_override(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LMJOBS_INGEST_PROCESSES", raising=False)
+def test_parsing_processes_follow_the_file_size_and_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert ingest.ingest_processes(1000) == 0  # a small file is parsed where it is submitted
-    monkeypatch.setenv("LMJOBS_INGEST_PROCESSES", "3")
-    assert ingest.ingest_processes(1000) == 3
+    assert ingest.ingest_processes(1000, 3) == 3
+    monkeypatch.setenv("LMJOBS_INGEST_PROCESSES", "2")
+    assert make_options(Settings(), task="summarize", model="m", params={}).ingest_processes == 2
     monkeypatch.setenv("LMJOBS_INGEST_PROCESSES", "many")
-    with pytest.raises(UsageError, match="LMJOBS_INGEST_PROCESSES must be a whole number"):
-        ingest.ingest_processes(1000)
+    with pytest.raises(ValidationError, match="ingest_processes"):
+        Settings()
