@@ -472,3 +472,35 @@ def test_n_samples_with_a_format_are_each_valid(llama: LoadedModel):
     for g in got:
         assert g.valid is True
         check("json_schema", g.text)
+
+
+def test_a_tokenizer_llguidance_cannot_read_fails_constrained_requests_alone(
+    llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+):
+    def refuse(*args: Any) -> Any:
+        raise ValueError("Only fast tokenizers are supported")
+
+    monkeypatch.setattr(grammar, "grammars_for", refuse)
+    got = run(
+        llama, [*constrained("regex", 0.0)[:2], GenRequest(1, "Hi", params=SamplingParams(max_new_tokens=3))]
+    )
+
+    for g in got[:2]:
+        assert g.finish_reason is FinishReason.ERROR
+        assert g.error is not None and "llguidance can read" in g.error and "fast tokenizers" in g.error
+    assert got[2].ok and got[2].output_tokens == 3
+
+
+def test_a_token_the_grammar_refuses_fails_that_row_alone(
+    llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+):
+    # without its mask the model writes what it likes; the matcher refuses it
+    monkeypatch.setattr(grammar.Grammars, "mask_logits", lambda self, logits, rows, matchers: None)
+    free = GenRequest(1, PROMPTS[0], params=SamplingParams(max_new_tokens=5))
+    bound = GenRequest(2, PROMPTS[0], params=SamplingParams(max_new_tokens=5, output_format=FORMATS["regex"]))
+
+    got = run(llama, [free, bound])
+
+    assert got[0].ok and got[0].output_tokens == 5
+    assert got[1].finish_reason is FinishReason.ERROR
+    assert got[1].error is not None and got[1].error.startswith("the output format could not be followed")
