@@ -122,7 +122,8 @@ class _Pass:
             self.est.duplicate_prompts += 1
         self.hashes.add(h)
         self.est.accepted += 1
-        self.est.max_new_tokens_total += req.params.max_new_tokens
+        # every sample writes its own tokens
+        self.est.max_new_tokens_total += req.params.max_new_tokens * max(1, req.params.n)
         self.pending.append((line, req))
         if len(self.pending) >= BATCH:
             self.flush()

@@ -143,3 +143,11 @@ def test_tokenizer_that_cannot_load_is_a_one_line_error(tmp_path: Path) -> None:
         load_token_counter(str(tmp_path / "missing" / "model"), cache_dir=tmp_path)
     with pytest.raises(ModelLoadError, match="from disk"):
         load_token_counter("surely-not-cached/model-xyz", cache_dir=tmp_path)
+
+
+def test_samples_multiply_the_tokens_out_bound(tmp_path: Path) -> None:
+    lines = [{"id": "a", "prompt": "one two", "n": 3}, {"id": "b", "prompt": "three"}]
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
+    est = estimate_file(path, task="generate", model="m", params=PARAMS, tokenizer=KNOWN)
+    assert est.max_new_tokens_total == 3 * 10 + 10  # each of a's three samples writes its own
+    assert est.tokens_in == 2 + 1  # a prompt is read once, whatever its samples
