@@ -129,7 +129,9 @@ def best_of(fn: Callable[[], Any], repeat: int) -> dict[str, float]:
     return {"seconds": min(times), "median_s": statistics.median(times)}
 
 
-def run_backend(name: str, url: str, requests: int, home: Path, repeat: int, report: bool) -> dict[str, Any]:
+def run_backend(
+    name: str, url: str, requests: int, home: Path, repeat: int, report: bool, job: int | None = None
+) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from lmjobs.db.models import Result
@@ -139,15 +141,17 @@ def run_backend(name: str, url: str, requests: int, home: Path, repeat: int, rep
 
     home.mkdir(parents=True, exist_ok=True)
     env = cli_env(keep_lmjobs=False, LMJOBS_HOME=str(home), LMJOBS_DATABASE_URL=url)
-    timed(["db", "upgrade"], env)
     db = get_database(url)
     t0 = time.perf_counter()
-    job = build_job(db, requests)
+    if job is None:
+        timed(["db", "upgrade"], env)
+        job = build_job(db, requests)
     out: dict[str, Any] = {"backend": name, "requests": requests, "build_s": time.perf_counter() - t0}
 
     def old_count() -> None:  # what status, list and report did before: count the results
         with db.session() as s:
-            s.execute(select(Result.status, func.count()).where(Result.job_id == job).group_by(Result.status))
+            q = select(Result.status, func.count()).where(Result.job_id == job).group_by(Result.status)
+            s.execute(q).all()  # fetched: SQLite computes the groups as they are read
 
     st = job_status(db, job)
     out["check"] = {"succeeded": st.succeeded, "failed": st.failed, "pending": st.pending}
@@ -174,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--postgres", default="", help="an empty PostgreSQL database URL (skipped if not given)")
     ap.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
+    ap.add_argument("--sqlite", type=Path, help="the SQLite file [default: a temporary one]")
+    ap.add_argument("--job", type=int, help="time this job, already built by an earlier run, instead")
     ap.add_argument("--no-report", action="store_true", help="skip `report` (a pass over every row)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--json-out", type=Path)
@@ -182,14 +188,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lmjobs-follow-") as tmp:
         root = Path(tmp)
         if not args.no_sqlite:
-            url = f"sqlite:///{root / 'sqlite.db'}"
+            url = f"sqlite:///{args.sqlite or root / 'sqlite.db'}"
             runs.append(
-                run_backend("sqlite", url, args.requests, root / "sqlite", args.repeat, not args.no_report)
+                run_backend(
+                    "sqlite", url, args.requests, root / "sqlite", args.repeat, not args.no_report, args.job
+                )
             )
         if args.postgres:
             runs.append(
                 run_backend(
-                    "postgresql", args.postgres, args.requests, root / "pg", args.repeat, not args.no_report
+                    "postgresql",
+                    args.postgres,
+                    args.requests,
+                    root / "pg",
+                    args.repeat,
+                    not args.no_report,
+                    args.job,
                 )
             )
     print(f"a job of {args.requests:,} requests; services: best of {args.repeat}; CLI: one whole process")
