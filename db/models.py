@@ -242,6 +242,11 @@ class Chunk(Base):
     requests_total: Mapped[int] = mapped_column(Integer)
     requests_succeeded: Mapped[int | None] = mapped_column(Integer, doc="Written when it closes.")
     requests_failed: Mapped[int | None] = mapped_column(Integer, doc="Written when it closes.")
+    input_tokens: Mapped[int | None] = mapped_column(Integer, doc="Sum over its results; at close.")
+    output_tokens: Mapped[int | None] = mapped_column(Integer, doc="Sum over its results; at close.")
+    requests_deduplicated: Mapped[int | None] = mapped_column(
+        Integer, doc="Requests copied from an identical prompt; at close."
+    )
     status: Mapped[str] = mapped_column(_enum(ChunkStatus), doc="See ChunkStatus.")
     priority: Mapped[int] = mapped_column(Integer, default=0)
     attempts: Mapped[int] = mapped_column(Integer, default=0, doc="Claims so far.")

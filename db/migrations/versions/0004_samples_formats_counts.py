@@ -16,9 +16,10 @@ Create Date: 2026-12-03
   results instead of the (many, bulk-loaded) requests. An index of random hashes cost a bulk
   ingest 4x on SQLite (170k against 44k rows/s) and 1.8x on PostgreSQL (89k against 50k
   rows/s by COPY), measured on 300,000 rows.
-- ``chunks.requests_succeeded`` / ``chunks.requests_failed``: written when a chunk closes
-  (NULL while it is open), so a job's progress is a sum over its chunks, never a count of
-  its results.
+- ``chunks.requests_succeeded`` / ``requests_failed`` / ``requests_deduplicated`` /
+  ``input_tokens`` / ``output_tokens``: written when a chunk closes (NULL while it is
+  open), so a job's progress and totals are sums over its chunks, never a scan of its
+  results.
 
 The unique key cannot be changed in place on SQLite, so ``results`` is copied (batch
 mode). Nothing references ``results``, so dropping the old copy cascades nowhere; the
@@ -94,6 +95,9 @@ def upgrade() -> None:
     with op.batch_alter_table("chunks") as batch:
         batch.add_column(sa.Column("requests_succeeded", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("requests_failed", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("input_tokens", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("output_tokens", sa.Integer(), nullable=True))
+        batch.add_column(sa.Column("requests_deduplicated", sa.Integer(), nullable=True))
     op.execute(JOB_RESULTS_VIEW)
 
 
@@ -102,6 +106,9 @@ def downgrade() -> None:
     op.execute("DELETE FROM results WHERE sample_index > 0")
     op.create_index("ix_requests_content_sha256", "requests", ["content_sha256"])
     with op.batch_alter_table("chunks") as batch:
+        batch.drop_column("requests_deduplicated")
+        batch.drop_column("output_tokens")
+        batch.drop_column("input_tokens")
         batch.drop_column("requests_failed")
         batch.drop_column("requests_succeeded")
     with op.batch_alter_table("results") as batch:
