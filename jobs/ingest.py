@@ -290,23 +290,22 @@ class _Writer:
         # Core tables: no ORM bookkeeping per row
         chunks = cast(Table, Chunk.__table__)
         ids = list(s.scalars(insert(chunks).returning(chunks.c.id, sort_by_parameter_order=True), chunk_rows))
-        bulk_insert_rows(
-            s,
-            "requests",
-            REQUEST_COLUMNS,
-            [(job_id, chunk_id, *row, 0) for chunk_id, rows in zip(ids, groups, strict=True) for row in rows],
-            ["job_id", "custom_id"],
-        )
+        rows_out = [
+            (job_id, chunk_id, *row, 0) for chunk_id, rows in zip(ids, groups, strict=True) for row in rows
+        ]
+        inserted = bulk_insert_rows(s, "requests", REQUEST_COLUMNS, rows_out, ["job_id", "custom_id"])
         # A line whose id was taken by an earlier line was ignored: find those chunks by count.
-        counts = dict(
-            s.execute(
-                select(Request.chunk_id, func.count())
-                .where(Request.chunk_id.in_(ids))
-                .group_by(Request.chunk_id)
-            ).all()
-        )
+        counts = {}
+        if inserted != len(rows_out):
+            counts = dict(
+                s.execute(
+                    select(Request.chunk_id, func.count())
+                    .where(Request.chunk_id.in_(ids))
+                    .group_by(Request.chunk_id)
+                ).all()
+            )
         for chunk_id, rows in zip(ids, groups, strict=True):
-            if counts.get(chunk_id, 0) != len(rows):
+            if counts.get(chunk_id, len(rows)) != len(rows):
                 rows[:] = self._drop_duplicates(s, chunk_id, rows)
             for row in rows:
                 model = self.mismatches.pop(row[0], None)

@@ -151,14 +151,16 @@ def read_raw_lines(
     """Yield (line number, the line's bytes without its newline) per physical line, or a
     LineError for a line over ``max_line_bytes`` (skipped without being read whole)."""
     with path.open("rb") as f:
-        line_number = 0
+        line_number = position = 0
         while raw := f.readline(max_line_bytes + 1):
             line_number += 1
-            progress.bytes_read, progress.lines = f.tell(), line_number
+            position += len(raw)  # counted, not f.tell(): that costs more than the read
+            progress.bytes_read, progress.lines = position, line_number
             if raw.endswith(b"\n"):
                 raw = raw[:-1]
             elif len(raw) > max_line_bytes:
                 size = len(raw) + _skip_rest_of_line(f)
+                position = progress.bytes_read = f.tell()
                 reason = f"line too long: {size} bytes, over the limit of {max_line_bytes}"
                 yield line_number, LineError(line_number, reason, _excerpt(raw))
                 continue
