@@ -5,9 +5,10 @@ and PostgreSQL.
 
 The job is built directly in the database by a few SQL statements (``generate_series`` on
 PostgreSQL, a recursive CTE on SQLite): its chunks of 64, the first ``--closed`` share of
-them ``done`` with their counts written (one request in 50 failed, with one of three
-errors), one ``running``, the rest ``pending``; a result row for every request of a closed
-chunk; then ANALYZE. It times the services the CLI calls (best of ``--repeat``), the old
+them ``done`` with their counts and token sums written (one request in 50 failed, with one
+of three errors; 40 tokens in and 12 out each), one ``running``, the rest ``pending``; a
+result row for every request of a closed chunk and a ``rouge_l`` score for each succeeded
+one; then ANALYZE. It times the services the CLI calls (best of ``--repeat``), the old
 count of ``results`` for comparison, and each command once as a whole ``lmjobs`` process
 (start-up included). Prints a table and writes JSON.
 """
@@ -30,6 +31,7 @@ from lmjobs.bench.ingest import timed
 
 CHUNK = 64
 FAIL_EVERY = 50  # line numbers divisible by this failed
+TOKENS_IN, TOKENS_OUT = 40, 12  # of every result
 ERRORS = ("ValueError: prompt too long", "invalid request: no target language", "timeout")
 
 
@@ -55,6 +57,7 @@ def build_job(db: Any, requests: int, *, closed: float = 0.6) -> int:
     n_chunks = -(-requests // CHUNK)
     n_closed = min(n_chunks, int(n_chunks * closed))
     now = utcnow()
+    started = now - timedelta(hours=1)
     with db.session() as s:
         job = Job(
             name="follow-bench",
@@ -70,16 +73,25 @@ def build_job(db: Any, requests: int, *, closed: float = 0.6) -> int:
             lines_rejected=0,
             chunks_total=n_chunks,
             created_at=now,
-            started_at=now - timedelta(hours=1),
+            started_at=started,
         )
         s.add(job)
         s.flush()
         job_id = int(job.id)
-    p = {"job": job_id, "n": requests, "chunks": n_chunks, "closed": n_closed, "size": CHUNK}
+    p = {
+        "job": job_id,
+        "n": requests,
+        "chunks": n_chunks,
+        "closed": n_closed,
+        "size": CHUNK,
+        # SQLite: naive UTC text, as SQLAlchemy writes it
+        "started": started if dialect == "postgresql" else started.replace(tzinfo=None),
+    }
     statements = [
         # chunks: [0, closed) done with counts, closed running, the rest pending
         f"INSERT INTO chunks (job_id, seq, first_line, last_line, requests_total, requests_succeeded,"
-        f" requests_failed, status, priority, attempts, finished_at)"
+        f" requests_failed, requests_deduplicated, input_tokens, output_tokens, status, priority, attempts,"
+        f" started_at, finished_at)"
         f" WITH {recursive}{_series(dialect, 'g', ':chunks')}"
         f" SELECT :job, k, k * :size + 1, MIN(k * :size + :size, :n),"
         f" MIN(k * :size + :size, :n) - k * :size,"
@@ -87,8 +99,12 @@ def build_job(db: Any, requests: int, *, closed: float = 0.6) -> int:
         f"   - (MIN(k * :size + :size, :n) / {FAIL_EVERY} - (k * :size) / {FAIL_EVERY}) END,"
         f" CASE WHEN k < :closed THEN MIN(k * :size + :size, :n) / {FAIL_EVERY} - (k * :size) / {FAIL_EVERY}"
         f"   END,"
+        f" CASE WHEN k < :closed THEN 0 END,"
+        f" CASE WHEN k < :closed THEN {TOKENS_IN} * (MIN(k * :size + :size, :n) - k * :size) END,"
+        f" CASE WHEN k < :closed THEN {TOKENS_OUT} * (MIN(k * :size + :size, :n) - k * :size) END,"
         f" CASE WHEN k < :closed THEN 'done' WHEN k = :closed THEN 'running' ELSE 'pending' END,"
         f" 0, CASE WHEN k <= :closed THEN 1 ELSE 0 END,"
+        f" CASE WHEN k <= :closed THEN :started END,"
         f" CASE WHEN k < :closed THEN CURRENT_TIMESTAMP END"
         f" FROM g",
         f"INSERT INTO requests (job_id, chunk_id, line_number, custom_id, task, input_json,"
@@ -106,9 +122,14 @@ def build_job(db: Any, requests: int, *, closed: float = 0.6) -> int:
         f"   WHEN r.line_number % {3 * FAIL_EVERY} = 0 THEN '{ERRORS[0]}'"
         f"   WHEN r.line_number % {3 * FAIL_EVERY} = {FAIL_EVERY} THEN '{ERRORS[1]}'"
         f"   ELSE '{ERRORS[2]}' END,"
-        f" 'stop', 40, 12, 100.0 + r.line_number % 97, 'm', 'w', 1, false, CURRENT_TIMESTAMP"
+        f" 'stop', {TOKENS_IN}, {TOKENS_OUT}, 100.0 + r.line_number % 97, 'm', 'w', 1, false,"
+        f" CURRENT_TIMESTAMP"
         f" FROM requests r JOIN chunks c ON c.id = r.chunk_id"
         f" WHERE r.job_id = :job AND c.status = 'done'",
+        f"INSERT INTO scores (job_id, request_id, metric, value)"
+        f" SELECT r.job_id, r.id, 'rouge_l', (r.line_number % 101) / 100.0"
+        f" FROM requests r JOIN chunks c ON c.id = r.chunk_id"
+        f" WHERE r.job_id = :job AND c.status = 'done' AND r.line_number % {FAIL_EVERY} <> 0",
     ]
     if dialect == "postgresql":  # MIN(a, b) is SQLite's two-argument min
         statements = [st.replace("MIN(", "LEAST(") for st in statements]

@@ -76,10 +76,16 @@ def status_table(st: Any) -> None:
             "tokens/s (out)": f"{st.output_tokens_per_s:.1f}" if st.output_tokens_per_s else "-",
             "elapsed": render.duration(st.elapsed_s),
             "ETA": render.duration(st.eta_s),
-            "deduplicated": f"{st.deduplicated} generations saved" if st.deduplicated else "0",
+            "deduplicated": f"{st.deduplicated} requests copied, not generated" if st.deduplicated else "0",
             "chunks": ", ".join(f"{k} {v}" for k, v in sorted(st.chunks.items())),
+            **{f"{m} (mean)": f"{v:.3f}" if v < 10 else f"{v:.2f}" for m, v in st.scores.items()},
         },
     )
+    if st.scores_sampled:
+        render.warn(
+            f"(mean scores over a sample: the scores of {st.scores_sample_requests} requests"
+            " from chunks spread over the job)"
+        )
     for reason, n in st.failures_by_reason.items():
         render.warn(f"{n} failed: {reason}")
     if st.failures_by_reason and st.failures_counted < st.failed:
@@ -108,7 +114,11 @@ def status(job: int | None, *, watch: bool, wait: bool, interval: float, as_json
             tid = bar.add_task(f"job {job_id}", total=st.requests_total, rate="")
             while True:
                 st = job_status(db, job_id, tokens=False)
-                rate = f"{st.requests_per_s:.1f} req/s" if st.requests_per_s else ""
+                rate = (
+                    f"{st.output_tokens_per_s:.1f} tok/s, {st.requests_per_s:.1f} req/s"
+                    if st.requests_per_s and st.output_tokens_per_s is not None
+                    else ""
+                )
                 bar.update(tid, completed=st.done, rate=f"{st.status} {rate}")
                 if ended(st.status):
                     break

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, func, select, tuple_, update
+from sqlalchemy import func, select, tuple_, update
 
-from lmjobs.db.models import Batch, BatchStatus, Chunk, ChunkStatus, Job, JobStatus, Reject, Result, utcnow
+from lmjobs.db.models import Batch, BatchStatus, Chunk, ChunkStatus, Job, JobStatus, Reject, utcnow
 from lmjobs.db.session import Database, rows_changed
 from lmjobs.jobs.api_errors import BatchStateError, InvalidRequestError, NoSuchObjectError
 from lmjobs.jobs.batch_input import LineProblem, check_metadata, fix_reasons, parse_window, prepare_input
 from lmjobs.jobs.batch_output import output_lines
-from lmjobs.jobs.control import result_counts
+from lmjobs.jobs.control import job_progress
 from lmjobs.jobs.dispatch import Publisher
 from lmjobs.jobs.errors import InputFileError, JobStateError
 from lmjobs.jobs.files import file_path, files_folder, new_id, owned_file, record_output
@@ -297,15 +297,11 @@ def _view(db: Database, b: Batch) -> BatchView:
     with db.session() as s:
         job = s.get(Job, b.job_id)
         v.total = job.requests_total if job else 0
-        v.completed, v.failed = result_counts(s, b.job_id)
-        tokens = s.execute(
-            select(
-                # a prompt counts once, however many samples it was asked for (OpenAI's usage)
-                func.coalesce(func.sum(case((Result.sample_index == 0, Result.input_tokens), else_=0)), 0),
-                func.coalesce(func.sum(Result.output_tokens), 0),
-            ).where(Result.job_id == b.job_id)
-        ).one()
-    v.input_tokens, v.output_tokens = int(tokens[0] or 0), int(tokens[1] or 0)
+        # counts and tokens summed over the job's chunks (jobs/control.py, job_progress); a
+        # prompt counts once, however many samples it was asked for (OpenAI's usage)
+        progress = job_progress(s, [b.job_id])[b.job_id]
+    v.completed, v.failed = progress.succeeded, progress.failed
+    v.input_tokens, v.output_tokens = progress.input_tokens, progress.output_tokens
     if b.status in (BatchStatus.CANCELLED.value, BatchStatus.EXPIRED.value, BatchStatus.FAILED.value):
         v.failed = v.total - v.completed  # the lines that never ran are in the error file
     return v

@@ -3,14 +3,19 @@
 Reads only: every status change lives in ``jobs/lifecycle.py``.
 
 Progress is read from the job's chunks, never by counting ``results``: the UPDATE that
-closes a chunk writes how many of its requests succeeded and failed (``jobs/lifecycle.py``),
-so a job's counts are sums over its chunks (``ix_chunks_job_id``: one row per 64 requests).
-A chunk closed by an older version has no counts; its results are counted instead, bounded
-by that chunk's requests. The reasons of failures are counted over at most
-``FAILURE_SAMPLE`` failed results, read through ``ix_results_job_status``.
-Token totals, deduplicated results and mean scores are sums over the job's rows
-(``tokens=True``, the one-shot ``status``); ``list`` and each ``status --watch`` refresh
-leave them out."""
+closes a chunk writes how many of its requests succeeded, failed and were deduplicated, and
+their tokens (``jobs/lifecycle.py``), so a job's counts and token totals are sums over its
+chunks (``ix_chunks_job_id``: one row per 64 requests). A chunk closed by an older version
+has no sums; its results are summed instead, bounded by that chunk's requests. Token totals
+count closed chunks: a chunk reopened by ``retry`` counts again when it closes.
+
+The reasons of failures are counted over at most ``FAILURE_SAMPLE`` failed results, read
+through ``ix_results_job_status``. Mean scores (``tokens=True``, the one-shot ``status``)
+are exact while the job has at most ``SCORE_EXACT_LIMIT`` score rows (an aggregate through
+``ix_scores_job_id``); above that they are means over the scores of a sample of the job's
+closed chunks (:func:`sample_chunks`: up to ``SAMPLE_REQUESTS`` requests in chunks spread
+evenly by ``seq``, read through ``ix_requests_chunk`` and ``uq_scores_request_metric``),
+and the report says so. ``lmjobs report`` draws its per-row figures from the same sample."""
 
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, case, func, or_, select
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import (
@@ -31,11 +36,11 @@ from lmjobs.db.models import (
     Request,
     Result,
     ResultStatus,
+    Score,
     utcnow,
 )
 from lmjobs.db.session import Database
 from lmjobs.jobs.errors import UnknownJobError
-from lmjobs.jobs.metrics import mean_scores
 
 
 def get_job(db: Database, job_id: int) -> Job:
@@ -52,65 +57,201 @@ TOP_REASONS = 10
 
 @dataclass
 class Progress:
-    """A job's requests by outcome, from its chunks."""
+    """A job's requests by outcome and its token totals, from its (closed) chunks."""
 
     succeeded: int = 0
     failed: int = 0
     chunks: dict[str, int] = field(default_factory=dict)  # chunk status -> chunks
+    input_tokens: int = 0  # prompts of the requests, each once (sample 0)
+    output_tokens: int = 0  # every sample
+    deduplicated: int = 0  # requests copied from an identical prompt
+
+
+_SUMS = ("requests_succeeded", "requests_failed", "requests_deduplicated", "input_tokens", "output_tokens")
+
+
+def _summed() -> Any:
+    """A closed chunk whose sums were written when it closed (every one of them)."""
+    return and_(Chunk.status.in_(ChunkStatus.closed()), *(getattr(Chunk, c).is_not(None) for c in _SUMS))
 
 
 def job_progress(session: Session, job_ids: Sequence[int]) -> dict[int, Progress]:
-    """Progress of each job, summed over its chunks: one grouped query over ``chunks``, and
-    for closed chunks without counts (closed before counts were kept) a count of their
-    requests' sample-0 results, bounded by those chunks."""
+    """Progress and token totals of each job, summed over its chunks: one grouped query over
+    ``chunks``, and for closed chunks without sums (closed by an older version) a sum over
+    their requests' results, bounded by those chunks."""
     out = {j: Progress() for j in job_ids}
     if not job_ids:
         return out
-    closed = Chunk.status.in_(ChunkStatus.closed())
-    uncounted = and_(closed, Chunk.requests_succeeded.is_(None))
+    summed = _summed()
+    unsummed = and_(Chunk.status.in_(ChunkStatus.closed()), ~summed)
     rows = session.execute(
         select(
             Chunk.job_id,
             Chunk.status,
             func.count(),
-            func.coalesce(func.sum(Chunk.requests_succeeded), 0),
-            func.coalesce(func.sum(Chunk.requests_failed), 0),
-            func.count().filter(uncounted),
+            *(func.coalesce(func.sum(case((summed, getattr(Chunk, c)), else_=0)), 0) for c in _SUMS),
+            func.count().filter(unsummed),
         )
         .where(Chunk.job_id.in_(job_ids))
         .group_by(Chunk.job_id, Chunk.status)
     ).all()
     legacy: set[int] = set()
-    for job_id, status, n, ok, bad, n_uncounted in rows:
+    for job_id, status, n, ok, bad, dedup, tin, tout, n_unsummed in rows:
         p = out[int(job_id)]
         p.chunks[str(status)] = int(n)
-        if status in ChunkStatus.closed():
-            p.succeeded += int(ok or 0)
-            p.failed += int(bad or 0)
-        if n_uncounted:
+        p.succeeded += int(ok or 0)
+        p.failed += int(bad or 0)
+        p.deduplicated += int(dedup or 0)
+        p.input_tokens += int(tin or 0)
+        p.output_tokens += int(tout or 0)
+        if n_unsummed:
             legacy.add(int(job_id))
     if legacy:
-        for job_id, status, n in session.execute(
-            select(Chunk.job_id, Result.status, func.count())
+        first = Result.sample_index == 0
+        for job_id, ok, bad, dedup, tin, tout in session.execute(
+            select(
+                Chunk.job_id,
+                func.count().filter(first, Result.status == ResultStatus.SUCCEEDED.value),
+                func.count().filter(first, Result.status == ResultStatus.FAILED.value),
+                func.count().filter(first, Result.deduplicated.is_(True)),
+                func.coalesce(func.sum(case((first, Result.input_tokens), else_=0)), 0),
+                func.coalesce(func.sum(Result.output_tokens), 0),
+            )
             .select_from(Chunk)
             .join(Request, Request.chunk_id == Chunk.id)
-            .join(
-                Result,
-                and_(
-                    Result.job_id == Request.job_id,
-                    Result.request_id == Request.id,
-                    Result.sample_index == 0,
-                ),
-            )
-            .where(Chunk.job_id.in_(sorted(legacy)), uncounted)
-            .group_by(Chunk.job_id, Result.status)
+            .join(Result, and_(Result.job_id == Request.job_id, Result.request_id == Request.id))
+            .where(Chunk.job_id.in_(sorted(legacy)), unsummed)
+            .group_by(Chunk.job_id)
         ).all():
             p = out[int(job_id)]
-            if status == ResultStatus.SUCCEEDED.value:
-                p.succeeded += int(n)
-            elif status == ResultStatus.FAILED.value:
-                p.failed += int(n)
+            p.succeeded += int(ok or 0)
+            p.failed += int(bad or 0)
+            p.deduplicated += int(dedup or 0)
+            p.input_tokens += int(tin or 0)
+            p.output_tokens += int(tout or 0)
     return out
+
+
+# -- a bounded sample of a job's requests, for the figures that need rows ------------------
+
+SAMPLE_REQUESTS = 12_800  # requests a sample holds, about (200 chunks of 64)
+SAMPLE_CHUNKS = 200  # chunks a sample is drawn from, at most
+SCORE_EXACT_LIMIT = 20_000  # score rows a job may have for exact means in ``status``
+
+
+@dataclass
+class Sample:
+    """Requests of a job's closed chunks spread evenly by ``seq``: ``chunks`` of
+    ``chunks_closed``; their ``requests`` as (chunk id, request id, task)."""
+
+    chunks: int
+    chunks_closed: int
+    requests: list[tuple[int, int, str]]
+
+    def id_ranges(self) -> list[tuple[int, int]]:
+        """The (first, last) request id of each sampled chunk."""
+        ranges: dict[int, list[int]] = {}
+        for chunk_id, rid, _ in self.requests:
+            r = ranges.setdefault(chunk_id, [rid, rid])
+            r[0], r[1] = min(r[0], rid), max(r[1], rid)
+        return [(a, b) for a, b in ranges.values()]
+
+
+def sample_chunks(session: Session, job_id: int, chunks_closed: int, requests_per_chunk: float) -> Sample:
+    """Up to ``SAMPLE_CHUNKS`` of the job's closed chunks, about ``SAMPLE_REQUESTS`` requests,
+    every ``step``-th by ``seq`` (one pass over the job's chunk rows through
+    ``ix_chunks_job_id``), and their requests (``ix_requests_chunk``). Deterministic: the same
+    job gives the same sample."""
+    want = max(1, min(SAMPLE_CHUNKS, round(SAMPLE_REQUESTS / max(1.0, requests_per_chunk))))
+    step = max(1, -(-chunks_closed // want))  # ceil: at most ``want`` multiples of it
+    ids = list(
+        session.scalars(
+            select(Chunk.id)
+            .where(
+                Chunk.job_id == job_id,
+                Chunk.status.in_(ChunkStatus.closed()),
+                (Chunk.seq % step) == 0,
+            )
+            .order_by(Chunk.seq)
+            .limit(2 * want)
+        )
+    )
+    if len(ids) > want:  # closed chunks bunched on the multiples of step: thin them evenly
+        ids = [ids[i * len(ids) // want] for i in range(want)]
+    requests = (
+        [
+            (int(c), int(r), str(t))
+            for c, r, t in session.execute(
+                select(Request.chunk_id, Request.id, Request.task)
+                .where(Request.chunk_id.in_(ids))
+                .order_by(Request.id)
+            )
+        ]
+        if ids
+        else []
+    )
+    return Sample(chunks=len(ids), chunks_closed=chunks_closed, requests=requests)
+
+
+def _in_ranges(column: Any, ranges: Sequence[tuple[int, int]]) -> Any:
+    return or_(*(column.between(a, b) for a, b in ranges))
+
+
+def sampled_scores(session: Session, sample: Sample) -> list[tuple[int, str, float]]:
+    """(request id, metric, value) of the sample's requests, by request-id ranges through
+    ``uq_scores_request_metric``."""
+    if not sample.requests:
+        return []
+    ids = {rid for _, rid, _ in sample.requests}
+    rows = session.execute(
+        select(Score.request_id, Score.metric, Score.value).where(
+            _in_ranges(Score.request_id, sample.id_ranges())
+        )
+    ).all()
+    return [(int(r), str(m), float(v)) for r, m, v in rows if int(r) in ids]
+
+
+@dataclass
+class ScoreMeans:
+    means: dict[str, float]
+    sampled: bool = False  # means over the scores of a sample of the job's requests
+    requests: int = 0  # scored requests the sampled means are over
+
+
+def bounded_mean_scores(session: Session, job_id: int, progress: Progress, requests_total: int) -> ScoreMeans:
+    """Exact means while the job has at most ``SCORE_EXACT_LIMIT`` score rows (a LIMITed count
+    through ``ix_scores_job_id``), else means over a sample of closed chunks."""
+    counted = session.scalar(
+        select(func.count()).select_from(
+            select(Score.id).where(Score.job_id == job_id).limit(SCORE_EXACT_LIMIT + 1).subquery()
+        )
+    )
+    if not counted:
+        return ScoreMeans({})
+    if int(counted) <= SCORE_EXACT_LIMIT:
+        rows = session.execute(
+            select(Score.metric, func.avg(Score.value))
+            .where(Score.job_id == job_id)
+            .group_by(Score.metric)
+            .order_by(Score.metric)
+        ).all()
+        return ScoreMeans({str(m): float(v) for m, v in rows if v is not None})
+    sample = sample_of(session, job_id, progress, requests_total)
+    scores = sampled_scores(session, sample)
+    sums: dict[str, list[float]] = {}
+    for _, metric, value in scores:
+        acc = sums.setdefault(metric, [0.0, 0.0])
+        acc[0] += value
+        acc[1] += 1
+    means = {m: total / n for m, (total, n) in sorted(sums.items())}
+    return ScoreMeans(means, sampled=True, requests=len({rid for rid, _, _ in scores}))
+
+
+def sample_of(session: Session, job_id: int, progress: Progress, requests_total: int) -> Sample:
+    """:func:`sample_chunks` of the job, sized from its chunk counts."""
+    chunks_total = sum(progress.chunks.values())
+    closed = sum(progress.chunks.get(st, 0) for st in ChunkStatus.closed())
+    return sample_chunks(session, job_id, closed, requests_total / max(1, chunks_total))
 
 
 def result_counts(session: Session, job_id: int) -> tuple[int, int]:
@@ -160,8 +301,8 @@ class JobStatusReport:
     pending: int
     lines_rejected: int
     chunks: dict[str, int]
-    input_tokens: int | None  # None: not summed (``tokens=False``)
-    output_tokens: int | None
+    input_tokens: int  # prompts, each once (sample 0), of closed chunks
+    output_tokens: int  # every sample, of closed chunks
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -172,10 +313,14 @@ class JobStatusReport:
     requests_per_s: float | None
     eta_s: float | None
     failures_by_reason: dict[str, int] = field(default_factory=dict)
-    deduplicated: int | None = 0  # results copied from an identical prompt; None: not counted
+    deduplicated: int = 0  # requests copied from an identical prompt
     scores: dict[str, float] = field(default_factory=dict)  # mean per metric (jobs/metrics.py)
     # Failed requests that ``failures_by_reason`` was counted over (< failed: a sample).
     failures_counted: int = 0
+    # True: ``scores`` are means over the scores of ``scores_sample_requests`` requests of a
+    # sample of the job's chunks (see the module's docstring), not over all of them.
+    scores_sampled: bool = False
+    scores_sample_requests: int = 0
 
     @property
     def done(self) -> int:
@@ -192,51 +337,39 @@ class JobStatusReport:
 def job_status(
     db: Database, job_id: int, *, now: datetime | None = None, tokens: bool = True
 ) -> JobStatusReport:
-    """Where the job stands: counts from its chunks (bounded; see the module's docstring).
+    """Where the job stands: counts and token totals from its chunks (bounded; see the
+    module's docstring).
 
-    ``tokens``: also sum the tokens, deduplicated results and mean scores of its rows,
-    work that grows with the job; without them the report costs a few indexed queries."""
+    ``tokens``: also the mean scores (the one-shot ``status``; exact for a small job, else
+    over a sample); without them (a ``--watch`` refresh) the report costs a few indexed
+    queries."""
     with db.session() as s:
         job = s.get(Job, job_id)
         if job is None:
             raise UnknownJobError(f"no job {job_id}")
         progress = job_progress(s, [job_id])[job_id]
         reasons = failure_reasons(s, job_id) if progress.failed else ({}, 0)
-    return _report(db, job, progress, reasons, now=now or utcnow(), tokens=tokens)
-
-
-def _token_sums(db: Database, job_id: int) -> tuple[int, int, int]:
-    with db.session() as s:
-        tin, tout, dedup = s.execute(
-            select(
-                func.coalesce(func.sum(Result.input_tokens), 0),
-                func.coalesce(func.sum(Result.output_tokens), 0),
-                func.count().filter(Result.deduplicated.is_(True)),
-            ).where(Result.job_id == job_id)
-        ).one()
-    return int(tin or 0), int(tout or 0), int(dedup or 0)
+        scores = bounded_mean_scores(s, job_id, progress, job.requests_total) if tokens else ScoreMeans({})
+    return _report(job, progress, reasons, scores, now=now or utcnow())
 
 
 def _report(
-    db: Database,
     job: Job,
     progress: Progress,
     reasons: tuple[dict[str, int], int],
+    scores: ScoreMeans,
     *,
     now: datetime,
-    tokens: bool,
 ) -> JobStatusReport:
     ok, bad = progress.succeeded, progress.failed
-    tin = tout = dedup = None
-    if tokens:
-        tin, tout, dedup = _token_sums(db, job.id)
+    tin, tout = progress.input_tokens, progress.output_tokens
     pending = max(0, job.requests_total - ok - bad)
     elapsed = rate_tok = rate_req = eta = None
     if job.started_at is not None:
         end = job.finished_at or now
         elapsed = max(0.0, (end - job.started_at).total_seconds())
         if elapsed > 0:
-            rate_tok = tout / elapsed if tout is not None else None
+            rate_tok = tout / elapsed
             rate_req = (ok + bad) / elapsed
             if rate_req > 0 and pending and not JobStatus(job.status).is_finished:
                 eta = pending / rate_req
@@ -266,17 +399,19 @@ def _report(
         requests_per_s=rate_req,
         eta_s=eta,
         failures_by_reason={k[:200]: v for k, v in reasons[0].items()},
-        deduplicated=dedup,
-        scores=mean_scores(db, job.id) if tokens else {},
+        deduplicated=progress.deduplicated,
+        scores=scores.means,
         failures_counted=reasons[1],
+        scores_sampled=scores.sampled,
+        scores_sample_requests=scores.requests,
     )
 
 
 def list_jobs(
     db: Database, *, limit: int = 50, status: str | None = None, tokens: bool = False
 ) -> list[JobStatusReport]:
-    """The latest jobs, newest first; the progress of the whole page in one query over its
-    chunks (``tokens`` as in :func:`job_status`)."""
+    """The latest jobs, newest first; the progress and token totals of the whole page in one
+    query over its chunks (``tokens``: also mean scores, as in :func:`job_status`)."""
     now = utcnow()
     with db.session() as s:
         q = select(Job).order_by(Job.id.desc()).limit(limit)
@@ -285,7 +420,11 @@ def list_jobs(
         jobs = list(s.scalars(q))
         progress = job_progress(s, [j.id for j in jobs])
         reasons = {j.id: failure_reasons(s, j.id) if progress[j.id].failed else ({}, 0) for j in jobs}
-    return [_report(db, j, progress[j.id], reasons[j.id], now=now, tokens=tokens) for j in jobs]
+        scores = {
+            j.id: bounded_mean_scores(s, j.id, progress[j.id], j.requests_total) if tokens else ScoreMeans({})
+            for j in jobs
+        }
+    return [_report(j, progress[j.id], reasons[j.id], scores[j.id], now=now) for j in jobs]
 
 
 def job_rejects(db: Database, job_id: int, *, limit: int = 1000) -> list[Reject]:

@@ -11,12 +11,15 @@ Every transition is one conditional UPDATE, so two processes racing for the same
 statuses that queries use (active, open, waiting, finished) are the enums' own
 (``db/models.py``).
 
-A chunk's ``requests_succeeded`` / ``requests_failed`` are written by the same UPDATE that
-closes it (``done`` or ``cancelled``): the requests of that chunk (at most its size) counted
-by the status of their sample-0 result, a bounded query through ``ix_requests_chunk`` and
-the results' unique key. Every UPDATE that reopens a chunk sets them back to NULL, so
-``status``, ``list`` and ``report`` read a job's progress from its chunks
-(``jobs/control.py``) and never count ``results``.
+A chunk's ``requests_succeeded`` / ``requests_failed`` / ``requests_deduplicated`` and
+``input_tokens`` / ``output_tokens`` are written by the same UPDATE that closes it (``done``
+or ``cancelled``): the requests of that chunk (at most its size) counted by the status of
+their sample-0 result (deduplicated: copied from an identical prompt), the prompt tokens of
+their sample-0 results (a prompt counts once, however many samples it was asked for, as in
+OpenAI's usage) and the output tokens of all their samples; bounded queries through
+``ix_requests_chunk`` and the results' unique key. Every UPDATE that reopens a chunk sets
+them back to NULL, so ``status``, ``list`` and ``report`` read a job's progress and totals
+from its chunks (``jobs/control.py``) and never scan ``results``.
 """
 
 from __future__ import annotations
@@ -46,35 +49,40 @@ from lmjobs.jobs.errors import JobStateError
 log = logging.getLogger(__name__)
 
 
-def _requests_of_chunk_with(status: ResultStatus) -> Any:
-    """Correlated with the chunk being updated: its requests whose sample-0 result has ``status``."""
-    return (
-        select(func.count())
-        .select_from(Request)
-        .join(
-            Result,
-            and_(
-                Result.job_id == Request.job_id,
-                Result.request_id == Request.id,
-                Result.sample_index == 0,
-            ),
-        )
-        .where(Request.chunk_id == Chunk.id, Result.status == status.value)
-        .correlate(Chunk)
-        .scalar_subquery()
-    )
+def _results_of_chunk(*columns: Any, sample_0: bool = True) -> Any:
+    """Correlated with the chunk being updated: ``columns`` over its requests' results (their
+    sample-0 results, unless ``sample_0`` is False), through ``ix_requests_chunk`` and the
+    results' unique key."""
+    on = [Result.job_id == Request.job_id, Result.request_id == Request.id]
+    if sample_0:
+        on.append(Result.sample_index == 0)
+    return select(*columns).select_from(Request).join(Result, and_(*on)).where(Request.chunk_id == Chunk.id)
 
 
 def closed_counts() -> dict[str, Any]:
-    """The values of an UPDATE that closes chunks: their requests counted by result status."""
+    """The values of an UPDATE that closes chunks: their requests counted by result status,
+    the deduplicated ones, and their tokens (prompts once, outputs of every sample)."""
+
+    def count(*where: Any) -> Any:
+        return _results_of_chunk(func.count()).where(*where).correlate(Chunk).scalar_subquery()
+
+    def total(column: Any, *, sample_0: bool) -> Any:
+        q = _results_of_chunk(func.coalesce(func.sum(column), 0), sample_0=sample_0)
+        return q.correlate(Chunk).scalar_subquery()
+
     return {
-        "requests_succeeded": _requests_of_chunk_with(ResultStatus.SUCCEEDED),
-        "requests_failed": _requests_of_chunk_with(ResultStatus.FAILED),
+        "requests_succeeded": count(Result.status == ResultStatus.SUCCEEDED.value),
+        "requests_failed": count(Result.status == ResultStatus.FAILED.value),
+        "requests_deduplicated": count(Result.deduplicated.is_(True)),
+        "input_tokens": total(Result.input_tokens, sample_0=True),
+        "output_tokens": total(Result.output_tokens, sample_0=False),
     }
 
 
 # The values of an UPDATE that reopens chunks: an open chunk has no counts.
-OPEN_COUNTS: dict[str, Any] = {"requests_succeeded": None, "requests_failed": None}
+OPEN_COUNTS: dict[str, Any] = dict.fromkeys(
+    ("requests_succeeded", "requests_failed", "requests_deduplicated", "input_tokens", "output_tokens")
+)
 
 
 def claim_chunk(

@@ -5,6 +5,7 @@ statements. SQLite and PostgreSQL; the EXPLAIN test is PostgreSQL's."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,15 +17,16 @@ import pytest
 from analytics_data import FAKE_CTX, submit, translate_rows, write_jsonl
 from fake_engine import FakeEngine
 from services import cli_env, run_cli
-from sqlalchemy import event, func, select, update
+from sqlalchemy import case, event, func, select, update
 
 from lmjobs.bench.follow import build_job
-from lmjobs.db.models import Chunk, ChunkStatus, Request, Result, utcnow
+from lmjobs.db.models import Chunk, ChunkStatus, Request, Result, Score, utcnow
 from lmjobs.db.session import Database, get_database
 from lmjobs.jobs.chunks import process_chunk
 from lmjobs.jobs.control import FAILURE_SAMPLE, job_progress, job_status, list_jobs
 from lmjobs.jobs.embedded import run_job_locally
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
+from lmjobs.jobs.ingest import create_job
 from lmjobs.jobs.lifecycle import (
     cancel_job,
     claim_chunk,
@@ -34,7 +36,9 @@ from lmjobs.jobs.lifecycle import (
     retry_job,
     start_due_jobs,
 )
+from lmjobs.jobs.metrics import mean_scores
 from lmjobs.jobs.report import _failures, build_report
+from lmjobs.jobs.submit import SubmitOptions
 
 
 def _fail_every_third(requests: Sequence[GenRequest]) -> list[Generation]:
@@ -49,26 +53,60 @@ def _fail_every_third(requests: Sequence[GenRequest]) -> list[Generation]:
 
 
 def _slow_counts(db: Database, job_id: int) -> tuple[int, int]:
-    """Checks every chunk's counts against its results counted the slow way (sample-0 rows of
-    its requests; NULL while open); returns the job's (succeeded, failed) over closed chunks."""
+    """Checks every chunk's counts and sums against its results counted the slow way (sample-0
+    rows of its requests; output tokens of every sample; NULL while open); returns the job's
+    (succeeded, failed) over closed chunks."""
     ok = bad = 0
     with db.session() as s:
         for chunk in s.scalars(select(Chunk).where(Chunk.job_id == job_id)):
-            rows = dict(
-                s.execute(
-                    select(Result.status, func.count())
-                    .join(Request, Request.id == Result.request_id)
-                    .where(Request.chunk_id == chunk.id, Result.sample_index == 0)
-                    .group_by(Result.status)
-                ).all()
+            rows = s.execute(
+                select(
+                    Result.sample_index,
+                    Result.status,
+                    Result.deduplicated,
+                    Result.input_tokens,
+                    Result.output_tokens,
+                )
+                .join(Request, Request.id == Result.request_id)
+                .where(Request.chunk_id == chunk.id)
+            ).all()
+            first = [r for r in rows if r.sample_index == 0]
+            counts = (
+                chunk.requests_succeeded,
+                chunk.requests_failed,
+                chunk.requests_deduplicated,
+                chunk.input_tokens,
+                chunk.output_tokens,
             )
-            counts = (chunk.requests_succeeded, chunk.requests_failed)
             if chunk.status in ChunkStatus.closed():
-                assert counts == (rows.get("succeeded", 0), rows.get("failed", 0)), chunk.seq
+                assert counts == (
+                    sum(r.status == "succeeded" for r in first),
+                    sum(r.status == "failed" for r in first),
+                    sum(bool(r.deduplicated) for r in first),
+                    sum(r.input_tokens or 0 for r in first),
+                    sum(r.output_tokens or 0 for r in rows),
+                ), chunk.seq
                 ok, bad = ok + counts[0], bad + counts[1]  # type: ignore[operator]
             else:
-                assert counts == (None, None), chunk.seq
+                assert counts == (None,) * 5, chunk.seq
     return ok, bad
+
+
+def _slow_tokens(db: Database, job_id: int) -> tuple[int, int, int]:
+    """(input tokens of sample 0, output tokens of every sample, deduplicated requests) of the
+    job's closed chunks, summed over their results."""
+    with db.session() as s:
+        tin, tout, dedup = s.execute(
+            select(
+                func.coalesce(func.sum(case((Result.sample_index == 0, Result.input_tokens), else_=0)), 0),
+                func.coalesce(func.sum(Result.output_tokens), 0),
+                func.count().filter(Result.sample_index == 0, Result.deduplicated.is_(True)),
+            )
+            .join(Request, Request.id == Result.request_id)
+            .join(Chunk, Chunk.id == Request.chunk_id)
+            .where(Result.job_id == job_id, Chunk.status.in_(ChunkStatus.closed()))
+        ).one()
+    return int(tin), int(tout), int(dedup)
 
 
 def _job(db: Database, tmp_path: Path, n: int) -> int:
@@ -215,6 +253,8 @@ def test_a_request_with_several_samples_counts_once(db_url: str, tmp_path: Path)
     st = job_status(db, job_id)
     assert (st.succeeded, st.failed, st.pending, st.failures_counted) == (3, 1, 0, 1)
     assert st.failures_by_reason == {"ValueError: written by hand": 1}
+    # a prompt counts once (sample 0), every sample's output counts
+    assert (st.input_tokens, st.output_tokens) == (4, 12) == _slow_tokens(db, job_id)[:2]
     rep = build_report(db, job_id)
     assert (rep.totals.succeeded, rep.totals.failed, rep.totals.pending) == (3, 1, 0)
     assert rep.failures == [("ValueError: written by hand", 1)]
@@ -232,12 +272,23 @@ def test_chunks_closed_before_counts_were_kept_are_counted_from_their_results(
         s.execute(
             update(Chunk)
             .where(Chunk.job_id == job_id, Chunk.seq < 2)
-            .values(requests_succeeded=None, requests_failed=None)
+            .values(
+                requests_succeeded=None,
+                requests_failed=None,
+                requests_deduplicated=None,
+                input_tokens=None,
+                output_tokens=None,
+            )
         )
+        # and the third closed with counts but without token sums
+        s.execute(update(Chunk).where(Chunk.job_id == job_id, Chunk.seq == 2).values(output_tokens=None))
     after = job_status(db, job_id)
     assert (
         (after.succeeded, after.failed, after.pending) == (before.succeeded, before.failed, 0) == (ok, bad, 0)
     )
+    tokens = (before.input_tokens, before.output_tokens, before.deduplicated)
+    assert tokens == (after.input_tokens, after.output_tokens, after.deduplicated) == _slow_tokens(db, job_id)
+    assert after.output_tokens > 0
     (listed,) = [j for j in list_jobs(db) if j.id == job_id]
     assert (listed.succeeded, listed.failed) == (ok, bad)
     rep = build_report(db, job_id)
@@ -258,7 +309,9 @@ def test_list_reads_every_job_of_the_page_in_one_query_over_chunks(db_url: str, 
     ]
     assert sum("FROM chunks" in st for st, _ in seen) == 1
     assert not any("results" in st for st, _ in seen)  # no failures: the reasons are not read
-    assert listed[0].input_tokens is None  # list leaves the token sums out
+    for j in listed:  # the token sums come with the counts, from the same query
+        assert (j.input_tokens, j.output_tokens, j.deduplicated) == _slow_tokens(db, j.id)
+        assert j.input_tokens > 0
 
 
 @contextmanager
@@ -293,7 +346,8 @@ def test_a_watch_refresh_issues_the_same_few_statements_whatever_the_size_of_the
         run_job_locally(db, job_id, generate=_fail_every_third, ctx=FAKE_CTX)
         with _statements(db) as seen:
             st = job_status(db, job_id, tokens=False)
-        assert st.failed == _slow_counts(db, job_id)[1] > 0 and st.output_tokens is None
+        assert st.failed == _slow_counts(db, job_id)[1] > 0 and st.scores == {}
+        assert (st.input_tokens, st.output_tokens, st.deduplicated) == _slow_tokens(db, job_id)
         shapes.append(_shape(seen))
     assert shapes[0] == shapes[1]
     assert len(shapes[0]) == 4, shapes[0]  # job, chunks, failed sample: its size, its reasons
@@ -314,6 +368,48 @@ def test_the_failure_reasons_are_counted_over_a_bounded_sample(
     # the report's "(other)" holds the failures outside the sample's top reasons
     rep = _failures(db, job_id, st.failed)
     assert sum(n for _, n in rep) == 4 and rep[-1][0] == "(other)"
+
+
+def test_deduplicated_requests_are_summed_at_the_close(db_url: str, tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"  # 4 distinct prompts, each 5 times, over chunks of 3
+    src.write_text("".join(json.dumps({"prompt": f"same words {i % 4}"}) + "\n" for i in range(20)))
+    db = get_database(db_url)
+    job_id = create_job(db, src, SubmitOptions(task="generate", model="fake", chunk_size=3)).job_id
+    run_job_locally(db, job_id, generate=FakeEngine(), ctx=FAKE_CTX)
+    assert _slow_counts(db, job_id) == (20, 0)
+    st = job_status(db, job_id)
+    assert (st.input_tokens, st.output_tokens, st.deduplicated) == _slow_tokens(db, job_id)
+    assert st.deduplicated == 16
+
+
+def test_mean_scores_are_exact_for_a_small_job_and_sampled_above_the_limit(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = get_database(db_url)
+    job_id = build_job(db, 3000)  # 28 closed chunks of 64, a rouge_l score per succeeded request
+    st = job_status(db, job_id)
+    assert st.scores == mean_scores(db, job_id) and not st.scores_sampled
+    monkeypatch.setattr("lmjobs.jobs.control.SCORE_EXACT_LIMIT", 100)
+    monkeypatch.setattr("lmjobs.jobs.control.SAMPLE_REQUESTS", 320)  # 5 chunks of the 28
+    st = job_status(db, job_id)
+    assert st.scores_sampled and set(st.scores) == {"rouge_l"}
+    with db.session() as s:  # the sample: every 6th (ceil(28 / 5)) closed chunk by seq, their scores
+        chunks = list(
+            s.scalars(
+                select(Chunk.id).where(Chunk.job_id == job_id, Chunk.status == "done", Chunk.seq % 6 == 0)
+            )
+        )
+        values = list(
+            s.scalars(
+                select(Score.value)
+                .join(Request, Request.id == Score.request_id)
+                .where(Request.chunk_id.in_(chunks))
+            )
+        )
+    assert len(chunks) == 5 and st.scores_sample_requests == len(values) > 300
+    assert st.scores["rouge_l"] == pytest.approx(sum(values) / len(values))
+    env_scores = job_status(db, job_id, tokens=False)
+    assert env_scores.scores == {} and not env_scores.scores_sampled
 
 
 def test_status_watch_refuses_an_interval_that_would_load_the_database(
