@@ -39,23 +39,26 @@ def report(
 ) -> None:
     """Totals, per-task figures, latency, throughput, failures and quality of a job."""
     from lmjobs.cli.commands import _latest_job
-    from lmjobs.jobs.control import get_job
-    from lmjobs.jobs.export import open_output
-    from lmjobs.jobs.metrics import score_job
+    from lmjobs.jobs.control import SAMPLE_REQUESTS, get_job
     from lmjobs.jobs.report import build_report
 
     db = context.database()
     job_id = job if job is not None else _latest_job(db)
-    get_job(db, job_id)
-    try:
-        score_job(db, job_id)  # scores written since the job finished, or never (a crash)
-    except LmjobsError:
-        raise
-    except Exception as exc:  # the figures are still worth showing
-        render.warn(f"could not score job {job_id}: {type(exc).__name__}: {exc}")
+    if get_job(db, job_id).requests_total <= SAMPLE_REQUESTS:
+        # Scores missing after a crash are written now; a big job's are written as its
+        # chunks close and when it finishes (a pass over all of it does not belong here).
+        from lmjobs.jobs.metrics import score_job
+
+        try:
+            score_job(db, job_id)
+        except LmjobsError:
+            raise
+        except Exception as exc:  # the figures are still worth showing
+            render.warn(f"could not score job {job_id}: {type(exc).__name__}: {exc}")
     rep = build_report(db, job_id)
     if html is not None:
         from lmjobs.cli.report_html import render_html
+        from lmjobs.jobs.export import open_output
 
         page = render_html(rep, generated_at=datetime.now(timezone.utc))
         with open_output(html, force=force) as fh:
@@ -65,6 +68,15 @@ def report(
         render.dump_json(rep.to_json())
     else:
         _report_tables(rep)
+
+
+def sample_note(sample: Any) -> str:
+    """What of a big job's report comes from its sample (jobs/report.py)."""
+    return (
+        f"{', '.join(f.replace('_', ' ') for f in sample.figures)}: over {sample.requests:,} requests"
+        f" of {sample.chunks:,} chunks spread over the job's {sample.chunks_closed:,} closed ones;"
+        " counts, tokens and throughput are exact"
+    )
 
 
 def sparkline(values: list[float]) -> str:
@@ -105,6 +117,8 @@ def _report_tables(rep: Any) -> None:
     if rep.structured is not None:
         st = rep.structured
         summary["valid answers"] = f"{st.valid:,} of {st.answers:,} ({st.valid_share:.1%})"
+    if rep.sample is not None:
+        summary["sampled"] = sample_note(rep.sample)
     title = f"job {rep.job_id}" + (f" ({rep.name})" if rep.name else "")
     render.kv_table(title, summary)
     render.table(

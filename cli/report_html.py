@@ -247,6 +247,19 @@ def _labels_table(rep: JobReport) -> str:
     )
 
 
+def _sample_note(rep: JobReport) -> str:
+    """A big job's sampled figures (jobs/report.py), said above them."""
+    if rep.sample is None:
+        return ""
+    sp = rep.sample
+    figures = ", ".join(f.replace("_", " ") for f in sp.figures)
+    return (
+        f'<p class="sub" id="sample">Sampled: {escape(figures)}, over {sp.requests:,} requests of'
+        f" {sp.chunks:,} chunks spread over the job's {sp.chunks_closed:,} closed ones. Counts, tokens"
+        " and throughput are exact.</p>"
+    )
+
+
 def render_html(rep: JobReport, *, generated_at: datetime) -> str:
     title = f"lmjobs job {rep.job_id}" + (f" ({rep.name})" if rep.name else "")
     lat = rep.latency_histogram
@@ -278,6 +291,7 @@ def render_html(rep: JobReport, *, generated_at: datetime) -> str:
 <span class="status-{escape(rep.status)}">{escape(rep.status)}</span> ·
 created {rep.created_at:%Y-%m-%d %H:%M}Z · report {generated_at:%Y-%m-%d %H:%M}Z</div>
 <div class="cards">{_cards(rep)}</div>
+{_sample_note(rep)}
 <section><h2>By task</h2>{_task_table([*rep.per_task, rep.totals])}</section>
 {_labels_table(rep)}
 <div class="grid">{"".join(sections)}</div>

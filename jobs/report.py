@@ -1,9 +1,29 @@
-"""``lmjobs report JOB``: the figures of one job, computed from streamed rows.
+"""``lmjobs report JOB``: the figures of one job.
 
-One pass over the job's requests (with their results, when they have one) in pages gives
-counts, tokens, latency percentiles and throughput per task; failures and score means are
-aggregate queries; score histograms stream the scores table. Memory holds one float per
-finished request (for exact percentiles) and a few fixed-size bins, not the rows.
+A job of at most ``SAMPLE_REQUESTS`` requests is read whole: one pass over its requests
+(with their results, when they have one) in pages gives counts, tokens, latency percentiles
+and throughput per task; failures and score means are aggregate queries; score histograms
+stream the scores table. Every figure is exact.
+
+A bigger job is never read whole, so the report answers in well under a second at ten
+million requests (docs/benchmarks.md):
+
+* Counts and token totals are sums over the job's chunks, written when each chunk closed
+  (``jobs/control.py``, ``job_progress``); exact.
+* Throughput is bucketed by the chunks' ``finished_at`` (a chunk writes its results at
+  once), grouped in SQL; exact up to that: a chunk's requests fall in the bucket it closed in.
+* Failure reasons are counted over at most ``control.FAILURE_SAMPLE`` failed results, the
+  rest shown as "(other)", as for a small job.
+* Latency percentiles and histogram, per-task figures of a job whose requests run under
+  several tasks (OpenAI input: chat and completions), structured answers, score histograms,
+  corpus scores, and mean scores when the job has more than ``control.SCORE_EXACT_LIMIT``
+  score rows come from a sample: up to ``control.SAMPLE_CHUNKS`` closed chunks (about
+  ``SAMPLE_REQUESTS`` requests) spread evenly over the job by ``seq``, their results read by
+  request-id ranges through the results' unique key (``control.sample_chunks``). Whole
+  chunks are a cluster sample: requests of one chunk ran together, so the spread over
+  ``seq`` (submission order, and over the job's run time) is what makes it representative.
+  ``JobReport.sample`` says which figures are sampled and how big the sample is; the text,
+  JSON and HTML reports show it.
 
 * Percentiles are nearest-rank: the smallest latency with at least p% of requests at or
   below it (the same definition as the example query in docs/schema.md).
@@ -20,17 +40,28 @@ from __future__ import annotations
 
 import math
 from array import array
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Integer, and_, case, cast, func, or_, select
+from sqlalchemy.orm import Session
 
-from lmjobs.db.models import Job, Reject, Request, Result, ResultStatus
+from lmjobs.db.models import Chunk, ChunkStatus, Job, Reject, Request, Result, ResultStatus
 from lmjobs.db.session import Database
-from lmjobs.jobs.control import failure_reasons, get_job, job_progress
+from lmjobs.jobs.control import (
+    SAMPLE_REQUESTS,
+    Progress,
+    Sample,
+    bounded_mean_scores,
+    failure_reasons,
+    get_job,
+    job_progress,
+    sample_of,
+    sampled_scores,
+)
 from lmjobs.jobs.export import rows_in_line_order
-from lmjobs.jobs.metrics import corpus_scores, mean_scores, score_values
+from lmjobs.jobs.metrics import CORPUS_METRICS, corpus_scores, mean_scores, score_values
 
 PAGE = 5000
 MAX_BUCKETS = 60
@@ -97,6 +128,16 @@ class StructuredAnswers:
 
 
 @dataclass
+class SampleInfo:
+    """Which figures of a big job's report come from a sample, and how big it is."""
+
+    requests: int  # requests in the sample
+    chunks: int  # closed chunks they were drawn from
+    chunks_closed: int  # closed chunks of the job
+    figures: list[str]  # the sampled figures, by name
+
+
+@dataclass
 class JobReport:
     job_id: int
     name: str | None
@@ -117,6 +158,7 @@ class JobReport:
     corpus_scores: dict[str, float]
     score_histograms: dict[str, Histogram]
     structured: StructuredAnswers | None = None  # None: the job has no constrained answers
+    sample: SampleInfo | None = None  # None: every figure is exact (a small job)
 
     @property
     def elapsed_s(self) -> float | None:
@@ -280,8 +322,12 @@ def structured_answers(db: Database, job_id: int) -> StructuredAnswers | None:
 
 
 def build_report(db: Database, job_id: int) -> JobReport:
-    """Every figure of the report; reads only (run ``score_job`` first for fresh scores)."""
+    """Every figure of the report; reads only (run ``score_job`` first for fresh scores).
+    Exact for a job of at most ``SAMPLE_REQUESTS`` requests, else partly from a sample (see
+    the module's docstring)."""
     job = get_job(db, job_id)
+    if job.requests_total > SAMPLE_REQUESTS:
+        return _sampled_report(db, job)
     start, end = _time_span(db, job)
     buckets: list[Bucket] = []
     width = 1.0
@@ -331,4 +377,216 @@ def build_report(db: Database, job_id: int) -> JobReport:
         corpus_scores=corpus_scores(db, job_id),
         score_histograms=_score_histograms(db, job_id),
         structured=structured_answers(db, job_id),
+    )
+
+
+# -- a big job: sums over chunks and a sample of them ----------------------------------------
+
+
+def _epoch(session: Session, column: Any) -> Any:
+    """Seconds since 1970 of a timestamp column, in SQL."""
+    if session.get_bind().dialect.name == "postgresql":
+        return func.extract("epoch", column)
+    return (func.julianday(column) - 2440587.5) * 86400.0
+
+
+def _chunk_throughput(session: Session, job: Job) -> tuple[float, list[Bucket]]:
+    """Buckets of the job's closed chunks by ``finished_at``: their requests and output
+    tokens; two aggregate statements over the job's chunk rows (``ix_chunks_job_id``)."""
+    finished = and_(
+        Chunk.job_id == job.id, Chunk.status.in_(ChunkStatus.closed()), Chunk.finished_at.is_not(None)
+    )
+    first, last = session.execute(
+        select(func.min(Chunk.started_at), func.max(Chunk.finished_at)).where(finished)
+    ).one()
+    if last is None:
+        return 1.0, []
+    start = min(x for x in (job.started_at, first, last) if x is not None)
+    width = bucket_width((last - start).total_seconds())
+    n = int((last - start).total_seconds() // width) + 1
+    buckets = [Bucket(start=start + timedelta(seconds=i * width)) for i in range(n)]
+    offset = _epoch(session, Chunk.finished_at) - start.timestamp()
+    if session.get_bind().dialect.name == "postgresql":
+        index = cast(func.floor(offset / width), Integer)
+    else:  # CAST truncates toward zero: floor, for the offsets that are not negative
+        index = cast(offset / width, Integer)
+    done = func.coalesce(Chunk.requests_succeeded + Chunk.requests_failed, Chunk.requests_total)
+    rows = session.execute(
+        select(index, func.sum(done), func.coalesce(func.sum(Chunk.output_tokens), 0))
+        .where(finished)
+        .group_by(index)
+    ).all()
+    for i, requests, tokens in rows:
+        b = buckets[min(n - 1, max(0, int(i)))]
+        b.requests += int(requests or 0)
+        b.output_tokens += int(tokens or 0)
+    for b in buckets:
+        b.tokens_per_s = b.output_tokens / width
+    return width, buckets
+
+
+def _sample_rows(session: Session, job_id: int, sample: Sample) -> list[tuple[Any, ...]]:
+    """Every sample of the sampled requests' results: (request id, sample index, status,
+    input tokens, output tokens, latency, valid, label of a valid choice answer), by
+    request-id ranges through the results' unique key."""
+    if not sample.requests:
+        return []
+    kind = Result.params_json["output_format"]["kind"].as_string()
+    ranges = or_(
+        *(and_(Result.job_id == job_id, Result.request_id.between(a, b)) for a, b in sample.id_ranges())
+    )
+    ids = {rid for _, rid, _ in sample.requests}
+    rows = session.execute(
+        select(
+            Result.request_id,
+            Result.sample_index,
+            Result.status,
+            Result.input_tokens,
+            Result.output_tokens,
+            Result.latency_ms,
+            Result.valid,
+            kind,
+            case((Result.valid.is_(True), Result.output_text)),  # a label: only valid answers
+        ).where(ranges)
+    ).all()
+    return [tuple(r) for r in rows if r[0] in ids]
+
+
+def _sampled_structured(rows: list[tuple[Any, ...]]) -> StructuredAnswers | None:
+    answers = valid = 0
+    labels: dict[str, int] = {}
+    for _, _, status, _, _, _, ok, kind, text in rows:
+        if status != ResultStatus.SUCCEEDED.value or ok is None:
+            continue
+        answers += 1
+        if ok:
+            valid += 1
+            if kind == "choice":
+                labels[str(text)] = labels.get(str(text), 0) + 1
+    if not answers:
+        return None
+    ranked = sorted(labels.items(), key=lambda kv: (-kv[1], kv[0]))
+    rest = sum(n for _, n in ranked[TOP_LABELS:])
+    top = ranked[:TOP_LABELS]
+    return StructuredAnswers(
+        answers=answers,
+        valid=valid,
+        valid_share=valid / answers,
+        labels=[*top, ("(other)", rest)] if rest else top,
+    )
+
+
+def _sampled_corpus(session: Session, sample: Sample, rows: list[tuple[Any, ...]]) -> dict[str, float]:
+    """Corpus chrF / BLEU of the sample's succeeded sample-0 answers that have a reference
+    (sentence statistics summed, as ``metrics.corpus_scores`` does for the whole job)."""
+    refs = dict(
+        session.execute(
+            select(Request.id, Request.reference).where(
+                Request.id.in_([rid for _, rid, _ in sample.requests]), Request.reference.is_not(None)
+            )
+        ).all()
+    )
+    pairs = [
+        (text or "", str(refs[rid]))
+        for rid, idx, status, *_, text in rows
+        if idx == 0 and status == ResultStatus.SUCCEEDED.value and rid in refs
+    ]
+    if not pairs:
+        return {}
+    from sacrebleu.metrics import BLEU, CHRF
+
+    out: dict[str, float] = {}
+    for name, metric in {"corpus_chrf": CHRF(), "corpus_bleu": BLEU()}.items():
+        stats = metric._extract_corpus_statistics([h for h, _ in pairs], [[r for _, r in pairs]])
+        out[name] = float(
+            metric._compute_score_from_stats([sum(col) for col in zip(*stats, strict=True)]).score
+        )
+    return out
+
+
+def _sampled_report(db: Database, job: Job) -> JobReport:
+    with db.session() as s:
+        progress: Progress = job_progress(s, [job.id])[job.id]
+        rejected = s.scalar(select(func.count()).where(Reject.job_id == job.id)) or 0
+        width, buckets = _chunk_throughput(s, job)
+        sample = sample_of(s, job.id, progress, job.requests_total)
+        rows = _sample_rows(s, job.id, sample)
+        means = bounded_mean_scores(s, job.id, progress, job.requests_total)
+        scores = sampled_scores(s, sample) if means.sampled else None
+        corpus = _sampled_corpus(s, sample, rows) if job.task in CORPUS_METRICS else {}
+    sampled = ["latency"]
+    task_of = {rid: task for _, rid, task in sample.requests}
+    per_task: dict[str, _Acc] = {}
+    total = _Acc("all")
+    for rid, idx, status, tin, tout, ms, *_ in rows:
+        if idx != 0:  # a request's figures are those of its sample 0, as for a small job
+            continue
+        total.add(status, tin, tout, ms)
+        task = task_of[rid]
+        acc = per_task.get(task)
+        if acc is None:
+            acc = per_task[task] = _Acc(task)
+        acc.add(status, tin, tout, ms)
+    lat = sorted(total.lat)
+    p99 = percentile(lat, 0.99) or 0.0
+    totals = Figures(
+        task="all",
+        requests=job.requests_total,
+        succeeded=progress.succeeded,
+        failed=progress.failed,
+        pending=max(0, job.requests_total - progress.succeeded - progress.failed),
+        input_tokens=progress.input_tokens,
+        output_tokens=progress.output_tokens,
+        latency_ms=latency_of(total.lat),
+    )
+    tasks = sorted(per_task)
+    if job.input_format == "native" and tasks in ([], [job.task]):
+        # every request of a native job runs under the job's task: its row is the totals
+        per_task_figs = [replace(totals, task=job.task)]
+    else:
+        per_task_figs = [per_task[t].done() for t in tasks]
+        sampled.append("per_task")
+    structured = _sampled_structured(rows)
+    if structured is not None:
+        sampled.append("structured")
+    hists: dict[str, Histogram] = {}
+    if scores is None:
+        hists = _score_histograms(db, job.id)  # at most control.SCORE_EXACT_LIMIT rows
+    else:
+        sampled += ["scores", "score_histograms"]
+        for _, metric, value in scores:
+            h = hists.get(metric)
+            if h is None:
+                h = hists[metric] = Histogram(0.0, SCORE_RANGES.get(metric, 1.0), [0] * SCORE_BINS)
+            i = int((value - h.lo) / h.width) if h.width else 0
+            h.counts[min(SCORE_BINS - 1, max(0, i))] += 1
+        hists = dict(sorted(hists.items()))
+    if corpus:
+        sampled.append("corpus_scores")
+    return JobReport(
+        job_id=job.id,
+        name=job.name,
+        task=job.task,
+        model=job.model,
+        status=job.status,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        lines_rejected=max(int(rejected), job.lines_rejected),
+        totals=totals,
+        per_task=per_task_figs,
+        bucket_s=width,
+        throughput=buckets,
+        latency_histogram=histogram(lat, 0.0, p99 if p99 > 0 else 1.0, LATENCY_BINS),
+        failures=_failures(db, job.id, totals.failed),
+        scores=means.means,
+        corpus_scores=corpus,
+        score_histograms=hists,
+        structured=structured,
+        sample=SampleInfo(
+            requests=len(sample.requests),
+            chunks=sample.chunks,
+            chunks_closed=sample.chunks_closed,
+            figures=sampled,
+        ),
     )

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from services import cli_env
 from sqlalchemy import inspect, text
 
-from lmjobs.db.migrate import current_revision, downgrade, head_revision, upgrade
+from lmjobs.db.migrate import (
+    current_revision,
+    downgrade,
+    head_revision,
+    is_current,
+    script_head,
+    stored_revision,
+    upgrade,
+)
 from lmjobs.db.models import Base
 from lmjobs.db.session import forget_databases, get_database
 
@@ -98,3 +112,67 @@ def test_requested_model_migration_round_trip_keeps_the_rows(db_url: str) -> Non
     upgrade(db_url)
     forget_databases()
     assert _diff(db_url) == []
+
+
+def test_the_fast_schema_check_agrees_with_alembic(db_url: str) -> None:
+    """``is_current`` (every command, before it opens the database) reads the version row and
+    the scripts' revision lines without Alembic; it must give Alembic's answers."""
+    assert script_head() == head_revision() is not None
+    assert stored_revision(db_url) == current_revision(db_url) == head_revision() and is_current(db_url)
+    downgrade(db_url, "0003")
+    forget_databases()
+    assert stored_revision(db_url) == current_revision(db_url) == "0003" and not is_current(db_url)
+    downgrade(db_url, "base")
+    forget_databases()
+    assert stored_revision(db_url) is None is current_revision(db_url) and not is_current(db_url)
+    upgrade(db_url)
+    forget_databases()
+    assert is_current(db_url)
+
+
+def test_a_database_never_migrated_has_no_revision(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'empty.db'}"
+    assert stored_revision(url) is None and not is_current(url)
+
+
+def _cli(args: list[str], url: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**cli_env(LMJOBS_HOME=str(home)), "LMJOBS_DATABASE_URL": url}
+    code = (
+        "import sys\n"
+        "from lmjobs.cli.main import main\n"
+        f"sys.argv = ['lmjobs', *{args!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('alembic imported:', 'alembic' in sys.modules, file=sys.stderr)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_read_only_command_on_a_current_database_does_not_import_alembic(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    proc = _cli(["list", "--json"], sqlite_url, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]" and "alembic imported: False" in proc.stderr
+
+
+def test_an_outdated_sqlite_database_is_still_upgraded_by_the_first_command(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    downgrade(sqlite_url, "0003")
+    forget_databases()
+    proc = _cli(["list", "--json"], sqlite_url, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "alembic imported: True" in proc.stderr
+    assert current_revision(sqlite_url) == head_revision()
+
+
+@pytest.mark.postgres
+def test_an_outdated_postgresql_database_is_still_refused(postgres_url: str, tmp_path: Path) -> None:
+    downgrade(postgres_url, "0003")
+    forget_databases()
+    proc = _cli(["list", "--json"], postgres_url, tmp_path)
+    assert proc.returncode == 1
+    assert "is not at the current schema; run `lmjobs db upgrade`" in proc.stderr
+    assert current_revision(postgres_url) == "0003"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections import Counter
@@ -9,15 +10,17 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import pytest
 from analytics_data import run, submit, translate_rows, write_jsonl
 from fake_engine import FakeEngine
+from services import cli_env, run_cli
 from sqlalchemy import select, update
 
 from lmjobs.cli.report_html import render_html
 from lmjobs.db.example_queries import EXAMPLES
-from lmjobs.db.models import Job, Result
+from lmjobs.db.models import Chunk, Job, Request, Result, Score
 from lmjobs.db.readonly import run_readonly_query
 from lmjobs.db.session import Database, get_database
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest
@@ -205,3 +208,117 @@ def test_html_renders_in_a_browser(sqlite_url: str, tmp_path: Path) -> None:
     )
     assert png.is_file() and png.stat().st_size > 10_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _sampled_chunks(db: Database, job_id: int, step: int) -> list[int]:
+    with db.session() as s:
+        return list(
+            s.scalars(
+                select(Chunk.id)
+                .where(Chunk.job_id == job_id, Chunk.status == "done", Chunk.seq % step == 0)
+                .order_by(Chunk.seq)
+            )
+        )
+
+
+def _rows_of(db: Database, chunk_ids: list[int]) -> list[Any]:
+    with db.session() as s:
+        return list(
+            s.execute(
+                select(Result)
+                .join(Request, Request.id == Result.request_id)
+                .where(Request.chunk_id.in_(chunk_ids))
+            ).scalars()
+        )
+
+
+def test_a_big_job_is_reported_from_chunk_sums_and_a_sample_of_chunks(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above the sample size: counts, tokens and throughput exact from the chunks; latency,
+    score histograms, corpus scores and structured answers over whole chunks spread by seq."""
+    db = get_database(db_url)
+    job_id = _job(db, tmp_path)  # 40 requests in 7 chunks of 6 (the last of 4)
+    with db.session() as s:  # a few choice answers, to be counted in the sample only
+        for rid, text in s.execute(
+            select(Result.id, Result.output_text).where(Result.job_id == job_id, Result.status == "succeeded")
+        ).all()[::3]:
+            s.execute(
+                update(Result)
+                .where(Result.id == rid)
+                .values(
+                    valid=rid % 2 == 0,
+                    params_json={"output_format": {"kind": "choice"}},
+                    output_text=text[:5],
+                )
+            )
+    exact = build_report(db, job_id)
+    assert exact.sample is None and exact.structured is not None
+    monkeypatch.setattr("lmjobs.jobs.report.SAMPLE_REQUESTS", 12)
+    monkeypatch.setattr("lmjobs.jobs.control.SAMPLE_REQUESTS", 12)  # 2 chunks: every 4th by seq
+    rep = build_report(db, job_id)
+    assert rep.sample is not None and (rep.sample.chunks, rep.sample.chunks_closed) == (2, 7)
+    assert rep.sample.requests == 12
+    assert set(rep.sample.figures) == {"latency", "structured", "corpus_scores"}
+
+    t, e = rep.totals, exact.totals  # exact: from the chunks
+    assert (t.requests, t.succeeded, t.failed, t.pending) == (e.requests, e.succeeded, e.failed, e.pending)
+    assert (t.input_tokens, t.output_tokens) == (e.input_tokens, e.output_tokens)
+    assert [(f.task, f.requests, f.succeeded, f.output_tokens) for f in rep.per_task] == [
+        ("translate", t.requests, t.succeeded, t.output_tokens)
+    ]
+    assert sum(b.requests for b in rep.throughput) == N
+    assert sum(b.output_tokens for b in rep.throughput) == t.output_tokens
+    assert rep.failures == exact.failures and rep.scores == exact.scores
+    assert rep.score_histograms == exact.score_histograms  # few scores: exact
+
+    rows = _rows_of(db, _sampled_chunks(db, job_id, 4))
+    ok = sorted(r.latency_ms for r in rows if r.status == "succeeded")
+    assert len(rows) == 12 and t.latency_ms.p50 == percentile(ok, 0.5) and t.latency_ms.max == ok[-1]
+    assert sum(rep.latency_histogram.counts) + rep.latency_histogram.above == len(ok)
+    answers = [r for r in rows if r.status == "succeeded" and r.valid is not None]
+    assert rep.structured is not None and rep.structured.answers == len(answers) > 0
+    assert rep.structured.valid == sum(bool(r.valid) for r in answers)
+    assert dict(rep.structured.labels) == dict(Counter(r.output_text for r in answers if r.valid))
+    assert set(rep.corpus_scores) == {"corpus_bleu", "corpus_chrf"}
+
+    as_json = rep.to_json()
+    assert as_json["sample"]["figures"] == rep.sample.figures and as_json["sample"]["requests"] == 12
+    assert 'id="sample"' in render_html(rep, generated_at=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    assert 'id="sample"' not in render_html(exact, generated_at=datetime(2026, 1, 1, tzinfo=timezone.utc))
+
+
+def test_a_big_jobs_scores_come_from_the_sample_above_the_exact_limit(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db = get_database(db_url)
+    job_id = _job(db, tmp_path)
+    monkeypatch.setattr("lmjobs.jobs.report.SAMPLE_REQUESTS", 12)
+    monkeypatch.setattr("lmjobs.jobs.control.SAMPLE_REQUESTS", 12)
+    monkeypatch.setattr("lmjobs.jobs.control.SCORE_EXACT_LIMIT", 10)
+    rep = build_report(db, job_id)
+    assert rep.sample is not None and {"scores", "score_histograms"} <= set(rep.sample.figures)
+    ids = {r.request_id for r in _rows_of(db, _sampled_chunks(db, job_id, 4))}
+    with db.session() as s:
+        scores = s.execute(select(Score.metric, Score.value).where(Score.request_id.in_(ids))).all()
+    chrf = [v for m, v in scores if m == "chrf"]
+    assert chrf and rep.scores["chrf"] == pytest.approx(sum(chrf) / len(chrf))
+    assert sum(rep.score_histograms["chrf"].counts) == len(chrf)
+
+
+def test_the_cli_says_which_figures_are_sampled(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sample size is a constant of the code: a job of 13,000 requests is above it."""
+    from lmjobs.bench.follow import build_job
+    from lmjobs.jobs.control import SAMPLE_REQUESTS
+
+    db = get_database(db_url)
+    job_id = build_job(db, SAMPLE_REQUESTS + 200)
+    env = cli_env(LMJOBS_DATABASE_URL=db_url)
+    text = run_cli(["report", str(job_id)], env, check=True).stdout
+    assert "sampled" in text and "latency: over" in text and "counts, tokens and throughput are exact" in text
+    cli = json.loads(run_cli(["report", str(job_id), "--json"], env, check=True).stdout)
+    assert cli["sample"]["figures"] == ["latency"]  # 7,600 scores: exact means and histograms
+    assert cli["totals"]["requests"] == SAMPLE_REQUESTS + 200
+    assert cli["totals"]["output_tokens"] == 12 * (cli["totals"]["succeeded"] + cli["totals"]["failed"])
