@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, and_, case, cast, func, or_, select
+from sqlalchemy import Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, Reject, Request, Result, ResultStatus
@@ -56,9 +56,9 @@ from lmjobs.jobs.control import (
     bounded_mean_scores,
     failure_reasons,
     get_job,
+    in_id_ranges,
     job_progress,
     sample_of,
-    sampled_scores,
 )
 from lmjobs.jobs.export import rows_in_line_order
 from lmjobs.jobs.metrics import CORPUS_METRICS, corpus_scores, mean_scores, score_values
@@ -432,11 +432,9 @@ def _sample_rows(session: Session, job_id: int, sample: Sample) -> list[tuple[An
     if not sample.requests:
         return []
     kind = Result.params_json["output_format"]["kind"].as_string()
-    ranges = or_(
-        *(and_(Result.job_id == job_id, Result.request_id.between(a, b)) for a, b in sample.id_ranges())
-    )
+    ranges = in_id_ranges("results", sample.id_ranges(), job_id=job_id)
     ids = {rid for _, rid, _ in sample.requests}
-    rows = session.execute(
+    rows = session.connection().execute(
         select(
             Result.request_id,
             Result.sample_index,
@@ -448,7 +446,7 @@ def _sample_rows(session: Session, job_id: int, sample: Sample) -> list[tuple[An
             kind,
             case((Result.valid.is_(True), Result.output_text)),  # a label: only valid answers
         ).where(ranges)
-    ).all()
+    )
     return [tuple(r) for r in rows if r[0] in ids]
 
 
@@ -511,22 +509,24 @@ def _sampled_report(db: Database, job: Job) -> JobReport:
         width, buckets = _chunk_throughput(s, job)
         sample = sample_of(s, job.id, progress, job.requests_total)
         rows = _sample_rows(s, job.id, sample)
-        means = bounded_mean_scores(s, job.id, progress, job.requests_total)
-        scores = sampled_scores(s, sample) if means.sampled else None
+        means = bounded_mean_scores(s, job.id, progress, job.requests_total, sample)
+        scores = means.scores if means.sampled else None
         corpus = _sampled_corpus(s, sample, rows) if job.task in CORPUS_METRICS else {}
     sampled = ["latency"]
     task_of = {rid: task for _, rid, task in sample.requests}
     per_task: dict[str, _Acc] = {}
     total = _Acc("all")
+    one_task = job.input_format == "native"  # every request runs under the job's task
     for rid, idx, status, tin, tout, ms, *_ in rows:
         if idx != 0:  # a request's figures are those of its sample 0, as for a small job
             continue
         total.add(status, tin, tout, ms)
-        task = task_of[rid]
-        acc = per_task.get(task)
-        if acc is None:
-            acc = per_task[task] = _Acc(task)
-        acc.add(status, tin, tout, ms)
+        if not one_task:
+            task = task_of[rid]
+            acc = per_task.get(task)
+            if acc is None:
+                acc = per_task[task] = _Acc(task)
+            acc.add(status, tin, tout, ms)
     lat = sorted(total.lat)
     p99 = percentile(lat, 0.99) or 0.0
     totals = Figures(
@@ -540,8 +540,7 @@ def _sampled_report(db: Database, job: Job) -> JobReport:
         latency_ms=latency_of(total.lat),
     )
     tasks = sorted(per_task)
-    if job.input_format == "native" and tasks in ([], [job.task]):
-        # every request of a native job runs under the job's task: its row is the totals
+    if one_task:  # the job's one task: its row is the totals
         per_task_figs = [replace(totals, task=job.task)]
     else:
         per_task_figs = [per_task[t].done() for t in tasks]

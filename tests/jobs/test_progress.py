@@ -451,6 +451,54 @@ def test_status_list_and_report_counts_do_not_scan_results_on_postgresql(postgre
                     assert "ix_chunks_job_id" in plan, plan
 
 
+@pytest.mark.postgres
+def test_status_list_and_a_sampled_report_read_results_only_in_bounded_ranges_on_postgresql(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EXPLAIN every statement of the one-shot ``status`` (tokens, mean scores from a sample),
+    ``list`` and a ``report`` above the sample size, on a job of 3,000 requests beside one of
+    100,000: no Seq Scan on chunks, requests, results or scores; results and scores only under
+    a LIMIT or by request-id ranges."""
+    monkeypatch.setattr("lmjobs.jobs.control.SAMPLE_REQUESTS", 640)
+    monkeypatch.setattr("lmjobs.jobs.report.SAMPLE_REQUESTS", 640)
+    monkeypatch.setattr("lmjobs.jobs.control.SCORE_EXACT_LIMIT", 100)
+    db = get_database(postgres_url)
+    build_job(db, 100_000)
+    job_id = build_job(db, 3_000)
+    st = job_status(db, job_id)
+    assert st.scores_sampled and st.output_tokens == 12 * (st.succeeded + st.failed)
+    rep = build_report(db, job_id)
+    assert (
+        rep.sample is not None
+        and rep.sample.chunks == 10
+        and {"latency", "scores"} <= set(rep.sample.figures)
+    )
+    calls: list[Callable[[], Any]] = [
+        lambda: job_status(db, job_id),
+        lambda: list_jobs(db, limit=1),
+        lambda: build_report(db, job_id),
+    ]
+    checked: set[str] = set()
+    for call in calls:
+        with _statements(db) as seen:
+            call()
+        with db.engine.connect() as conn:
+            for statement, params in seen:
+                tables = {t for t in ("chunks", "requests", "results", "scores") if f" {t}" in statement}
+                if not tables:
+                    continue
+                checked |= tables
+                plan = "\n".join(r[0] for r in conn.exec_driver_sql("EXPLAIN " + statement, params))
+                for t in ("chunks", "requests", "results", "scores"):
+                    assert f"Seq Scan on {t}" not in plan, plan
+                for t in ("results", "scores"):
+                    if f"FROM {t}" in statement:
+                        assert "Limit" in plan or "request_id >=" in plan, plan
+                if "FROM chunks" in statement:
+                    assert "ix_chunks_job_id" in plan or "uq_chunks_job_seq" in plan, plan
+    assert checked == {"chunks", "requests", "results", "scores"}
+
+
 def _report_counts(db: Database, job_id: int) -> None:
     with db.session() as s:
         p = job_progress(s, [job_id])[job_id]
