@@ -231,9 +231,77 @@ def run(
     }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def table(report: dict[str, Any]) -> str:
+    """The arms side by side, then the two target figures."""
+    lines = [f"{'arm':<42} {'tokens':>7} {'s':>8} {'tokens/s':>9}  notes"]
+    for arm in report["constrained"] + report["samples"]:
+        notes = []
+        if "valid" in arm:
+            notes.append(f"{arm['valid']} valid")
+        if "grammar_step_s" in arm:
+            notes.append(
+                f"grammar {arm['grammar_step_s']:.3f} s, compile {arm.get('compile_s', 0):.3f} s apart"
+            )
+        if "prefill_tokens" in arm:
+            notes.append(
+                f"{arm['prefill_calls']} prefill, {arm['prefill_tokens']} prompt tokens, "
+                f"{arm['prefill_s']:.2f} s"
+            )
+        lines.append(
+            f"{arm['arm']:<42} {arm['output_tokens']:>7} {arm['seconds']:>8.2f} {arm['tokens_per_s']:>9.1f}  "
+            + "; ".join(notes)
+        )
+    cost = report.get("constrained_cost")
+    ratio = report.get("prefill_tokens_ratio")
+    lines.append(
+        f"constrained cost against free text of the same lengths: "
+        f"{'-' if cost is None else f'{cost:.1%}'} (target: at most 15%)"
+    )
+    lines.append(
+        f"n=4 prefill tokens / four requests': {'-' if ratio is None else f'{ratio:.2f}'} "
+        "(target: less than 4x one request's prefill)"
+    )
+    return "\n".join(lines)
+
+
+def run_features(
+    *,
+    model: str = "smollm2-135m",
+    cache_dir: Path,
+    dtype: str = "float32",
+    requests: int = 16,
+    prompt_tokens: int = 64,
+    new_tokens: int = 64,
+    mode: str = "auto",
+    threads: int = 0,
+) -> dict[str, Any]:
+    """Load the model and run both comparisons (what ``lmjobs bench --preset features`` runs)."""
     from lmjobs.worker.models import load_model
 
+    if threads:
+        torch.set_num_threads(threads)
+    lm = load_model(model, device="cpu", dtype=dtype, cache_dir=cache_dir)
+    report = run(
+        lm.model,
+        lm.tokenizer,
+        requests=requests,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        config=EngineConfig(mode=mode),
+    )
+    report["settings"] = {
+        "model": model,
+        "dtype": dtype,
+        "requests": requests,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens,
+        "mode": mode,
+        "threads": torch.get_num_threads(),
+    }
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m lmjobs.bench.features", description=__doc__.split("\n\n")[0]
     )
@@ -245,19 +313,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--mode", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json-out", type=Path, default=None, help="write the report here")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    lm = load_model(args.model, device="cpu", dtype=args.dtype, cache_dir=Path(args.cache_dir))
-    report = run(
-        lm.model,
-        lm.tokenizer,
+    report = run_features(
+        model=args.model,
+        cache_dir=Path(args.cache_dir),
+        dtype=args.dtype,
         requests=args.requests,
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
-        config=EngineConfig(mode=args.mode),
+        mode=args.mode,
+        threads=args.threads,
     )
-    print(json.dumps(report, indent=2))
+    print(table(report))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(report, indent=2))
     return 0
 
 

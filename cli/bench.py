@@ -43,6 +43,9 @@ def bench(
     from lmjobs.bench.config import preset_config
     from lmjobs.bench.runner import run_bench
 
+    if preset == "features":
+        _features(model, dtype, requests, threads, json_out, as_json)
+        return
     if preset is None and model is None:
         preset = "cpu-smollm2"
     try:
@@ -164,3 +167,31 @@ def show(report: dict[str, Any], *, as_markdown: bool = False) -> None:
                 _fmt(row["self_pct_of_wall"], 1),
             )
         render.out.print(t)
+
+
+def _features(
+    model: str | None,
+    dtype: str | None,
+    requests: int | None,
+    threads: int | None,
+    json_out: Path | None,
+    as_json: bool,
+) -> None:
+    """``--preset features``: output formats and n samples (bench/features.py) on the CPU."""
+    from lmjobs.bench.features import run_features, table
+
+    cache_dir = context.settings().model_cache
+    assert cache_dir is not None
+    report = run_features(
+        model=model or "smollm2-135m",
+        cache_dir=cache_dir,
+        dtype=dtype or "float32",
+        requests=requests or 16,
+        threads=threads or 0,
+    )
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2))
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(table(report))

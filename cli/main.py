@@ -245,7 +245,9 @@ api_commands.register(app)  # serve, keys create|list|revoke (cli/api_commands.p
 @app.command()
 def bench(
     preset: str | None = typer.Option(
-        None, "--preset", help="cpu-smollm2, cpu-tiny or gpu [default: cpu-smollm2]"
+        None,
+        "--preset",
+        help="cpu-smollm2, cpu-tiny, gpu, or features (output formats and n samples) [default: cpu-smollm2]",
     ),
     requests: int | None = typer.Option(None, "--requests", "-n", help="Requests per arm"),
     arms: str | None = typer.Option(

@@ -48,3 +48,20 @@ def test_feature_arms_report_both_comparisons(tmp_path: Path) -> None:
     assert report["prefill_tokens_ratio"] == 0.25
     assert report["n4_texts_equal_separate_requests"] is True
     assert n4["output_tokens"] == separate["output_tokens"] == 4 * 40
+
+
+def test_lmjobs_bench_preset_features_prints_the_table_and_writes_json(tmp_path: Path) -> None:
+    import json
+
+    from services import cli_env, run_cli
+
+    out = tmp_path / "features.json"
+    model = build_tiny_causal(tmp_path / "llama")
+    env = cli_env(LMJOBS_MODEL_CACHE=str(tmp_path / "models"))
+    args = ["bench", "--preset", "features", "--model", str(model), "--requests", "2", "--threads", "1"]
+    proc = run_cli([*args, "--json-out", str(out)], env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "constrained cost against free text of the same lengths" in proc.stdout
+    report = json.loads(out.read_text())
+    assert [a["arm"] for a in report["samples"]] == ["n=4", "4 requests"]
+    assert report["settings"]["requests"] == 2 and report["prefill_tokens_ratio"] is not None
