@@ -89,7 +89,7 @@ def job_progress(session: Session, job_ids: Sequence[int]) -> dict[int, Progress
             Chunk.job_id,
             Chunk.status,
             func.count(),
-            *(func.coalesce(func.sum(case((summed, getattr(Chunk, c)), else_=0)), 0) for c in _SUMS),
+            *(func.coalesce(func.sum(getattr(Chunk, c)), 0) for c in _SUMS),
             func.count().filter(unsummed),
         )
         .where(Chunk.job_id.in_(job_ids))
@@ -99,14 +99,18 @@ def job_progress(session: Session, job_ids: Sequence[int]) -> dict[int, Progress
     for job_id, status, n, ok, bad, dedup, tin, tout, n_unsummed in rows:
         p = out[int(job_id)]
         p.chunks[str(status)] = int(n)
-        p.succeeded += int(ok or 0)
-        p.failed += int(bad or 0)
-        p.deduplicated += int(dedup or 0)
-        p.input_tokens += int(tin or 0)
-        p.output_tokens += int(tout or 0)
+        if status in ChunkStatus.closed():  # (an open chunk's are NULL)
+            _add(p, ok, bad, dedup, tin, tout)
         if n_unsummed:
             legacy.add(int(job_id))
     if legacy:
+        # Closed chunks without (all of) their sums: take back what they hold, count their results.
+        for job_id, *held in session.execute(
+            select(Chunk.job_id, *(func.coalesce(func.sum(getattr(Chunk, c)), 0) for c in _SUMS))
+            .where(Chunk.job_id.in_(sorted(legacy)), unsummed)
+            .group_by(Chunk.job_id)
+        ).all():
+            _add(out[int(job_id)], *(-int(v or 0) for v in held))
         first = Result.sample_index == 0
         for job_id, ok, bad, dedup, tin, tout in session.execute(
             select(
@@ -123,13 +127,16 @@ def job_progress(session: Session, job_ids: Sequence[int]) -> dict[int, Progress
             .where(Chunk.job_id.in_(sorted(legacy)), unsummed)
             .group_by(Chunk.job_id)
         ).all():
-            p = out[int(job_id)]
-            p.succeeded += int(ok or 0)
-            p.failed += int(bad or 0)
-            p.deduplicated += int(dedup or 0)
-            p.input_tokens += int(tin or 0)
-            p.output_tokens += int(tout or 0)
+            _add(out[int(job_id)], ok, bad, dedup, tin, tout)
     return out
+
+
+def _add(p: Progress, ok: Any, bad: Any, dedup: Any, tin: Any, tout: Any) -> None:
+    p.succeeded += int(ok or 0)
+    p.failed += int(bad or 0)
+    p.deduplicated += int(dedup or 0)
+    p.input_tokens += int(tin or 0)
+    p.output_tokens += int(tout or 0)
 
 
 # -- a bounded sample of a job's requests, for the figures that need rows ------------------
