@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ from lmjobs.jobs.engine_api import EngineInterrupt, FinishReason, Generation, Ge
 from lmjobs.worker.engine import decoding
 from lmjobs.worker.engine.core import EngineConfig, generate, resolve_mode
 from lmjobs.worker.engine.scheduler import PREFILL_SLACK
-from lmjobs.worker.models import LoadedModel, load_model
+from lmjobs.worker.models import LoadedModel
 
 MODES = ["static", "continuous"]
 PROMPTS = [
@@ -26,25 +25,6 @@ PROMPTS = [
     "What is the capital of France? The capital of France is",
     "Workers pull jobs from the queue",
 ]
-
-
-def _load(path: Path, cache: Path) -> LoadedModel:
-    return load_model(str(path), device="cpu", dtype="float32", cache_dir=cache)
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir: Path, model_cache_dir: Path) -> LoadedModel:
-    return _load(tiny_llama_dir, model_cache_dir)
-
-
-@pytest.fixture(scope="module")
-def gpt2(tiny_gpt2_dir: Path, model_cache_dir: Path) -> LoadedModel:
-    return _load(tiny_gpt2_dir, model_cache_dir)
-
-
-@pytest.fixture(scope="module")
-def t5(tiny_t5_dir: Path, model_cache_dir: Path) -> LoadedModel:
-    return _load(tiny_t5_dir, model_cache_dir)
 
 
 @pytest.fixture(params=["llama", "gpt2", "t5"])

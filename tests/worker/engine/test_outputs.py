@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import Any
 
 import jsonschema  # type: ignore[import-untyped]
@@ -14,7 +13,7 @@ import torch
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest, OutputFormat, SamplingParams
 from lmjobs.worker.engine import grammar
 from lmjobs.worker.engine.core import EngineConfig, generate
-from lmjobs.worker.models import LoadedModel, load_model
+from lmjobs.worker.models import LoadedModel
 
 PROMPTS = [
     "The quick brown fox",
@@ -59,25 +58,6 @@ def check(kind: str, text: str) -> None:
         assert text in CHOICES
     else:
         assert re.fullmatch(PATTERN, text), text
-
-
-def _load(path: Path, cache: Path) -> LoadedModel:
-    return load_model(str(path), device="cpu", dtype="float32", cache_dir=cache)
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_llama_dir: Path, model_cache_dir: Path) -> LoadedModel:
-    return _load(tiny_llama_dir, model_cache_dir)
-
-
-@pytest.fixture(scope="module")
-def gpt2(tiny_gpt2_dir: Path, model_cache_dir: Path) -> LoadedModel:
-    return _load(tiny_gpt2_dir, model_cache_dir)
-
-
-@pytest.fixture(scope="module")
-def t5(tiny_t5_dir: Path, model_cache_dir: Path) -> LoadedModel:
-    return _load(tiny_t5_dir, model_cache_dir)
 
 
 def run(lm: LoadedModel, requests: list[GenRequest], **config: Any) -> list[Generation]:
