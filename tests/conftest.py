@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fake_engine import FAKE_ENGINE
 from services import (
     PG_ADMIN_URL,
+    cli_env,
     create_pg_database,
     drop_pg_database,
     pg_available,
@@ -43,6 +45,17 @@ def lmjobs_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     yield home
     forget_databases()
     reset_settings()
+
+
+@pytest.fixture
+def fake_engine_env(lmjobs_home: Path) -> dict[str, str]:
+    """An environment for `lmjobs` processes: this test's home, the fake engine, and a broker
+    address where nothing listens (submit saves its job but cannot dispatch it)."""
+    return cli_env(
+        LMJOBS_HOME=str(lmjobs_home),
+        LMJOBS_TEST_ENGINE=FAKE_ENGINE,
+        LMJOBS_BROKER_URL="redis://127.0.0.1:1/0",
+    )
 
 
 def shared_model_cache() -> Path:

@@ -6,17 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from fake_engine import FAKE_ENGINE
-from services import cli_env, cli_json, run_cli
+from services import cli_json, run_cli
 
 
 @pytest.fixture
-def env(lmjobs_home: Path) -> dict[str, str]:
-    return cli_env(
-        LMJOBS_HOME=str(lmjobs_home),
-        LMJOBS_TEST_ENGINE=FAKE_ENGINE,
-        LMJOBS_BROKER_URL="redis://127.0.0.1:1/0",
-    )
+def env(fake_engine_env: dict[str, str]) -> dict[str, str]:
+    return fake_engine_env
 
 
 def _one_line_error(proc, needle: str) -> None:  # type: ignore[no-untyped-def]

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_engine import FAKE_ENGINE
-from services import cli_env, cli_json, run_cli
+from services import cli_json, run_cli
 from sqlalchemy import select
 
 from lmjobs.db.models import Job
@@ -26,13 +25,8 @@ SPEC = json.dumps(SCHEMA, sort_keys=True, separators=(",", ":"))
 
 
 @pytest.fixture
-def env(lmjobs_home: Path) -> dict[str, str]:
-    return cli_env(
-        LMJOBS_HOME=str(lmjobs_home),
-        LMJOBS_TEST_ENGINE=FAKE_ENGINE,
-        LMJOBS_MODEL="fake",
-        LMJOBS_BROKER_URL="redis://127.0.0.1:1/0",  # nothing listens: submit saves, cannot dispatch
-    )
+def env(fake_engine_env: dict[str, str]) -> dict[str, str]:
+    return {**fake_engine_env, "LMJOBS_MODEL": "fake"}
 
 
 def _file(tmp_path: Path, n: int = 2) -> Path:

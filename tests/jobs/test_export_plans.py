@@ -44,7 +44,10 @@ def test_the_page_queries_use_indexes_right_after_a_bulk_ingest(postgres_url: st
     with db.engine.connect() as conn:
         checks = [
             (requests_page(job_id, 100, 2000), "uq_requests_job_line"),
-            (results_of(job_id, 1, 2000, [Result.status, Result.output_text]), "uq_results_job_request_sample"),
+            (
+                results_of(job_id, 1, 2000, [Result.status, Result.output_text]),
+                "uq_results_job_request_sample",
+            ),
         ]
         for stmt, index in checks:
             sql = str(stmt.compile(conn, compile_kwargs={"literal_binds": True}))

@@ -13,8 +13,8 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 from analytics_data import FAKE_CTX, write_jsonl
-from fake_engine import FAKE_ENGINE, FakeEngine
-from services import cli_env, run_cli
+from fake_engine import FakeEngine
+from services import run_cli
 from sqlalchemy import select
 
 from lmjobs.db.models import Reject, Request
@@ -354,13 +354,8 @@ def test_exports_carry_the_requested_model_beside_the_model_that_ran(db_url: str
 
 
 @pytest.fixture
-def env(lmjobs_home: Path) -> dict[str, str]:
-    return cli_env(
-        LMJOBS_HOME=str(lmjobs_home),
-        LMJOBS_TEST_ENGINE=FAKE_ENGINE,
-        LMJOBS_MODEL="fake",
-        LMJOBS_BROKER_URL="redis://127.0.0.1:1/0",  # nothing listens: submit saves, cannot dispatch
-    )
+def env(fake_engine_env: dict[str, str]) -> dict[str, str]:
+    return {**fake_engine_env, "LMJOBS_MODEL": "fake"}
 
 
 def _mismatch_file(tmp_path: Path) -> Path:
