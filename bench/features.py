@@ -54,20 +54,27 @@ class Prefills:
 
 @contextmanager
 def count_prefills(model: Any) -> Iterator[Prefills]:
-    """Count the prefill forwards of ``model`` (causal: more than one input column)."""
+    """Count the prefill forwards of ``model`` (causal: more than one input column, or a
+    forward asking for the last logits only, as the engine's prefills do: a suffix prefilled
+    after a shared prefix may be one column wide) and their real new tokens (the mask's
+    columns after those already cached: a suffix's mask starts with its cached prefix)."""
     seen = Prefills()
     original = model.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
         ids = kwargs.get("input_ids")
-        if ids is None or ids.shape[1] == 1:
+        if ids is None or (ids.shape[1] == 1 and "logits_to_keep" not in kwargs):
             return original(*args, **kwargs)
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = int(cache.get_seq_length()) if cache is not None else 0  # before the forward
         started = time.perf_counter()
         out = original(*args, **kwargs)
         seen.seconds += time.perf_counter() - started
         seen.calls += 1
         mask = kwargs.get("attention_mask")
-        seen.tokens += int(mask[:, : ids.shape[1]].sum()) if mask is not None else int(ids.numel())
+        seen.tokens += (
+            int(mask[:, past : past + ids.shape[1]].sum()) if mask is not None else int(ids.numel())
+        )
         return out
 
     model.forward = forward

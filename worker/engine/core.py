@@ -44,6 +44,14 @@ request has a seed, else each draws a fresh seed. A greedy request decodes once 
 other samples are copies (``deduplicated``). Each request gets ``n`` Generations,
 ``sample_index`` 0..n-1.
 
+Prefix reuse (``EngineConfig.prefix_reuse``, on by default): rows prefilled together
+whose prompts share a prefix of at least ``MIN_PREFIX`` tokens (a task's instruction, a
+chat system turn) prefill it once and copy its KV cache; each row's suffix is prefilled
+after it (``decoding``'s docstring says how the cache is laid out, ``scheduler`` how rows
+are grouped). Same greedy output as without (fp32; tested). Not with ``compile`` (static
+cache), encoder-decoder models, alibi models or caches that are not plain dynamic layers:
+those prefill whole prompts.
+
 ``latency_ms`` of a Generation is the wall time from the start of its prefill to its last
 token: the time the request spent in a batch, shared with its batch neighbours (the sum
 over a batch exceeds the batch's wall time). Deduplicated copies carry the latency of
@@ -82,6 +90,8 @@ from lmjobs.worker.engine.scheduler import Scheduler
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "static", "continuous")
+# The shortest shared prompt prefix worth a forward pass of its own (``prefix_reuse``).
+MIN_PREFIX = 16
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,7 @@ class EngineConfig:
     sort_by_length: bool = True
     compile: bool = False  # CUDA: static cache + torch.compile of the decode step
     dedup: bool = True  # identical greedy requests are generated once
+    prefix_reuse: bool = True  # prompts sharing a prefix (>= MIN_PREFIX tokens) prefill it once
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -143,6 +154,7 @@ def generate(
         continuous=resolve_mode(config.mode) == "continuous",
         static_cache=config.compile,
         context=context,
+        min_prefix=MIN_PREFIX if config.prefix_reuse else 0,
     )
     if todo:
         # decode steps skip the cache's left padding (not under torch.compile: static shapes)

@@ -15,10 +15,27 @@ Samples of one request (``SamplingParams.n``) are rows of the same family (the r
 ``Prepared.index``): a prefill runs each family's prompt once and copies its KV cache rows
 (and logits) to the family's other rows (``shared_prefill``), which then decode as
 independent rows.
+
+Prefix reuse (``CausalBatch(prefix=L)``, chosen by ``scheduler.shared_groups``): when the
+prompts of a batch's families all start with the same L tokens, the prefix is prefilled
+once (batch 1, positions 0..L-1; or taken from ``PrefixStore`` when an earlier batch of the
+call prefilled it), its cache rows copied to every family, and the suffixes prefilled
+against it in one forward: left-padded to the longest suffix, positions continuing at L.
+The cache of a row is then [prefix | padding | suffix]: the suffix padding sits between
+the prefix and the suffix, a hole the attention mask hides (1 on the prefix, 0 on the
+hole, 1 on the suffix), so every row still ends in the last column and its positions count
+real tokens only, which is all that decode steps, ``select``, ``merge`` and
+``attention.ragged_sdpa`` rely on: the mask is an arbitrary 2D padding mask to SDPA, the
+ragged runs cut only columns before a run's first real one, and a row's next position is
+its mask's sum. Each row computes what it would compute alone (up to summation order).
+Only causal batches with growing cache layers and explicit position ids share: other
+caches (sliding windows...), alibi models (no ``position_ids``), the static cache and
+encoder-decoder models prefill whole prompts.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -179,6 +196,47 @@ def shared_prefill(rows: Sequence[Row]) -> tuple[list[Row], list[int] | None]:
     return leaders, (where if len(leaders) < len(rows) else None)
 
 
+def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix every prompt starts with, leaving each prompt at least
+    one token of its own (a suffix prefill needs a token per row to give it logits)."""
+    if not prompts:
+        return 0
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return max(0, n)
+
+
+class PrefixStore:
+    """KV caches of shared prefixes prefilled in this ``generate`` call (batch 1), the last
+    ``size`` used, so that several prefill groups (and later refills) with the same prefix
+    prefill it once. A cache taken from here is copied (``index_select``) before anything
+    writes to it."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+        self._caches: dict[tuple[int, ...], Any] = {}
+        self.prefilled = 0  # prefixes prefilled (for tests and logs)
+        self.reused = 0  # prefixes taken from the store
+
+    def get(self, prefix: tuple[int, ...]) -> Any:
+        cache = self._caches.pop(prefix, None)
+        if cache is not None:
+            self._caches[prefix] = cache  # most recently used last
+            self.reused += 1
+        return cache
+
+    def put(self, prefix: tuple[int, ...], cache: Any) -> None:
+        self._caches[prefix] = cache
+        self.prefilled += 1
+        while len(self._caches) > self.size:
+            self._caches.pop(next(iter(self._caches)))
+
+
 def pad_prompts(
     rows: Sequence[Row], pad_id: int, *, left: bool, slots: int = 0, columns: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,11 +258,15 @@ class CausalBatch:
     """Rows of a decoder-only model sharing a left-padded DynamicCache (whose plain layers
     become ``GrowingLayer``s after the prefill: no copy of the cache per step)."""
 
-    def __init__(self, ctx: DecodeContext, rows: list[Row]) -> None:
+    def __init__(
+        self, ctx: DecodeContext, rows: list[Row], prefix: int = 0, store: PrefixStore | None = None
+    ) -> None:
         self.ctx = ctx
         self.rows = rows
+        self.prefix = prefix  # tokens every family's prompt shares, prefilled once (0: none)
+        self.store = store if store is not None else PrefixStore(size=0)
         self.cache: Any = None
-        self.mask = torch.empty(0)  # [B, T] 1 for real tokens, 0 for left padding
+        self.mask = torch.empty(0)  # [B, T] 1 for real tokens, 0 for padding (left, or holes)
         self.pos = torch.empty(0)  # [B] position of the next token of each row
         self.last = torch.empty(0)  # [B] token to feed at the next step
         self.can_merge = False  # only growing layers can be padded and cut freely
@@ -213,19 +275,23 @@ class CausalBatch:
         """Run the prompts (once per family); return the logits of each row's next token: [B, V]."""
         ctx = self.ctx
         leaders, where = shared_prefill(self.rows)
-        ids, mask = pad_prompts(leaders, ctx.pad_id, left=True)
-        ids, mask = ids.to(ctx.device), mask.to(ctx.device)
-        # input_ids, mask, positions: [B, S]; pad positions are clamped to 0 (never attended)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = ctx.model(
-            input_ids=ids,
-            attention_mask=mask,
-            use_cache=True,
-            **ctx.optional_args(positions, prefill=True),
-        )
-        self.cache = output_cache(out)
-        self.can_merge = make_growing(self.cache)  # not with sliding windows and the like
-        logits = out.logits[:, -1, :]
+        shared = self._prefix_cache(leaders)
+        if shared is not None:
+            logits, mask = self._prefill_suffixes(leaders, shared)
+        else:
+            ids, mask = pad_prompts(leaders, ctx.pad_id, left=True)
+            ids, mask = ids.to(ctx.device), mask.to(ctx.device)
+            # input_ids, mask, positions: [B, S]; pad positions are clamped to 0 (never attended)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = ctx.model(
+                input_ids=ids,
+                attention_mask=mask,
+                use_cache=True,
+                **ctx.optional_args(positions, prefill=True),
+            )
+            self.cache = output_cache(out)
+            self.can_merge = make_growing(self.cache)  # not with sliding windows and the like
+            logits = out.logits[:, -1, :]
         if where is not None:  # copy each family's cache rows to its other samples
             index = torch.tensor(where, device=mask.device)
             if self.can_merge:
@@ -236,6 +302,62 @@ class CausalBatch:
             mask, logits = mask[index], logits[index]
         self.mask, self.pos = mask, mask.sum(-1)
         return logits
+
+    def _prefix_cache(self, leaders: Sequence[Row]) -> Any:
+        """The KV cache [1, ...] of the prefix the families share (prefilled now, or from the
+        store), or None to prefill whole prompts: no prefix, no position ids, or a cache
+        whose layers cannot grow (then ``prefix`` is reset to 0)."""
+        ctx, n = self.ctx, self.prefix
+        if n <= 0 or not ctx.position_ids or common_prefix([r.req.ids for r in leaders]) < n:
+            self.prefix = 0
+            return None
+        key = leaders[0].req.ids[:n]
+        cache = self.store.get(key)
+        if cache is not None:
+            return cache
+        ids = torch.tensor([key], dtype=torch.long, device=ctx.device)
+        ones = torch.ones_like(ids)
+        positions = torch.arange(n, device=ctx.device)[None, :]
+        out = ctx.model(
+            input_ids=ids, attention_mask=ones, use_cache=True, **ctx.optional_args(positions, prefill=True)
+        )
+        cache = output_cache(out)
+        if not make_growing(cache):
+            self.prefix = 0
+            return None
+        self.store.put(key, cache)
+        return cache
+
+    def _prefill_suffixes(
+        self, leaders: Sequence[Row], prefix_cache: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy the prefix's cache to every family's row and prefill the suffixes after it;
+        return the logits [F, V] and the mask [F, prefix + S] (1 on the prefix, a hole of
+        left padding before each shorter suffix)."""
+        ctx, n = self.ctx, self.prefix
+        suffixes = [r.req.ids[n:] for r in leaders]
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((len(leaders), width), ctx.pad_id, dtype=torch.long)
+        tail = torch.zeros((len(leaders), width), dtype=torch.long)
+        for i, suffix in enumerate(suffixes):
+            ids[i, width - len(suffix) :] = torch.tensor(suffix)
+            tail[i, width - len(suffix) :] = 1
+        ids, tail = ids.to(ctx.device), tail.to(ctx.device)
+        # positions continue after the prefix; the hole's are clamped (never attended)
+        positions = n + (tail.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.cat([torch.ones((len(leaders), n), dtype=tail.dtype, device=tail.device), tail], dim=-1)
+        # a copy per family (index_select): the stored prefix is never written to
+        cache = copy.copy(prefix_cache)
+        cache.layers = [GrowingLayer.of(layer) for layer in prefix_cache.layers]
+        rows = torch.zeros(len(leaders), dtype=torch.long, device=ctx.device)
+        for layer in cache.layers:
+            layer.batch_select_indices(rows)
+        args = ctx.optional_args(positions, prefill=True)
+        args[ctx.cache_arg] = cache
+        out = ctx.model(input_ids=ids, attention_mask=mask, use_cache=True, **args)
+        self.cache = output_cache(out)
+        self.can_merge = make_growing(self.cache)
+        return out.logits[:, -1, :], mask
 
     def decode(self) -> torch.Tensor:
         """Feed ``last`` (one token per row); return the next logits: [B, V]."""

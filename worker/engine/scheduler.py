@@ -13,6 +13,15 @@ refills once a quarter of its slots are free (or the waiting rows all fit): a pr
 forward pass of its own, and refilling one row at a time would pay it once per finished
 row.
 
+Prefix reuse (``min_prefix`` > 0, ``EngineConfig.prefix_reuse``): before the length
+groups, rows admitted together are sorted by their token ids and cut into runs that share
+a prefix of at least ``min_prefix`` tokens (``shared_groups``: a run is split further where
+that prefills fewer tokens, e.g. a chat system turn shared by all, each task's instruction
+by its own rows). Each run is prefilled in groups of similar suffix length, the prefix
+once for all of them (``decoding.PrefixStore`` keeps the call's last few prefixes, which
+refills of a continuous batch reuse too). Rows that share nothing go to ``prefill_groups``
+as before. Static caches and encoder-decoder models never share.
+
 Failures: out of memory puts the batch's rows back and halves the batch size (for the
 rest of the call), down to one row; a row that runs out of memory alone fails alone. Any
 other exception reruns the batch's rows one at a time, so only the culprit fails.
@@ -23,12 +32,20 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import TypeAlias
 
 import torch
 
 from lmjobs.jobs.engine_api import EngineInterrupt
-from lmjobs.worker.engine.decoding import CausalBatch, DecodeContext, Row, Seq2SeqBatch
+from lmjobs.worker.engine.decoding import (
+    CausalBatch,
+    DecodeContext,
+    PrefixStore,
+    Row,
+    Seq2SeqBatch,
+    common_prefix,
+)
 from lmjobs.worker.engine.static_cache import StaticCacheBatch
 
 logger = logging.getLogger(__name__)
@@ -84,6 +101,73 @@ def prefill_groups(rows: Sequence[Row]) -> list[list[Row]]:
     return groups
 
 
+def shared_groups(rows: Sequence[Row], min_prefix: int) -> tuple[list[tuple[list[Row], int]], list[Row]]:
+    """Groups of ``rows`` whose families share a prompt prefix of at least ``min_prefix``
+    tokens, each with that prefix's length, and the rows that share none.
+
+    Families (samples of one request) count once. Sorted by ids, families with a common
+    prefix are neighbours; a run of neighbours is cut where the cut prefills fewer tokens
+    (``_plan``), and each run is split into groups of similar suffix length, as
+    ``prefill_groups`` does for whole prompts.
+    """
+    families: dict[int, list[Row]] = {}
+    for row in rows:
+        families.setdefault(row.req.index, []).append(row)
+    leaders = sorted(families, key=lambda f: families[f][0].req.ids)
+    prompts = [families[f][0].req.ids for f in leaders]
+    shared: list[tuple[list[Row], int]] = []
+    alone: list[Row] = []
+    for first, end, prefix in _plan(prompts, 0, len(prompts), min_prefix):
+        members = [row for f in leaders[first:end] for row in families[f]]
+        if prefix == 0:
+            alone.extend(members)
+            continue
+        for group in _suffix_groups(members, prefix):
+            shared.append((group, prefix))
+    return shared, alone
+
+
+def _plan(
+    prompts: Sequence[Sequence[int]], first: int, end: int, min_prefix: int
+) -> list[tuple[int, int, int]]:
+    """Runs [first, end) of sorted ``prompts`` and the prefix each shares (0: none), the
+    fewest prefill tokens found by cutting a run where its neighbours share least."""
+    n = end - first
+    total = sum(len(p) for p in prompts[first:end])
+    prefix = common_prefix(prompts[first:end]) if n > 1 else 0
+    if prefix < min_prefix:
+        prefix = 0
+    whole = [(first, end, prefix)]
+    cost = total - (n - 1) * prefix
+    if n < 2:
+        return whole
+    links = [common_prefix([prompts[i], prompts[i + 1]]) for i in range(first, end - 1)]
+    weakest = min(links)
+    if weakest >= max(links):  # every neighbour shares the same: no better cut
+        return whole
+    cuts = [first] + [first + i + 1 for i, link in enumerate(links) if link == weakest] + [end]
+    parts = [run for a, b in pairwise(cuts) for run in _plan(prompts, a, b, min_prefix)]
+    split = sum(sum(len(p) for p in prompts[a:b]) - (b - a - 1) * shared for a, b, shared in parts)
+    return parts if split < cost else whole
+
+
+def _suffix_groups(rows: Sequence[Row], prefix: int) -> list[list[Row]]:
+    """``prefill_groups`` on the suffixes after ``prefix`` (longest first)."""
+    ordered = sorted(rows, key=lambda r: len(r.req.ids), reverse=True)
+    groups: list[list[Row]] = []
+    width = real = 0
+    for row in ordered:
+        n = len(row.req.ids) - prefix
+        sibling = bool(groups) and groups[-1][-1].req.index == row.req.index
+        if groups and (sibling or width * (len(groups[-1]) + 1) <= PREFILL_SLACK * (real + n)):
+            groups[-1].append(row)
+            real += n
+            continue
+        groups.append([row])
+        width = real = n
+    return groups
+
+
 class Scheduler:
     """Runs rows to completion; every row ends with ``finish`` set (maybe to error)."""
 
@@ -97,6 +181,7 @@ class Scheduler:
         continuous: bool,
         static_cache: bool = False,
         context: int = 0,
+        min_prefix: int = 0,
     ) -> None:
         self.ctx = ctx
         self.is_seq2seq = is_seq2seq
@@ -107,6 +192,9 @@ class Scheduler:
         self.continuous = continuous and not is_seq2seq and not self.static_cache
         self.context = context
         self._mergeable: bool | None = None  # known after the first causal prefill
+        # shared prompt prefixes: causal, dynamic caches only (0: off)
+        self.min_prefix = min_prefix if not is_seq2seq and not self.static_cache else 0
+        self.prefixes = PrefixStore()
 
     def run(self, rows: Sequence[Row], cap: int | None = None) -> None:
         queue = deque(rows)
@@ -183,16 +271,19 @@ class Scheduler:
         groups merged. Returns the batch and the rows sent back to wait (when the first
         group's cache turns out not to be mergeable: sliding windows...).
         """
-        groups = [rows] if not self._splittable() else prefill_groups(rows)
+        groups: list[tuple[list[Row], int]] = [(rows, 0)]
+        if self._splittable():
+            shared, alone = shared_groups(rows, self.min_prefix) if self.min_prefix > 0 else ([], rows)
+            groups = shared + [(group, 0) for group in prefill_groups(alone)] if alone else shared
         fresh: list[Batch] = []
-        for i, group in enumerate(groups):
+        for i, (group, prefix) in enumerate(groups):
             for row in group:
                 row.start(self.ctx)
-            new = self._new_batch(group)
+            new = self._new_batch(group, prefix)
             new.advance(new.prefill())
             if i == 0 and len(groups) > 1 and not new.can_merge:
                 self._mergeable = False
-                later = [row for g in groups[1:] for row in g]
+                later = [row for g, _ in groups[1:] for row in g]
                 return self._join(batch, [new]), later
             if i == 0:
                 self._mergeable = new.can_merge
@@ -214,12 +305,12 @@ class Scheduler:
         """Whether admitted rows may be prefilled in several groups and merged."""
         return not self.is_seq2seq and not self.static_cache and self._mergeable is not False
 
-    def _new_batch(self, rows: list[Row]) -> Batch:
+    def _new_batch(self, rows: list[Row], prefix: int = 0) -> Batch:
         if self.is_seq2seq:
             return Seq2SeqBatch(self.ctx, rows)
         if self.static_cache:
             return StaticCacheBatch(self.ctx, rows, self.context)
-        return CausalBatch(self.ctx, rows)
+        return CausalBatch(self.ctx, rows, prefix, self.prefixes)
 
     def _recover(self, exc: Exception, rows: list[Row], queue: deque[Row], cap: int) -> int:
         """Handle a failed batch of ``rows``; return the batch size to go on with."""
