@@ -20,6 +20,7 @@ ARMS: dict[str, str] = {
     "A5": "engine, compile=True (mode=auto)",
     "A6": "transformers continuous batching (paged cache)",
     "A3c": "engine (worker's mode), one call per E2E chunk, in process",
+    "A3p": "engine, mode=continuous, prefix reuse off",
     "E2E": "lmjobs submit -> Redis -> lmjobs worker -> SQL",
 }
 ALIASES = {
@@ -29,6 +30,7 @@ ALIASES = {
     "compile": "A5",
     "hf-cb": "A6",
     "e2e": "E2E",
+    "no-prefix": "A3p",
 }
 RANDOM_PREFIX = "random:"
 WARMUPS = ("short", "shapes")
@@ -155,7 +157,7 @@ def parse_arms(arms: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
         name = item.strip()
         if not name:
             continue
-        arm = ALIASES.get(name.lower(), name.upper())
+        arm = ALIASES.get(name.lower()) or next((a for a in ARMS if a.lower() == name.lower()), name)
         if arm not in ARMS:
             raise ValueError(f"unknown arm {name!r} (use {', '.join(ARMS)})")
         if arm not in out:

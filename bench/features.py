@@ -6,7 +6,9 @@
   warm-up that builds the tokenizer's token table.
 - ``samples``: one request with ``n=4`` against four separate requests of the same prompt
   (sampled, fixed seeds, ``ignore_eos``): wall time, prefill forward passes and prompt
-  tokens prefilled, counted by wrapping the model's forward.
+  tokens prefilled, counted by wrapping the model's forward. The four requests run with
+  prefix reuse off (else they would share all but their prompt's last token): the arm
+  compares sharing one prefill with none.
 
 Run: ``python -m lmjobs.bench.features --model smollm2-135m`` (see ``--help``).
 """
@@ -18,12 +20,13 @@ import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmjobs.bench.measure import cached_columns
 from lmjobs.bench.workloads import TextMaker
 from lmjobs.jobs.engine_api import Generation, GenRequest, OutputFormat, SamplingParams
 from lmjobs.worker.engine import grammar
@@ -65,8 +68,7 @@ def count_prefills(model: Any) -> Iterator[Prefills]:
         ids = kwargs.get("input_ids")
         if ids is None or (ids.shape[1] == 1 and "logits_to_keep" not in kwargs):
             return original(*args, **kwargs)
-        cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        past = int(cache.get_seq_length()) if cache is not None else 0  # before the forward
+        past = cached_columns(kwargs)  # before the forward
         started = time.perf_counter()
         out = original(*args, **kwargs)
         seen.seconds += time.perf_counter() - started
@@ -174,10 +176,11 @@ def samples_arms(
         for i in range(4)
     ]
     out: list[ArmFigures] = []
-    for name, reqs in (("n=4", one), ("4 requests", four)):
+    alone = replace(config, prefix_reuse=False)
+    for name, reqs, how in (("n=4", one, config), ("4 requests", four, alone)):
         with count_prefills(model) as seen:
             started = time.perf_counter()
-            gens = generate(model, tokenizer, reqs, config)
+            gens = generate(model, tokenizer, reqs, how)
             seconds = time.perf_counter() - started
         out.append(
             ArmFigures(

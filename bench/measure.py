@@ -120,6 +120,7 @@ class StepMeter:
     decode_shapes: set[tuple[int, int]] = field(default_factory=set)
     _handles: list[Any] = field(default_factory=list)
     _t0: float = 0.0
+    _past: int = 0  # cache columns before the current forward
     _kv_bytes: int = 0
     _weight_bytes: int = 0
 
@@ -148,6 +149,8 @@ class StepMeter:
         self._handles = []
 
     def _before(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # a suffix prefilled after a shared prefix: its mask starts with the cached columns
+        self._past = cached_columns(kwargs) if ids_width(kwargs) > 1 else 0
         sync(self.device)
         self._t0 = time.perf_counter()
 
@@ -168,8 +171,13 @@ class StepMeter:
             self.stats.prefill_s += elapsed
             self.stats.prefill_tokens += rows * new
             # a fresh prefill's mask covers its prompts (and, in a static cache, the
-            # empty columns after them): its sum is the real prompt tokens
-            real = int(mask.sum()) if mask is not None and mask.ndim == 2 else rows * new
+            # empty columns after them), a suffix's starts with its cached prefix: the
+            # new columns' sum is the real prompt tokens. (A suffix one token wide counts
+            # as a decode step.)
+            past = self._past
+            real = (
+                int(mask[:, past : past + new].sum()) if mask is not None and mask.ndim == 2 else rows * new
+            )
             self.stats.prefill_real_tokens += real
             return
         if mask is not None and mask.ndim == 2:
@@ -182,6 +190,20 @@ class StepMeter:
         self.stats.decode_rows += rows
         self.stats.decode_s += elapsed
         self.stats.decode_bytes += self._weight_bytes + rows * length * self._kv_bytes
+
+
+def ids_width(kwargs: dict[str, Any]) -> int:
+    """Columns of a forward's input ids (0 without them)."""
+    ids = kwargs.get("input_ids")
+    return int(ids.shape[1]) if isinstance(ids, torch.Tensor) and ids.ndim == 2 else 0
+
+
+def cached_columns(kwargs: dict[str, Any]) -> int:
+    """Columns a forward's KV cache holds before it runs (0 without a cache, or with one
+    that does not say, such as transformers' paged cache)."""
+    cache = kwargs.get("past_key_values", kwargs.get("cache"))
+    length = getattr(cache, "get_seq_length", None)
+    return int(length()) if callable(length) else 0
 
 
 def memory_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int = 10) -> float:

@@ -7,10 +7,10 @@ decode-step accounting and the fraction of the decode roofline, and checks greed
 against A0 token for token. What runs, and the presets, are in ``config``.
 
 Arms: A0 naive loop, A1 ``model.generate`` in fixed batches (``naive_batch``), A2 engine static, A3 engine
-continuous, A4 engine on an int8 model, A5 engine with ``compile=True`` (CUDA only), A6
-transformers' own continuous batching, A3c the worker's engine calls in process (one per
-E2E chunk), E2E the queue. A0 (and A1) may run on the first N requests only: their rate
-then stands for the full run, and the report says so.
+continuous, A3p A3 with prefix reuse off, A4 engine on an int8 model, A5 engine with
+``compile=True`` (CUDA only), A6 transformers' own continuous batching, A3c the worker's
+engine calls in process (one per E2E chunk), E2E the queue. A0 (and A1) may run on the
+first N requests only: their rate then stands for the full run, and the report says so.
 """
 
 from __future__ import annotations
@@ -240,6 +240,8 @@ def _arm_fn(config: BenchConfig, arm: str) -> bench_arms.ArmFn:
         return bench_arms.engine_arm(config.engine(mode="static"))
     if arm == "A3":
         return bench_arms.engine_arm(config.engine(mode="continuous"))
+    if arm == "A3p":  # A3 without prefix reuse: what sharing prompt prefixes saves
+        return bench_arms.engine_arm(config.engine(mode="continuous", prefix_reuse=False))
     if arm == "A5":
         return bench_arms.engine_arm(config.engine(mode="auto", compile=True))
     if arm == "A6":

@@ -62,6 +62,7 @@ def test_bench_runs_every_arm_and_matches_a0(redis_url: str, tmp_path: Path, lmj
 def test_arm_names_and_presets() -> None:
     assert parse_arms("a0, static,continuous,E2E,int8") == ("A0", "A2", "A3", "E2E", "A4")
     assert parse_arms("hf-cb,compile") == ("A6", "A5")
+    assert parse_arms("no-prefix,A3p") == ("A3p",)
     with pytest.raises(ValueError, match="unknown arm"):
         parse_arms("A9")
     with pytest.raises(ValueError, match="unknown preset"):
@@ -73,3 +74,23 @@ def test_arm_names_and_presets() -> None:
     config = preset_config("gpu", requests=64)
     assert config.requests == 64 and config.device == "cuda" and config.workload == "fixed"
     assert "A5" in config.arms and config.a0_requests < config.requests
+
+
+def test_prefix_reuse_arm_on_the_tasks_workload(tmp_path: Path, lmjobs_home: Path) -> None:
+    """A3p is A3 without prefix reuse: the same outputs (and A0's), more prompt tokens prefilled."""
+    out = tmp_path / "bench.json"
+    env = cli_env(LMJOBS_MODEL_CACHE=str(tmp_path / "models"))
+    args = "bench --preset cpu-tiny --workload tasks --requests 12 --a0-requests 4 --threads 1"
+    proc = run_cli(
+        [*args.split(), "--arms", "A0,continuous,no-prefix", "--json-out", str(out)], env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    arms = {a["arm"]: a for a in json.loads(out.read_text())["arms"]}
+
+    assert set(arms) == {"A0", "A3", "A3p"}
+    for name in ("A3", "A3p"):
+        assert arms[name]["correctness_vs_a0"]["identical_pct"] == 100.0, name
+        assert arms[name]["errors"] == 0
+    assert arms["A3"]["output_tokens"] == arms["A3p"]["output_tokens"]
+    shared, whole = arms["A3"]["steps"], arms["A3p"]["steps"]
+    assert shared["prefill_real_tokens"] < whole["prefill_real_tokens"]
