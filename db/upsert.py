@@ -53,11 +53,8 @@ def bulk_insert_rows(
     conflict = ", ".join(f'"{c}"' for c in conflict_cols)
     if session.get_bind().dialect.name != "postgresql":
         marks = ", ".join("?" for _ in columns)
-        session.connection().exec_driver_sql(
-            f'INSERT INTO "{table}" ({names}) VALUES ({marks}) ON CONFLICT ({conflict}) DO NOTHING',
-            list(rows),
-        )
-        return
+        sql = f'INSERT INTO "{table}" ({names}) VALUES ({marks}) ON CONFLICT ({conflict}) DO NOTHING'
+        return int(session.connection().exec_driver_sql(sql, list(rows)).rowcount)
     from psycopg.errors import UniqueViolation
 
     tmp = f"lmjobs_copy_{table}"
