@@ -19,12 +19,12 @@ and the report says so. ``lmjobs report`` draws its per-row figures from the sam
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, func, select, text
+from sqlalchemy import and_, bindparam, case, func, select
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import (
@@ -148,27 +148,30 @@ SCORE_EXACT_LIMIT = 20_000  # score rows a job may have for exact means in ``sta
 
 @dataclass
 class Sample:
-    """Requests of a job's closed chunks spread evenly by ``seq``: ``chunks`` of
-    ``chunks_closed``; their ``requests`` as (chunk id, request id, task)."""
+    """Closed chunks of a job spread evenly by ``seq``: ``chunk_ids``, of ``chunks_closed``."""
 
-    chunks: int
+    chunk_ids: list[int]
     chunks_closed: int
-    requests: list[tuple[int, int, str]]
 
-    def id_ranges(self) -> list[tuple[int, int]]:
-        """The (first, last) request id of each sampled chunk."""
-        ranges: dict[int, list[int]] = {}
-        for chunk_id, rid, _ in self.requests:
-            r = ranges.setdefault(chunk_id, [rid, rid])
-            r[0], r[1] = min(r[0], rid), max(r[1], rid)
-        return [(a, b) for a, b in ranges.values()]
+    @property
+    def chunks(self) -> int:
+        return len(self.chunk_ids)
+
+    def rows(self, session: Session, stmt: Any) -> Iterator[Any]:
+        """``stmt`` (rows of one chunk, selected by ``Request.chunk_id == bindparam("chunk")``)
+        for each sampled chunk: one small statement a chunk, its plan an index lookup of
+        ``ix_requests_chunk`` then the unique keys of ``results`` / ``scores`` per request,
+        whatever the statistics say. (A request's ids need not be contiguous within its chunk,
+        so there is no id range to read instead.)"""
+        conn = session.connection()  # Core rows: no ORM step per row
+        for chunk_id in self.chunk_ids:
+            yield from conn.execute(stmt, {"chunk": chunk_id})
 
 
 def sample_chunks(session: Session, job_id: int, chunks_closed: int, requests_per_chunk: float) -> Sample:
     """Up to ``SAMPLE_CHUNKS`` of the job's closed chunks, about ``SAMPLE_REQUESTS`` requests,
-    every ``step``-th by ``seq`` (one pass over the job's chunk rows through
-    ``ix_chunks_job_id``), and their requests (``ix_requests_chunk``). Deterministic: the same
-    job gives the same sample."""
+    every ``step``-th by ``seq`` (one pass over the job's chunk rows through its index on
+    ``job_id``). Deterministic: the same job gives the same sample."""
     want = max(1, min(SAMPLE_CHUNKS, round(SAMPLE_REQUESTS / max(1.0, requests_per_chunk))))
     step = max(1, -(-chunks_closed // want))  # ceil: at most ``want`` multiples of it
     ids = list(
@@ -185,45 +188,19 @@ def sample_chunks(session: Session, job_id: int, chunks_closed: int, requests_pe
     )
     if len(ids) > want:  # closed chunks bunched on the multiples of step: thin them evenly
         ids = [ids[i * len(ids) // want] for i in range(want)]
-    requests = (
-        [
-            (int(c), int(r), str(t))
-            for c, r, t in session.connection().execute(
-                select(Request.chunk_id, Request.id, Request.task)
-                .where(Request.chunk_id.in_(ids))
-                .order_by(Request.id)
-            )
-            if c is not None  # always: chosen by chunk
-        ]
-        if ids
-        else []
-    )
-    return Sample(chunks=len(ids), chunks_closed=chunks_closed, requests=requests)
-
-
-def in_id_ranges(table: str, ranges: Sequence[tuple[int, int]], *, job_id: int | None = None) -> Any:
-    """``table.request_id`` in any of ``ranges`` (and ``table.job_id = job_id``): an OR of
-    ranges, each an index range scan. Written as SQL text: SQLAlchemy compiles an ``or_()`` of
-    200 ``between()`` in about 0.1 s, which a one-shot command pays every time."""
-    job = f"{table}.job_id = :job AND " if job_id is not None else ""
-    terms = [f"({job}{table}.request_id BETWEEN :lo{i} AND :hi{i})" for i in range(len(ranges))]
-    params: dict[str, int] = {f"lo{i}": a for i, (a, _) in enumerate(ranges)}
-    params.update({f"hi{i}": b for i, (_, b) in enumerate(ranges)})
-    if job_id is not None:
-        params["job"] = job_id
-    return text("(" + " OR ".join(terms) + ")").bindparams(**params)
+    return Sample(chunk_ids=[int(c) for c in ids], chunks_closed=chunks_closed)
 
 
 def sampled_scores(session: Session, sample: Sample) -> list[tuple[int, str, float]]:
-    """(request id, metric, value) of the sample's requests, by request-id ranges through
-    ``uq_scores_request_metric``."""
-    if not sample.requests:
-        return []
-    ids = {rid for _, rid, _ in sample.requests}
-    rows = session.connection().execute(
-        select(Score.request_id, Score.metric, Score.value).where(in_id_ranges("scores", sample.id_ranges()))
+    """(request id, metric, value) of the sampled chunks' requests, through
+    ``ix_requests_chunk`` and ``uq_scores_request_metric``."""
+    stmt = (
+        select(Score.request_id, Score.metric, Score.value)
+        .select_from(Request)
+        .join(Score, Score.request_id == Request.id)
+        .where(Request.chunk_id == bindparam("chunk"))
     )
-    return [(int(r), str(m), float(v)) for r, m, v in rows if r in ids]
+    return [(int(r), str(m), float(v)) for r, m, v in sample.rows(session, stmt)]
 
 
 @dataclass

@@ -18,8 +18,9 @@ million requests (docs/benchmarks.md):
   several tasks (OpenAI input: chat and completions), structured answers, score histograms,
   corpus scores, and mean scores when the job has more than ``control.SCORE_EXACT_LIMIT``
   score rows come from a sample: up to ``control.SAMPLE_CHUNKS`` closed chunks (about
-  ``SAMPLE_REQUESTS`` requests) spread evenly over the job by ``seq``, their results read by
-  request-id ranges through the results' unique key (``control.sample_chunks``). Whole
+  ``SAMPLE_REQUESTS`` requests) spread evenly over the job by ``seq``, their results read a
+  chunk a statement through ``ix_requests_chunk`` and the results' unique key
+  (``control.sample_chunks``; 200 small statements, about 0.1 s). Whole
   chunks are a cluster sample: requests of one chunk ran together, so the spread over
   ``seq`` (submission order, and over the job's run time) is what makes it representative.
   ``JobReport.sample`` says which figures are sampled and how big the sample is; the text,
@@ -44,7 +45,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, and_, case, cast, func, select
+from sqlalchemy import Integer, and_, bindparam, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, Reject, Request, Result, ResultStatus
@@ -56,7 +57,6 @@ from lmjobs.jobs.control import (
     bounded_mean_scores,
     failure_reasons,
     get_job,
-    in_id_ranges,
     job_progress,
     sample_of,
 )
@@ -426,17 +426,14 @@ def _chunk_throughput(session: Session, job: Job) -> tuple[float, list[Bucket]]:
 
 
 def _sample_rows(session: Session, job_id: int, sample: Sample) -> list[tuple[Any, ...]]:
-    """Every sample of the sampled requests' results: (request id, sample index, status,
-    input tokens, output tokens, latency, valid, label of a valid choice answer), by
-    request-id ranges through the results' unique key."""
-    if not sample.requests:
-        return []
+    """The sampled chunks' requests and every sample of their results: (request id, task,
+    sample index, status, input tokens, output tokens, latency, valid, format kind, label of a
+    valid answer); the result columns None for a request without a result."""
     kind = Result.params_json["output_format"]["kind"].as_string()
-    ranges = in_id_ranges("results", sample.id_ranges(), job_id=job_id)
-    ids = {rid for _, rid, _ in sample.requests}
-    rows = session.connection().execute(
+    stmt = (
         select(
-            Result.request_id,
+            Request.id,
+            Request.task,
             Result.sample_index,
             Result.status,
             Result.input_tokens,
@@ -445,15 +442,18 @@ def _sample_rows(session: Session, job_id: int, sample: Sample) -> list[tuple[An
             Result.valid,
             kind,
             case((Result.valid.is_(True), Result.output_text)),  # a label: only valid answers
-        ).where(ranges)
+        )
+        .select_from(Request)
+        .outerjoin(Result, and_(Result.job_id == job_id, Result.request_id == Request.id))
+        .where(Request.chunk_id == bindparam("chunk"))
     )
-    return [tuple(r) for r in rows if r[0] in ids]
+    return [tuple(r) for r in sample.rows(session, stmt)]
 
 
 def _sampled_structured(rows: list[tuple[Any, ...]]) -> StructuredAnswers | None:
     answers = valid = 0
     labels: dict[str, int] = {}
-    for _, _, status, _, _, _, ok, kind, text in rows:
+    for _, _, _, status, _, _, _, ok, kind, text in rows:
         if status != ResultStatus.SUCCEEDED.value or ok is None:
             continue
         answers += 1
@@ -474,21 +474,21 @@ def _sampled_structured(rows: list[tuple[Any, ...]]) -> StructuredAnswers | None
     )
 
 
-def _sampled_corpus(session: Session, sample: Sample, rows: list[tuple[Any, ...]]) -> dict[str, float]:
-    """Corpus chrF / BLEU of the sample's succeeded sample-0 answers that have a reference
-    (sentence statistics summed, as ``metrics.corpus_scores`` does for the whole job)."""
-    refs = dict(
-        session.execute(
-            select(Request.id, Request.reference).where(
-                Request.id.in_([rid for _, rid, _ in sample.requests]), Request.reference.is_not(None)
-            )
-        ).all()
+def _sampled_corpus(session: Session, job_id: int, sample: Sample) -> dict[str, float]:
+    """Corpus chrF / BLEU of the sampled chunks' succeeded answers (sample 0) that have a
+    reference (sentence statistics summed, as ``metrics.corpus_scores`` does for a job)."""
+    stmt = (
+        select(Result.output_text, Request.reference)
+        .select_from(Request)
+        .join(Result, and_(Result.job_id == job_id, Result.request_id == Request.id))
+        .where(
+            Request.chunk_id == bindparam("chunk"),
+            Request.reference.is_not(None),
+            Result.sample_index == 0,
+            Result.status == ResultStatus.SUCCEEDED.value,
+        )
     )
-    pairs = [
-        (text or "", str(refs[rid]))
-        for rid, idx, status, *_, text in rows
-        if idx == 0 and status == ResultStatus.SUCCEEDED.value and rid in refs
-    ]
+    pairs = [(text or "", str(ref)) for text, ref in sample.rows(session, stmt)]
     if not pairs:
         return {}
     from sacrebleu.metrics import BLEU, CHRF
@@ -511,18 +511,16 @@ def _sampled_report(db: Database, job: Job) -> JobReport:
         rows = _sample_rows(s, job.id, sample)
         means = bounded_mean_scores(s, job.id, progress, job.requests_total, sample)
         scores = means.scores if means.sampled else None
-        corpus = _sampled_corpus(s, sample, rows) if job.task in CORPUS_METRICS else {}
+        corpus = _sampled_corpus(s, job.id, sample) if job.task in CORPUS_METRICS else {}
     sampled = ["latency"]
-    task_of = {rid: task for _, rid, task in sample.requests}
     per_task: dict[str, _Acc] = {}
     total = _Acc("all")
     one_task = job.input_format == "native"  # every request runs under the job's task
-    for rid, idx, status, tin, tout, ms, *_ in rows:
-        if idx != 0:  # a request's figures are those of its sample 0, as for a small job
+    for _, task, idx, status, tin, tout, ms, *_ in rows:
+        if idx not in (0, None):  # a request's figures are those of its sample 0, as for a small job
             continue
         total.add(status, tin, tout, ms)
         if not one_task:
-            task = task_of[rid]
             acc = per_task.get(task)
             if acc is None:
                 acc = per_task[task] = _Acc(task)
@@ -583,7 +581,7 @@ def _sampled_report(db: Database, job: Job) -> JobReport:
         score_histograms=hists,
         structured=structured,
         sample=SampleInfo(
-            requests=len(sample.requests),
+            requests=len({r[0] for r in rows}),
             chunks=sample.chunks,
             chunks_closed=sample.chunks_closed,
             figures=sampled,
