@@ -82,14 +82,15 @@ def peak_tokens(width: int, remaining: Sequence[int]) -> int:
     return peak
 
 
-def prefill_groups(rows: Sequence[Row]) -> list[list[Row]]:
+def prefill_groups(rows: Sequence[Row], prefix: int = 0) -> list[list[Row]]:
     """``rows`` (longest prompt first) in groups whose padded prefill stays within
-    PREFILL_SLACK x their real prompt tokens."""
+    PREFILL_SLACK x their real prompt tokens; with ``prefix``, of the suffixes after their
+    shared first ``prefix`` tokens (what is prefilled once the prefix is cached)."""
     ordered = sorted(rows, key=lambda r: len(r.req.ids), reverse=True)
     groups: list[list[Row]] = []
     width = real = 0
     for row in ordered:
-        n = len(row.req.ids)
+        n = len(row.req.ids) - prefix
         # samples of one request stay together: their prompt is prefilled once
         sibling = bool(groups) and groups[-1][-1].req.index == row.req.index
         if groups and (sibling or width * (len(groups[-1]) + 1) <= PREFILL_SLACK * (real + n)):
@@ -122,7 +123,7 @@ def shared_groups(rows: Sequence[Row], min_prefix: int) -> tuple[list[tuple[list
         if prefix == 0:
             alone.extend(members)
             continue
-        for group in _suffix_groups(members, prefix):
+        for group in prefill_groups(members, prefix):
             shared.append((group, prefix))
     return shared, alone
 
@@ -149,23 +150,6 @@ def _plan(
     parts = [run for a, b in pairwise(cuts) for run in _plan(prompts, a, b, min_prefix)]
     split = sum(sum(len(p) for p in prompts[a:b]) - (b - a - 1) * shared for a, b, shared in parts)
     return parts if split < cost else whole
-
-
-def _suffix_groups(rows: Sequence[Row], prefix: int) -> list[list[Row]]:
-    """``prefill_groups`` on the suffixes after ``prefix`` (longest first)."""
-    ordered = sorted(rows, key=lambda r: len(r.req.ids), reverse=True)
-    groups: list[list[Row]] = []
-    width = real = 0
-    for row in ordered:
-        n = len(row.req.ids) - prefix
-        sibling = bool(groups) and groups[-1][-1].req.index == row.req.index
-        if groups and (sibling or width * (len(groups[-1]) + 1) <= PREFILL_SLACK * (real + n)):
-            groups[-1].append(row)
-            real += n
-            continue
-        groups.append([row])
-        width = real = n
-    return groups
 
 
 class Scheduler:
