@@ -358,15 +358,7 @@ def build_report(db: Database, job_id: int) -> JobReport:
     totals.succeeded, totals.failed = progress.succeeded, progress.failed
     totals.pending = max(0, job.requests_total - progress.succeeded - progress.failed)
     return JobReport(
-        job_id=job.id,
-        name=job.name,
-        task=job.task,
-        model=job.model,
-        status=job.status,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        lines_rejected=max(int(rejected), job.lines_rejected),
+        **_job_fields(job, rejected),
         totals=totals,
         per_task=[a.done() for _, a in sorted(per_task.items())],
         bucket_s=width,
@@ -381,6 +373,21 @@ def build_report(db: Database, job_id: int) -> JobReport:
 
 
 # -- a big job: sums over chunks and a sample of them ----------------------------------------
+
+
+def _job_fields(job: Job, rejected: int) -> dict[str, Any]:
+    """The report's fields that describe the job itself (both ways of building a report)."""
+    return {
+        "job_id": job.id,
+        "name": job.name,
+        "task": job.task,
+        "model": job.model,
+        "status": job.status,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "lines_rejected": max(int(rejected), job.lines_rejected),
+    }
 
 
 def _epoch(session: Session, column: Any) -> Any:
@@ -561,15 +568,7 @@ def _sampled_report(db: Database, job: Job) -> JobReport:
     if corpus:
         sampled.append("corpus_scores")
     return JobReport(
-        job_id=job.id,
-        name=job.name,
-        task=job.task,
-        model=job.model,
-        status=job.status,
-        created_at=job.created_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        lines_rejected=max(int(rejected), job.lines_rejected),
+        **_job_fields(job, rejected),
         totals=totals,
         per_task=per_task_figs,
         bucket_s=width,
