@@ -225,6 +225,51 @@ def memory_bandwidth(device: torch.device, megabytes: int = 1024, repeats: int =
     return 2 * n * repeats / elapsed
 
 
+# The matmul the rate is measured on: SmolLM2-135M's MLP up-projection for a batch of 512
+# rows (the issue's reference shape); a GPU takes a larger one, or launches dominate.
+MATMUL_SHAPE = {"cpu": (512, 576, 1536), "cuda": (8192, 4096, 4096)}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """FLOP/s of ``a @ b`` in ``dtype`` on ``device`` with torch's current threads: the
+    best of a few timed rounds of repeated matmuls (the machine's own limit, against which
+    each arm's achieved rate is read)."""
+    m, k, n = MATMUL_SHAPE.get(device.type, MATMUL_SHAPE["cuda"])
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    a @ b  # warm-up
+    sync(device)
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while True:
+        start = time.perf_counter()
+        reps = 0
+        while reps < 4 or time.perf_counter() - start < seconds / 5:
+            a @ b
+            reps += 1
+        sync(device)
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start))
+        if time.perf_counter() >= deadline:
+            return best
+
+
+def matmul_params(model: Any) -> tuple[int, int]:
+    """Weights a token multiplies, as (per prompt token, per generated token): every
+    ``nn.Linear`` of the model except the output layer, which a prefill applies to its
+    last position only (``logits_to_keep``) and each decode step to its one new token."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    head_n = head.weight.numel() if head is not None else 0
+    return body, body + head_n
+
+
+def matmul_flops(model: Any, *, prompt_tokens: int, output_tokens: int) -> float:
+    """Matmul FLOPs of prefilling ``prompt_tokens`` and generating ``output_tokens``
+    (2 per weight per token; attention's own products left out)."""
+    per_prompt, per_output = matmul_params(model)
+    return 2.0 * (per_prompt * prompt_tokens + per_output * output_tokens)
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]

@@ -71,6 +71,10 @@ class BenchReport:
     skipped: dict[str, str] = field(default_factory=dict)
     e2e: dict[str, Any] | None = None
     bandwidth: float | None = None
+    # FLOP/s of a matmul in the bench's dtype on its device (measure.matmul_rate), and the
+    # model's matmul weights per (prompt, generated) token (measure.matmul_params)
+    matmul_rate: float | None = None
+    matmul_params: tuple[int, int] | None = None
     profile: dict[str, Any] | None = None
     load_average: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -187,12 +191,30 @@ class BenchReport:
             "peak_memory_above_start_mb": result.peak_delta_mb,
             "memory_kind": result.memory_kind,
             "correctness_vs_a0": self.correctness(result.arm),
+            "matmul_fraction": self.matmul_fraction(result),
             "steps": result.steps.to_json(self.bandwidth),
             "errors": len(result.outputs.errors),
             "finish_reasons": _count(result.outputs.finish.values()),
             "notes": result.notes,
             "extrapolation": self.extrapolation(result) if result.subset else None,
         }
+
+    def matmul_fraction(self, result: ArmResult) -> float | None:
+        """The arm's useful matmul FLOPs (2 per weight for each prompt token of its requests
+        and each token it wrote; attention, padding and recomputation not counted) per second
+        of its wall time, over the measured matmul rate of the bench's dtype. None for E2E
+        and A4 (another process; int8 weights)."""
+        if (
+            not self.matmul_rate
+            or not self.matmul_params
+            or result.arm in ("E2E", "A4")
+            or not result.elapsed_s
+        ):
+            return None
+        per_prompt, per_output = self.matmul_params
+        prompts = sum(r.input_tokens for r in self.workload.requests[: result.requests])
+        flops = 2.0 * (per_prompt * prompts + per_output * result.output_tokens)
+        return round(flops / result.elapsed_s / self.matmul_rate, 4)
 
     def extrapolation(self, result: ArmResult) -> dict[str, Any]:
         """How a subset arm's rate stands for the full run, with a cross-check.
@@ -244,6 +266,7 @@ class BenchReport:
                 "max_batch_size": cfg.max_batch_size,
                 "batch_tokens": cfg.batch_tokens,
                 "memory_bandwidth_gb_per_s": round(self.bandwidth / 1e9, 2) if self.bandwidth else None,
+                "matmul_gflop_per_s": round(self.matmul_rate / 1e9, 1) if self.matmul_rate else None,
                 "load_average": self.load_average,
                 "wall_s": round(self.wall_s, 1),
             },

@@ -29,7 +29,7 @@ from lmjobs.bench import workloads as bench_workloads
 from lmjobs.bench.arms import measure
 from lmjobs.bench.config import ARMS, RANDOM_PREFIX, BenchConfig
 from lmjobs.bench.e2e import E2EOptions, E2EResult, run_e2e
-from lmjobs.bench.measure import load_average, memory_bandwidth
+from lmjobs.bench.measure import load_average, matmul_params, matmul_rate, memory_bandwidth
 from lmjobs.bench.models import build_random_model
 from lmjobs.bench.report import BenchReport, profile_engine
 from lmjobs.worker.engine.core import resolve_mode
@@ -112,6 +112,9 @@ def run_bench(
     )
     say("measuring memory bandwidth")
     report.bandwidth = memory_bandwidth(device, megabytes=1024 if device.type == "cuda" else 256)
+    say("measuring the matmul rate")
+    report.matmul_rate = matmul_rate(device, dtype)
+    report.matmul_params = matmul_params(loaded.model)
 
     model, tok = loaded.model, loaded.tokenizer
     in_process = list(config.arms)

@@ -18,6 +18,7 @@ COLUMNS = (
     "peak MB",
     "rows/step",
     "roofline",
+    "matmul rate",
     "same as A0",
 )
 
@@ -47,6 +48,7 @@ def arm_cells(arm: dict[str, Any]) -> list[str]:
         fmt(arm["peak_memory_mb"], 0),
         fmt(steps["mean_rows_per_decode_step"]),
         fmt(100 * roofline if roofline is not None else None, 1, "%"),
+        fmt(100 * matmul if (matmul := arm.get("matmul_fraction")) is not None else None, 1, "%"),
         "-" if same is None else f"{same['identical']}/{same['compared']}",
     ]
 

@@ -14,7 +14,7 @@ from lmjobs.bench.config import parse_arms, preset_config
 ARM_KEYS = set(
     "arm label requests subset output_tokens elapsed_s output_tokens_per_s requests_per_s "
     "speedup_vs_a0 speedup_vs_a1 warmup_s peak_memory_mb correctness_vs_a0 steps errors "
-    "finish_reasons notes".split()
+    "finish_reasons notes matmul_fraction".split()
 )
 
 
@@ -51,6 +51,12 @@ def test_bench_runs_every_arm_and_matches_a0(redis_url: str, tmp_path: Path, lmj
     assert arms["A1"]["output_tokens"] == arms["A2"]["output_tokens"]
     for name in ("A3", "A5", "A6", "A3c", "E2E"):
         assert arms[name]["output_tokens"] == arms["A2"]["output_tokens"]
+
+    # each in-process fp arm's share of the machine's matmul rate; none for E2E and int8
+    assert report["meta"]["matmul_gflop_per_s"] > 0
+    for name in ("A0", "A1", "A2", "A3", "A5", "A6", "A3c"):
+        assert 0 < arms[name]["matmul_fraction"] < 1, name
+    assert arms["E2E"]["matmul_fraction"] is None and arms["A4"]["matmul_fraction"] is None
 
     e2e = report["e2e"]
     assert e2e["engine_arm"] in ("A2", "A3") and e2e["chunk_size"] == 6 and e2e["chunks"] == 2
