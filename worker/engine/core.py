@@ -14,13 +14,28 @@ Modes (``EngineConfig.mode``):
   rows finish. Decoder-only models with a plain dynamic cache only; encoder-decoder
   models always run static (their decoders start together).
 - ``auto``: continuous (it falls back to static by itself where it cannot merge: encoder-
-  decoder models, caches that are not plain dynamic layers), static with ``compile``.
+  decoder models, caches that are not plain dynamic layers), static with ``compile`` on a
+  model the slot path does not take.
 
 Why ``auto`` is continuous: measured side by side in ``docs/benchmarks.md`` ("Why the
 engine's auto mode is continuous").
 
-``compile=True``: a StaticCache with bucketed shapes and, on CUDA, transformers' compiled
-forward (CUDA graphs) for decode steps; static batching only. Not run on a GPU yet.
+Slots (``EngineConfig.slots``, off by default): llama-family decoders (llama, qwen2,
+mistral without a sliding window) decode in the gpt-fast way (``slots``' docstring): one KV
+cache kept for the worker's life, each row in a slot with its own position, a decode step of
+plain tensor operations over the model's own weights (SDPA with grouped KV heads, no
+repeat). Rows are prefilled as on the default path and admitted as in continuous batching.
+Same greedy output as the default path (fp32; tested). Other models run the default path
+(logged once per model type).
+
+``compile=True``: the slot path's decode step through ``torch.compile`` (on CUDA
+``reduce-overhead``: a CUDA graph per batch and column bucket; on the CPU inductor with
+dynamic shapes), compiled once per model for the worker's life; its first calls are counted
+in ``slots.STATS`` and logged. ``compile`` implies ``slots`` because the compiled step is the
+slot step: one field asks for compilation, the other for the cache layout, and the layout
+is what a compiled step needs. A model the slot path does not take keeps the older static
+path: a StaticCache with bucketed shapes and, on CUDA, transformers' compiled forward; static
+batching only. Neither compiled path has run on a GPU yet.
 
 ``output_tokens`` counts every token the model wrote for the request, the EOS token and
 the tokens that completed a stop string included (what it cost); ``text`` has neither.
@@ -48,8 +63,8 @@ Prefix reuse (``EngineConfig.prefix_reuse``, on by default): rows prefilled toge
 whose prompts share a prefix of at least ``MIN_PREFIX`` tokens (a task's instruction, a
 chat system turn) prefill it once and copy its KV cache; each row's suffix is prefilled
 after it (``decoding``'s docstring says how the cache is laid out, ``scheduler`` how rows
-are grouped). Same greedy output as without (fp32; tested). Not with ``compile`` (static
-cache), encoder-decoder models, alibi models or caches that are not plain dynamic layers:
+are grouped). Same greedy output as without (fp32; tested). Not with the StaticCache
+path (``compile`` on a model without slots), encoder-decoder models, alibi models or caches that are not plain dynamic layers:
 those prefill whole prompts.
 
 ``latency_ms`` of a Generation is the wall time from the start of its prefill to its last
@@ -86,6 +101,7 @@ from lmjobs.worker.engine.grammar import Grammars
 from lmjobs.worker.engine.logits import GenerationRules
 from lmjobs.worker.engine.prompts import context_length
 from lmjobs.worker.engine.scheduler import Scheduler
+from lmjobs.worker.engine.slots import decoder_for
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +116,8 @@ class EngineConfig:
     batch_tokens: int = 0  # budget per batch: rows x (prompt + max_new_tokens); 0 = derive
     max_batch_size: int = 64
     sort_by_length: bool = True
-    compile: bool = False  # CUDA: static cache + torch.compile of the decode step
+    compile: bool = False  # torch.compile of the decode step (the slot step where supported)
+    slots: bool = False  # llama-family decode in slots of one worker-lived KV cache (eager)
     dedup: bool = True  # identical greedy requests are generated once
     prefix_reuse: bool = True  # prompts sharing a prefix (>= MIN_PREFIX tokens) prefill it once
 
@@ -146,19 +163,33 @@ def generate(
             row.start(ctx)
             row.finish = FinishReason.LENGTH
 
+    batch_tokens = config.batch_tokens or default_batch_tokens(model, device)
+    slots = None
+    if (config.slots or config.compile) and todo:
+        slots = decoder_for(
+            model,
+            ctx,
+            todo,
+            max_batch_size=config.max_batch_size,
+            batch_tokens=batch_tokens,
+            context=context,
+            compiled=config.compile,
+        )
+    static_cache = config.compile and slots is None
     scheduler = Scheduler(
         ctx,
         is_seq2seq=is_seq2seq,
-        batch_tokens=config.batch_tokens or default_batch_tokens(model, device),
+        batch_tokens=batch_tokens,
         max_batch_size=config.max_batch_size,
         continuous=resolve_mode(config.mode) == "continuous",
-        static_cache=config.compile,
+        static_cache=static_cache,
         context=context,
         min_prefix=MIN_PREFIX if config.prefix_reuse else 0,
+        slots=slots,
     )
     if todo:
-        # decode steps skip the cache's left padding (not under torch.compile: static shapes)
-        with torch.inference_mode(), ragged_attention(model, enabled=not config.compile):
+        # decode steps skip the cache's left padding (not with a StaticCache: static shapes)
+        with torch.inference_mode(), ragged_attention(model, enabled=not static_cache):
             scheduler.run(todo)
 
     tokens = _TokenText(tokenizer, grammars)

@@ -22,6 +22,11 @@ once for all of them (``decoding.PrefixStore`` keeps the call's last few prefixe
 refills of a continuous batch reuse too). Rows that share nothing go to ``prefill_groups``
 as before. Static caches and encoder-decoder models never share.
 
+Slots (``slots``, ``EngineConfig.slots``/``compile`` on llama-family models): batches are
+``slots.SlotBatch``es over the worker's slot cache; rows are prefilled as above and merged
+as in continuous batching. The cache is allocated whole, so a batch costs its rows only
+(at most the cache's slots): no token budget is checked per admission.
+
 Failures: out of memory puts the batch's rows back and halves the batch size (for the
 rest of the call), down to one row; a row that runs out of memory alone fails alone. Any
 other exception reruns the batch's rows one at a time, so only the culprit fails.
@@ -46,11 +51,12 @@ from lmjobs.worker.engine.decoding import (
     Seq2SeqBatch,
     common_prefix,
 )
+from lmjobs.worker.engine.slots import SlotBatch, SlotDecoder
 from lmjobs.worker.engine.static_cache import StaticCacheBatch
 
 logger = logging.getLogger(__name__)
 
-Batch: TypeAlias = CausalBatch | Seq2SeqBatch | StaticCacheBatch
+Batch: TypeAlias = CausalBatch | Seq2SeqBatch | StaticCacheBatch | SlotBatch
 
 REFILL_SHARE = 4  # continuous: refill when at least 1/REFILL_SHARE of the slots are free
 # Rows admitted together are prefilled in groups of similar prompt length, each group
@@ -166,11 +172,14 @@ class Scheduler:
         static_cache: bool = False,
         context: int = 0,
         min_prefix: int = 0,
+        slots: SlotDecoder | None = None,
     ) -> None:
         self.ctx = ctx
         self.is_seq2seq = is_seq2seq
         self.batch_tokens = batch_tokens
-        self.max_batch_size = max(1, max_batch_size)
+        # slot batches: causal models only, at most one row per slot
+        self.slots = slots if not is_seq2seq else None
+        self.max_batch_size = max(1, min(max_batch_size, self.slots.slots if self.slots else max_batch_size))
         # static caches have fixed shapes: no refilling (and no encoder-decoder support)
         self.static_cache = static_cache and not is_seq2seq
         self.continuous = continuous and not is_seq2seq and not self.static_cache
@@ -202,6 +211,8 @@ class Scheduler:
             except Exception as exc:
                 in_flight = admitting + (batch.rows if batch is not None else [])
                 batch = None
+                if self.slots is not None:
+                    self.slots.reset()  # every batch holding slots was just dropped
                 if not in_flight:
                     raise  # not a batch's failure: a bug of the engine
                 cap = self._recover(exc, in_flight, queue, cap)
@@ -233,7 +244,7 @@ class Scheduler:
         while queue and len(current) + len(taken) < cap:
             row = queue[0]
             sibling = bool(taken) and taken[-1].req.index == row.req.index
-            if (current or taken) and not sibling:
+            if (current or taken) and not sibling and self.slots is None:
                 if self.static_cache:
                     reserve = max(reserve, row.req.reserved)
                     cost = (len(current) + len(taken) + 1) * reserve
@@ -294,6 +305,8 @@ class Scheduler:
             return Seq2SeqBatch(self.ctx, rows)
         if self.static_cache:
             return StaticCacheBatch(self.ctx, rows, self.context)
+        if self.slots is not None:
+            return SlotBatch(self.ctx, rows, self.slots, prefix, self.prefixes)
         return CausalBatch(self.ctx, rows, prefix, self.prefixes)
 
     def _recover(self, exc: Exception, rows: list[Row], queue: deque[Row], cap: int) -> int:
