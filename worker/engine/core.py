@@ -63,9 +63,9 @@ Prefix reuse (``EngineConfig.prefix_reuse``, on by default): rows prefilled toge
 whose prompts share a prefix of at least ``MIN_PREFIX`` tokens (a task's instruction, a
 chat system turn) prefill it once and copy its KV cache; each row's suffix is prefilled
 after it (``decoding``'s docstring says how the cache is laid out, ``scheduler`` how rows
-are grouped). Same greedy output as without (fp32; tested). Not with the StaticCache
-path (``compile`` on a model without slots), encoder-decoder models, alibi models or caches that are not plain dynamic layers:
-those prefill whole prompts.
+are grouped). Same greedy output as without (fp32; tested). Not with the StaticCache path
+(``compile`` on a model without slots), encoder-decoder models, alibi models or caches that
+are not plain dynamic layers: those prefill whole prompts.
 
 ``latency_ms`` of a Generation is the wall time from the start of its prefill to its last
 token: the time the request spent in a batch, shared with its batch neighbours (the sum

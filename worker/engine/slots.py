@@ -124,7 +124,9 @@ def _rotary_function(attn: torch.nn.Module) -> Callable[..., Any] | None:
 class SlotCache:
     """Keys and values of every layer: [slots, kv_heads, max_len, head_dim] each."""
 
-    def __init__(self, model: Any, slots: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self, model: Any, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> None:
         self.slots, self.max_len = slots, max_len
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
@@ -205,7 +207,9 @@ class SlotModel:
 
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, RECOMPILE_LIMIT)
             if device.type == "cuda":
-                self.compiled = torch.compile(self.step, mode="reduce-overhead", dynamic=False, fullgraph=True)
+                self.compiled = torch.compile(
+                    self.step, mode="reduce-overhead", dynamic=False, fullgraph=True
+                )
             else:  # batch and columns marked dynamic per call (``SlotDecoder.step``)
                 self.compiled = torch.compile(self.step, fullgraph=True)
         return self.compiled

@@ -110,8 +110,9 @@ def test_batch_equals_one_at_a_time(any_model: LoadedModel, mode: str, max_batch
     assert all(g.output_tokens == r.params.max_new_tokens for g, r in zip(got, requests, strict=True))
 
 
+@pytest.mark.slow  # llama's slot step is compiled by inductor (once per worker)
 def test_static_cache_path_equals_one_at_a_time(llama: LoadedModel, gpt2: LoadedModel):
-    # compile=True: StaticCache with bucketed shapes (torch.compile itself only on CUDA)
+    # compile=True: llama runs the compiled slot step, gpt2 a StaticCache with bucketed shapes
     for lm in (llama, gpt2):
         requests = requests_for(PROMPTS)
         expected = [reference(lm, r) for r in requests]

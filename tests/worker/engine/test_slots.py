@@ -10,9 +10,8 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import INIT_STD
 
-from lmjobs.bench.models import randomize, save_folder
+from lmjobs.bench.models import INIT_STD, randomize, save_folder
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest, OutputFormat, SamplingParams
 from lmjobs.worker.engine import slots
 from lmjobs.worker.engine.core import EngineConfig, generate
@@ -137,8 +136,14 @@ def test_one_cache_across_batches_and_calls(llama: LoadedModel, monkeypatch: pyt
 def test_samples_output_formats_and_logprobs_in_slots(llama: LoadedModel):
     schema = OutputFormat("json_object")
     reqs = [
-        GenRequest(key=0, prompt="The quick brown fox", params=SamplingParams(max_new_tokens=12, n=3, seed=7, temperature=0.8)),
-        GenRequest(key=1, prompt="Give me JSON", params=SamplingParams(max_new_tokens=40, output_format=schema)),
+        GenRequest(
+            key=0,
+            prompt="The quick brown fox",
+            params=SamplingParams(max_new_tokens=12, n=3, seed=7, temperature=0.8),
+        ),
+        GenRequest(
+            key=1, prompt="Give me JSON", params=SamplingParams(max_new_tokens=40, output_format=schema)
+        ),
         GenRequest(key=2, prompt="Hi", params=SamplingParams(max_new_tokens=9, logprobs=3)),
         GenRequest(key=3, prompt="Guten Morgen!", params=SamplingParams(max_new_tokens=9, stop=("e",))),
     ]
@@ -194,7 +199,12 @@ def test_unsupported_says_why():
     from transformers import MistralConfig, MistralForCausalLM
 
     small: dict[str, Any] = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     assert unsupported(MistralForCausalLM(MistralConfig(sliding_window=None, **small))) is None
     reason = unsupported(MistralForCausalLM(MistralConfig(sliding_window=16, **small)))
