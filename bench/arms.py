@@ -5,7 +5,9 @@
 - A1: ``model.generate`` on fixed batches (32; the GPU preset 64) in input order, left
   padding, no sorting, with the batch's largest ``max_new_tokens`` (each row is then cut
   to its own limit and its first EOS, and only those tokens count).
-- engine arms: ``lmjobs.worker.engine.core.generate`` with an ``EngineConfig``.
+- engine arms: ``lmjobs.worker.engine.core.generate`` with an ``EngineConfig`` (A7:
+  ``slots=True``, the slot decode step eagerly; A5: ``compile=True``, the same step
+  through ``torch.compile`` on llama-family models, the static cache on others).
 - A6: transformers' own continuous batching (``ContinuousBatchingManager``: a paged KV
   cache, requests scheduled by transformers), each request with its own
   ``max_new_tokens``: the issue asks which of it and the engine's scheduler is faster.

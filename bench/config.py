@@ -17,10 +17,11 @@ ARMS: dict[str, str] = {
     "A2": "engine, mode=static",
     "A3": "engine, mode=continuous",
     "A4": "engine, int8 weights (mode=auto)",
-    "A5": "engine, compile=True (mode=auto)",
+    "A5": "engine, compile=True (mode=auto; the compiled slot step on llama-family models)",
     "A6": "transformers continuous batching (paged cache)",
     "A3c": "engine (worker's mode), one call per E2E chunk, in process",
     "A3p": "engine, mode=continuous, prefix reuse off",
+    "A7": "engine, mode=continuous, slot decoding (eager)",
     "E2E": "lmjobs submit -> Redis -> lmjobs worker -> SQL",
 }
 ALIASES = {
@@ -31,6 +32,7 @@ ALIASES = {
     "hf-cb": "A6",
     "e2e": "E2E",
     "no-prefix": "A3p",
+    "slots": "A7",
 }
 RANDOM_PREFIX = "random:"
 WARMUPS = ("short", "shapes")

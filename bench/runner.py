@@ -8,7 +8,8 @@ against A0 token for token. What runs, and the presets, are in ``config``.
 
 Arms: A0 naive loop, A1 ``model.generate`` in fixed batches (``naive_batch``), A2 engine static, A3 engine
 continuous, A3p A3 with prefix reuse off, A4 engine on an int8 model, A5 engine with
-``compile=True`` (CUDA only), A6 transformers' own continuous batching, A3c the worker's
+``compile=True`` (the compiled slot step; the static cache elsewhere), A7 the slot step
+eagerly, A6 transformers' own continuous batching, A3c the worker's
 engine calls in process (one per E2E chunk), E2E the queue. A0 (and A1) may run on the
 first N requests only: their rate then stands for the full run, and the report says so.
 """
@@ -148,7 +149,10 @@ def run_bench(
             _free(device)
             continue
         if arm == "A5" and device.type != "cuda":
-            result.notes.append("the engine compiles on CUDA only: its static cache ran eagerly")
+            result.notes.append(
+                "CPU: the slot step is compiled by inductor on llama-family models (compile time "
+                "in the warm-up); other models run the static cache eagerly"
+            )
         _note_cold_shapes(config, result)
         report.add(result)
         saved(report)
@@ -247,6 +251,8 @@ def _arm_fn(config: BenchConfig, arm: str) -> bench_arms.ArmFn:
         return bench_arms.engine_arm(config.engine(mode="continuous", prefix_reuse=False))
     if arm == "A5":
         return bench_arms.engine_arm(config.engine(mode="auto", compile=True))
+    if arm == "A7":  # slot decoding, eager: A5's step without torch.compile
+        return bench_arms.engine_arm(config.engine(mode="continuous", slots=True))
     if arm == "A6":
         return bench_arms.run_transformers_cb
     if arm == "A3c":
