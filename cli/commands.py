@@ -11,8 +11,8 @@ from typing import Any
 import typer
 
 from lmjobs.cli import context, render
+from lmjobs.db.urls import mask_secrets
 from lmjobs.jobs.errors import BrokerError, LmjobsError, UsageError
-from lmjobs.jobs.settings import mask_secrets
 
 
 def check_format(fmt: str) -> None:

@@ -1,22 +1,26 @@
-"""What every command needs: settings, the database (schema checked), the publisher."""
+"""What every command needs: settings, the database (schema checked), the publisher.
+
+Imports are inside the functions: a command that only follows jobs (``status``, ``list``,
+``report``) pays for neither pydantic nor Celery (tests/cli/test_startup.py)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
-from sqlalchemy.exc import OperationalError
-
-from lmjobs.db.migrate import ensure_current, is_current
-from lmjobs.db.session import Database, get_database, is_sqlite
+from lmjobs.db.urls import mask_url
 from lmjobs.jobs.errors import ConfigError
-from lmjobs.jobs.settings import Settings, get_settings, mask_url
 
 if TYPE_CHECKING:
+    from lmjobs.db.session import Database
     from lmjobs.jobs.dispatch import Publisher
+    from lmjobs.jobs.settings import Settings
 
 
 def settings() -> Settings:
+    from pydantic import ValidationError
+
+    from lmjobs.jobs.settings import get_settings
+
     try:
         return get_settings()
     except ValidationError as exc:
@@ -28,11 +32,25 @@ def settings() -> Settings:
         raise ConfigError(f"invalid configuration: {'; '.join(problems)}") from None
 
 
+def database_url() -> str:
+    """The configured database URL. Read without pydantic when every ``LMJOBS_*`` variable
+    is plainly written (jobs/plain_settings.py: the same values); otherwise through
+    :func:`settings`, which checks them all and words any error."""
+    from lmjobs.jobs.plain_settings import read_plain_settings
+
+    plain = read_plain_settings()
+    return str(plain["database_url"]) if plain is not None else settings().database_url
+
+
 def database(*, check_schema: bool = True) -> Database:
     """The configured database. SQLite (the embedded default) is migrated on first use;
     PostgreSQL must be migrated explicitly with ``lmjobs db upgrade``."""
-    s = settings()
-    url = s.database_url
+    from sqlalchemy.exc import OperationalError
+
+    from lmjobs.db.migrate import ensure_current, is_current
+    from lmjobs.db.session import get_database, is_sqlite
+
+    url = database_url()
     try:
         if check_schema:
             if is_sqlite(url):

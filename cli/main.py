@@ -15,8 +15,8 @@ import typer
 
 from lmjobs.cli import context, render
 from lmjobs.cli.options import job_options
+from lmjobs.db.urls import mask_secrets
 from lmjobs.jobs.errors import LmjobsError
-from lmjobs.jobs.settings import mask_secrets
 
 app = typer.Typer(
     name="lmjobs",

@@ -2,12 +2,14 @@
 
 ``LMJOBS_HOME`` moves all local state (the SQLite file, the model cache), which is what
 keeps tests hermetic.
+
+The commands that only follow jobs read the same variables without this class when they
+are plainly written (jobs/plain_settings.py, which also holds the checks both share); any
+other value comes here, so its reading and its error are pydantic's.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from lmjobs.db.urls import mask_secrets, mask_url
+from lmjobs.jobs.plain_settings import default_home, finish, parse_aliases
 
 __all__ = ["Settings", "get_settings", "mask_secrets", "mask_url", "reset_settings"]
 
@@ -22,7 +25,7 @@ __all__ = ["Settings", "get_settings", "mask_secrets", "mask_url", "reset_settin
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LMJOBS_", extra="ignore")
 
-    home: Path = Field(default_factory=lambda: Path(os.path.expanduser("~/.lmjobs")))
+    home: Path = Field(default_factory=default_home)
     database_url: str = ""  # default: sqlite:///<home>/lmjobs.db
     # `lmjobs query` connects here when set (a SELECT-only role; docs/security.md)
     query_database_url: str = ""
@@ -55,22 +58,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
-        self.home = Path(self.home).expanduser()
-        if not self.database_url:
-            self.database_url = f"sqlite:///{self.home / 'lmjobs.db'}"
-        if self.model_cache is None:
-            self.model_cache = self.home / "models"
-        if self.dtype not in {"auto", "float32", "float16", "bfloat16"}:
-            raise ValueError(f"LMJOBS_DTYPE must be auto, float32, float16 or bfloat16, not {self.dtype!r}")
-        if not re.match(r"^(auto|cpu|cuda(:\d+)?|mps|split)$", self.device):
-            raise ValueError(
-                f"LMJOBS_DEVICE must be auto, cpu, cuda, cuda:N, split or mps, not {self.device!r}"
-            )
-        if self.test_engine and os.environ.get("LMJOBS_TEST_MODE") != "1":
-            raise ValueError(
-                "LMJOBS_TEST_ENGINE replaces the model with a test fake and is for lmjobs' own "
-                "test suite only; unset it"
-            )
+        # The defaults under home and the checks a field's type cannot make: shared with
+        # the commands that read the settings without pydantic (jobs/plain_settings.py).
+        names = ("home", "database_url", "model_cache", "dtype", "device", "test_engine")
+        values = {k: getattr(self, k) for k in names}
+        finish(values)
+        self.home, self.database_url = values["home"], values["database_url"]
+        self.model_cache = values["model_cache"]
         return self
 
     @property
@@ -96,7 +90,7 @@ class Settings(BaseSettings):
     @field_validator("model_aliases")
     @classmethod
     def _check_aliases(cls, v: str) -> str:
-        _parse_aliases(v)  # checked at start-up
+        parse_aliases(v)  # checked at start-up
         return v
 
     @property
@@ -105,17 +99,7 @@ class Settings(BaseSettings):
 
     @property
     def model_alias_map(self) -> dict[str, str]:
-        return _parse_aliases(self.model_aliases)
-
-
-def _parse_aliases(text: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, sep, target = (x.strip() for x in item.partition("="))
-        if not sep or not name or not target:
-            raise ValueError(f"{item!r} is not alias=model")
-        out[name] = target
-    return out
+        return parse_aliases(self.model_aliases)
 
 
 @lru_cache(maxsize=1)
