@@ -6,30 +6,42 @@ import json
 import sys
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, OverflowMethod
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.console import Console, OverflowMethod
+    from rich.progress import Progress
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# rich (about 0.1 s to import) is loaded on the first table, progress bar or error line, not
+# at start-up: `status --json` and the other JSON answers never need it. ``out`` and ``err``
+# are the consoles, made on first use (``render.out.print(...)``).
+_consoles: dict[str, Console] = {}
+
+
+def __getattr__(name: str) -> Console:
+    if name == "out":
+        return _console("out")
+    if name == "err":
+        return _console("err")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _console(which: str) -> Console:
+    con = _consoles.get(which)
+    if con is None:
+        from rich.console import Console
+
+        con = _consoles[which] = Console(stderr=which == "err", soft_wrap=True)
+    return con
 
 
 def error(message: str) -> None:
     first = message.strip().splitlines()[0] if message.strip() else "error"
-    err.print(f"[bold red]error:[/] {first}", highlight=False, markup=True)
+    _console("err").print(f"[bold red]error:[/] {first}", highlight=False, markup=True)
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {message}", highlight=False)
+    _console("err").print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
 def dump_json(obj: Any) -> None:
@@ -55,6 +67,9 @@ def tail(value: str, width: int) -> str:
 def kv_table(title: str, data: dict[str, Any]) -> None:
     """Keys and values. A value with no space that is wider than the terminal (a model path)
     keeps its end; other long values wrap at spaces."""
+    from rich.table import Table
+
+    out = _console("out")
     t = Table(title=title, show_header=False, title_justify="left")
     t.add_column(style="bold", no_wrap=True)
     t.add_column(overflow=_OVERFLOW)
@@ -75,6 +90,9 @@ def table(
     """A table. With ``squeeze`` (a column name) the other columns keep their values whole
     and that column's values give way in a narrow terminal, keeping their end (``…tail``):
     the end of a model path is what tells models apart."""
+    from rich.table import Table
+
+    out = _console("out")
     cells = [["" if v is None else str(v) for v in r] for r in rows]
     if squeeze is None:
         t = Table(title=title, title_justify="left")
@@ -97,6 +115,8 @@ def table(
 
 
 def progress() -> Progress:
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -104,7 +124,7 @@ def progress() -> Progress:
         TextColumn("{task.completed}/{task.total} requests"),
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
-        console=err,
+        console=_console("err"),
         transient=False,
     )
 
@@ -121,6 +141,15 @@ def duration(seconds: float | None) -> str:
 def submit_progress() -> Progress:
     """Reading a file into a job: bytes of the file, lines/s, lines rejected so far. On stderr,
     and only on a terminal (``lmjobs submit ... | jq`` gets no bar)."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    err = _console("err")
     return Progress(
         TextColumn("[bold]submitting"),
         BarColumn(),

@@ -34,7 +34,6 @@ from sqlalchemy import and_, exists, func, select
 
 from lmjobs.db.models import Job, Request, Result, ResultStatus, Score
 from lmjobs.db.session import Database, rows_changed
-from lmjobs.db.upsert import insert_ignore, insert_ignore_many
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +171,8 @@ def score_job(db: Database, job_id: int) -> int:
             for metric, value in score_pair(task, output or "", ref).items()
         ]
         if rows:
+            from lmjobs.db.upsert import insert_ignore  # the dialects' modules: only to write
+
             with db.session() as s:
                 res = s.execute(insert_ignore(s, Score, rows, ["request_id", "metric"]))
                 inserted += rows_changed(res)
@@ -245,6 +246,8 @@ def score_new_results(db: Database, job_id: int, todo: list[tuple[int, str, str,
     end. A scoring failure never fails the chunk (``lmjobs report`` scores what is missing)."""
     if not todo:
         return
+    from lmjobs.db.upsert import insert_ignore_many
+
     try:
         scores = [
             {"job_id": job_id, "request_id": rid, "metric": metric, "value": value}
