@@ -165,7 +165,9 @@ class Sample:
         so there is no id range to read instead.)"""
         conn = session.connection()  # Core rows: no ORM step per row
         for chunk_id in self.chunk_ids:
-            yield from conn.execute(stmt, {"chunk": chunk_id})
+            # A chunk's rows at once (a few hundred at most): one fetchall, not a fetchone
+            # and its processing per row (about 18% of a sampled report's CPU time).
+            yield from conn.execute(stmt, {"chunk": chunk_id}).all()
 
 
 def sample_chunks(session: Session, job_id: int, chunks_closed: int, requests_per_chunk: float) -> Sample:
