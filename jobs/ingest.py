@@ -1,7 +1,10 @@
 """Submit: stream an input file into a job, its requests, its rejects and its chunks.
 
-The file is read once, line by line, and written in chunk-sized batches, so memory does
-not grow with the file. The job stays ``submitting`` until the last request is written:
+The file is cut into blocks of whole lines; each block's lines are read, parsed and turned
+into rows by a parsing process (or here, for a small file), a bounded number of blocks
+ahead, and the rows are written in chunk-sized batches, so memory does not grow with the
+file. On PostgreSQL the rows arrive as COPY text that this process streams as it is. The
+job stays ``submitting`` until the last request is written:
 an interrupted submit never looks complete, and ``jobs/cleanup.py`` removes it.
 Duplicate ids are found by the database's unique key (insert-or-ignore, then a count per
 chunk tells which chunks lost lines), so no set of ids is kept in memory.
@@ -13,7 +16,7 @@ import getpass
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.pool import AsyncResult
 from pathlib import Path
@@ -24,13 +27,24 @@ from sqlalchemy.orm import Session
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, JobStatus, Reject, Request, utcnow
 from lmjobs.db.session import Database, analyze_after_bulk_load, json_text
-from lmjobs.db.upsert import bulk_insert_rows, insert_ignore_many
+from lmjobs.db.upsert import (
+    COPY_NULL,
+    bulk_insert_rows,
+    copy_field,
+    copy_insert,
+    copy_json,
+    copy_text,
+    insert_ignore_many,
+    insert_new_rows,
+    relax_commit,
+)
 from lmjobs.jobs.errors import InputFileError, UsageError
 from lmjobs.jobs.inputs import (
     TASKS,
     LineError,
     ParsedRequest,
     ReadProgress,
+    line_ranges,
     parse_line,
     read_raw_lines,
     read_requests,
@@ -81,14 +95,20 @@ def _check_options(path: Path, opts: SubmitOptions) -> None:
 
 # Requests written per transaction: few commits (each is an fsync on SQLite), bounded memory.
 FLUSH_ROWS = 4096
-# Lines parsed per block: the unit of work handed to a parsing process.
-BLOCK_LINES = 2048
+# Bytes of the file per block (whole lines, ~1,700 of 300 bytes): the unit of work handed to
+# a parsing process, which reads those lines itself.
+BLOCK_BYTES = 512 << 10
+# Blocks handed to the parsing processes ahead of the writer, per process: enough that they
+# keep parsing while the writer waits for the database (a few MB; bounded whatever the file).
+BLOCKS_AHEAD = 4
 # Files smaller than this are parsed in the submitting process (starting helpers costs more).
 PARALLEL_MIN_BYTES = 8 << 20
 
 # A request row as the writer inserts it (JSON columns already serialized):
 # (line_number, custom_id, task, input_json, params_json, reference, requested_model, content_sha256)
 RequestRow = tuple[int, str, str, str, str | None, str | None, str | None, str]
+# On PostgreSQL the same fields, and isolated_attempts, as one row of COPY text (bytes, no
+# newline): the writer puts "job_id TAB chunk_id TAB" before it and streams it as it is.
 REQUEST_COLUMNS = (
     "job_id",
     "chunk_id",
@@ -102,13 +122,24 @@ REQUEST_COLUMNS = (
     "content_sha256",
     "isolated_attempts",
 )
+CHUNK_COLUMNS = (
+    "job_id",
+    "seq",
+    "first_line",
+    "last_line",
+    "requests_total",
+    "status",
+    "priority",
+    "attempts",
+)
 
 
 @dataclass
 class PreparedBlock:
     """One block of lines, parsed, validated, rendered and hashed: what the writer stores."""
 
-    rows: list[RequestRow] = field(default_factory=list)
+    rows: list[RequestRow] | list[bytes] = field(default_factory=list)  # bytes: COPY text
+    numbers: list[int] = field(default_factory=list)  # the line number of each row
     rejects: list[LineError] = field(default_factory=list)
     formats: set[str] = field(default_factory=set)
     mismatches: dict[int, str] = field(default_factory=dict)  # line -> the model it asked for
@@ -119,13 +150,23 @@ class PreparedBlock:
 class Preparer:
     """Turns raw lines into request rows: the per-line work of a submit (parse and check the
     line, render the task template, hash what the engine will see, serialize the JSON
-    columns). Pure and picklable, so parsing processes run it on blocks of lines."""
+    columns). Pure and picklable, so parsing processes run it on blocks of lines.
+    ``copy_text``: rows as PostgreSQL COPY text, so the writer sends them without touching
+    each one; else tuples (SQLite's executemany)."""
 
-    def __init__(self, task: str, params: dict[str, Any], job_model: str) -> None:
+    def __init__(self, task: str, params: dict[str, Any], job_model: str, *, copy_text: bool = False) -> None:
         self.task, self.params, self.job_model = task, params, job_model
+        self.copy_text = copy_text
         self.effective = sampling_params(params, None).to_dict()
 
-    def __call__(self, block: list[tuple[int, bytes | LineError]]) -> PreparedBlock:
+    def read(self, path: Path, max_line_bytes: int, start: int, end: int, first_line: int) -> PreparedBlock:
+        """The block of the file's lines from byte ``start`` to ``end`` (``line_ranges``)."""
+        lines = read_raw_lines(
+            path, max_line_bytes, ReadProgress(), start=start, end=end, first_line=first_line
+        )
+        return self(lines)
+
+    def __call__(self, block: Iterable[tuple[int, bytes | LineError]]) -> PreparedBlock:
         out = PreparedBlock()
         for line_number, raw in block:
             p = raw if isinstance(raw, LineError) else parse_line(raw, line_number, self.task)
@@ -138,18 +179,37 @@ class Preparer:
             except ValueError as exc:  # the task template or the params refuse the fields
                 out.rejects.append(LineError(line_number, str(exc), ""))
                 continue
-            out.rows.append(
-                (
-                    line_number,
-                    p.custom_id,
-                    p.task,
-                    json_text(p.input),
-                    None if p.params is None else json_text(p.params),
-                    p.reference,
-                    p.model,
-                    content_hash(p.task, rendered, effective),
+            sha = content_hash(p.task, rendered, effective)
+            if self.copy_text:
+                cast(list[bytes], out.rows).append(
+                    b"\t".join(
+                        (
+                            b"%d" % line_number,
+                            copy_text(p.custom_id),
+                            copy_text(p.task),
+                            copy_json(p.input),
+                            COPY_NULL if p.params is None else copy_json(p.params),
+                            COPY_NULL if p.reference is None else copy_text(p.reference),
+                            COPY_NULL if p.model is None else copy_text(p.model),
+                            sha.encode(),
+                            b"0",  # isolated_attempts
+                        )
+                    )
                 )
-            )
+            else:
+                cast(list[RequestRow], out.rows).append(
+                    (
+                        line_number,
+                        p.custom_id,
+                        p.task,
+                        json_text(p.input),
+                        None if p.params is None else json_text(p.params),
+                        p.reference,
+                        p.model,
+                        sha,
+                    )
+                )
+            out.numbers.append(line_number)
             out.formats.add(p.input_format)
             if model_mismatch(p, self.job_model):
                 out.mismatches[line_number] = p.model or ""
@@ -169,36 +229,34 @@ def ingest_processes(size: int, requested: int | None = None) -> int:
     return cores
 
 
-_worker_preparer: Preparer | None = None
+# A parsing process's preparer, file and line limit (set once when it starts)
+_worker: tuple[Preparer, Path, int] | None = None
 
 
-def _init_worker(preparer: Preparer) -> None:
-    global _worker_preparer
-    _worker_preparer = preparer
+def _init_worker(preparer: Preparer, path: Path, max_line_bytes: int) -> None:
+    global _worker
+    _worker = (preparer, path, max_line_bytes)
 
 
-def _prepare_in_worker(block: list[tuple[int, bytes | LineError]]) -> PreparedBlock:
-    assert _worker_preparer is not None
-    return _worker_preparer(block)
+def _prepare_in_worker(start: int, end: int, first_line: int) -> PreparedBlock:
+    assert _worker is not None
+    preparer, path, max_line_bytes = _worker
+    return preparer.read(path, max_line_bytes, start, end, first_line)
 
 
 def prepared_blocks(
     path: Path, preparer: Preparer, max_line_bytes: int, processes: int
 ) -> Iterator[PreparedBlock]:
-    """The file's lines as PreparedBlocks, in order. With ``processes``, blocks are prepared
-    by that many forked processes, at most a few blocks ahead of the consumer, so memory
-    stays bounded whatever the file's size."""
-    read = ReadProgress()
+    """The file's lines as PreparedBlocks, in order. With ``processes``, blocks are read and
+    prepared by that many forked processes, at most a few blocks ahead of the consumer, so
+    memory stays bounded whatever the file's size; this process only finds where blocks
+    start (``line_ranges``: newlines counted in C), and touches no line."""
 
-    def blocks() -> Iterator[tuple[list[tuple[int, bytes | LineError]], int, int]]:
-        block: list[tuple[int, bytes | LineError]] = []
-        for item in read_raw_lines(path, max_line_bytes, read):
-            block.append(item)
-            if len(block) >= BLOCK_LINES:
-                yield block, read.bytes_read, read.lines
-                block = []
-        if block:
-            yield block, read.bytes_read, read.lines
+    def blocks() -> Iterator[tuple[tuple[int, int, int], int, int]]:
+        lines = 0
+        for start, end, n in line_ranges(path, BLOCK_BYTES):
+            yield (start, end, lines + 1), end, lines + n
+            lines += n
 
     def stamped(prepared: PreparedBlock, bytes_read: int, lines: int) -> PreparedBlock:
         prepared.bytes_read, prepared.lines = bytes_read, lines
@@ -206,14 +264,15 @@ def prepared_blocks(
 
     if processes <= 0:
         for block, bytes_read, lines in blocks():
-            yield stamped(preparer(block), bytes_read, lines)
+            yield stamped(preparer.read(path, max_line_bytes, *block), bytes_read, lines)
         return
     # fork: the children inherit the loaded code (no re-import) and touch no connection
-    with multiprocessing.get_context("fork").Pool(processes, _init_worker, (preparer,)) as pool:
+    init = (preparer, path, max_line_bytes)
+    with multiprocessing.get_context("fork").Pool(processes, _init_worker, init) as pool:
         window: deque[tuple[AsyncResult[PreparedBlock], int, int]] = deque()
         for block, bytes_read, lines in blocks():
-            window.append((pool.apply_async(_prepare_in_worker, (block,)), bytes_read, lines))
-            if len(window) > 2 * processes:
+            window.append((pool.apply_async(_prepare_in_worker, block), bytes_read, lines))
+            if len(window) >= BLOCKS_AHEAD * processes:
                 result, b, n = window.popleft()
                 yield stamped(result.get(), b, n)
         while window:
@@ -223,17 +282,20 @@ def prepared_blocks(
 
 class _Writer:
     """Groups prepared rows into chunks and writes many chunks per transaction, each table
-    with one cached statement executed with many rows (no SQL compiled per batch)."""
+    with one cached statement executed with many rows (no SQL compiled per batch); on
+    PostgreSQL the requests go as COPY text that the parsing already built."""
 
     def __init__(self, db: Database, job: Job, opts: SubmitOptions) -> None:
         self.db, self.job, self.opts = db, job, opts
-        self.rows: list[RequestRow] = []  # accepted rows not yet written
+        self.rows: list[Any] = []  # accepted rows not yet written: RequestRow, or bytes (COPY text)
+        self.numbers: list[int] = []  # the line number of each of them
         self.mismatches: dict[int, str] = {}  # of the rows not yet written
         self.rejects: list[LineError] = []
         self.pending_rejects: list[dict[str, Any]] = []
         self.accepted = 0
         self.rejected = 0
-        self.chunks = 0
+        self.chunks = 0  # chunks written (and kept)
+        self.seq = 0  # the next chunk's seq
         self.model_mismatches = 0
         self.first_model_mismatch: tuple[int, str] | None = None
 
@@ -254,6 +316,7 @@ class _Writer:
         for err in block.rejects:
             self.reject(err)
         self.rows.extend(block.rows)
+        self.numbers.extend(block.numbers)
         self.mismatches.update(block.mismatches)
         if len(self.rows) >= FLUSH_ROWS or len(self.pending_rejects) >= FLUSH_ROWS:
             self.flush(final=False)
@@ -265,38 +328,50 @@ class _Writer:
         if cut == 0 and not self.pending_rejects:
             return
         with self.db.session() as s:
+            # The job stays `submitting` until mark_ready's durable commit, which makes this
+            # one durable too; a crash before it leaves a submit that cleanup removes.
+            relax_commit(s)
             if cut:
-                self._write_chunks(s, [self.rows[i : min(i + size, cut)] for i in range(0, cut, size)])
+                self._write_chunks(s, [(i, min(i + size, cut)) for i in range(0, cut, size)])
                 del self.rows[:cut]
+                del self.numbers[:cut]
             if self.pending_rejects:
                 s.execute(insert_ignore_many(s, Reject, ["job_id", "line_number"]), self.pending_rejects)
                 self.pending_rejects = []
 
-    def _write_chunks(self, s: Session, groups: list[list[RequestRow]]) -> None:
-        job_id = self.job.id
+    def _write_chunks(self, s: Session, bounds: list[tuple[int, int]]) -> None:
+        """Write ``self.rows[a:b]`` as one chunk for each (a, b) of ``bounds``."""
+        job_id, numbers = self.job.id, self.numbers
+        pending, priority = ChunkStatus.PENDING.value, self.opts.priority
         chunk_rows = [
-            {
-                "job_id": job_id,
-                "seq": self.chunks + i,
-                "first_line": rows[0][0],
-                "last_line": rows[-1][0],
-                "requests_total": len(rows),
-                "status": ChunkStatus.PENDING.value,
-                "priority": self.opts.priority,
-                "attempts": 0,
-            }
-            for i, rows in enumerate(groups)
+            (job_id, self.seq + i, numbers[a], numbers[b - 1], b - a, pending, priority, 0)
+            for i, (a, b) in enumerate(bounds)
         ]
-        # Core tables: no ORM bookkeeping per row
-        chunks = cast(Table, Chunk.__table__)
-        ids = list(s.scalars(insert(chunks).returning(chunks.c.id, sort_by_parameter_order=True), chunk_rows))
-        rows_out = [
-            (job_id, chunk_id, *row, 0) for chunk_id, rows in zip(ids, groups, strict=True) for row in rows
-        ]
-        inserted = bulk_insert_rows(s, "requests", REQUEST_COLUMNS, rows_out, ["job_id", "custom_id"])
-        # A line whose id was taken by an earlier line was ignored: find those chunks by count.
-        counts = {}
-        if inserted != len(rows_out):
+        copy_rows = isinstance(self.rows[0], bytes)  # PostgreSQL
+        if copy_rows:
+            ids = insert_new_rows(s, "chunks", CHUNK_COLUMNS, chunk_rows)
+        else:  # Core table: no ORM bookkeeping per row
+            chunks = cast(Table, Chunk.__table__)
+            stmt = insert(chunks).returning(chunks.c.id, sort_by_parameter_order=True)
+            ids = list(s.scalars(stmt, [dict(zip(CHUNK_COLUMNS, row, strict=True)) for row in chunk_rows]))
+        total = bounds[-1][1]
+        if copy_rows:
+            payload = []
+            for chunk_id, (a, b) in zip(ids, bounds, strict=True):
+                head = b"%d\t%d\t" % (job_id, chunk_id)  # one join per chunk, no loop per row
+                payload.append(head + (b"\n" + head).join(self.rows[a:b]) + b"\n")
+            inserted = copy_insert(s, "requests", REQUEST_COLUMNS, payload, total, ["job_id", "custom_id"])
+        else:
+            rows_out = [
+                (job_id, chunk_id, *row, 0)
+                for chunk_id, (a, b) in zip(ids, bounds, strict=True)
+                for row in self.rows[a:b]
+            ]
+            inserted = bulk_insert_rows(s, "requests", REQUEST_COLUMNS, rows_out, ["job_id", "custom_id"])
+        # A line whose id was taken by an earlier line was ignored: find those chunks by count
+        # (a chunk whose every line was ignored has no row in the count).
+        counts: dict[int | None, int] | None = None
+        if inserted != total:
             counts = dict(
                 s.execute(
                     select(Request.chunk_id, func.count())
@@ -304,34 +379,43 @@ class _Writer:
                     .group_by(Request.chunk_id)
                 ).all()
             )
-        for chunk_id, rows in zip(ids, groups, strict=True):
-            if counts.get(chunk_id, len(rows)) != len(rows):
-                rows[:] = self._drop_duplicates(s, chunk_id, rows)
-            for row in rows:
-                model = self.mismatches.pop(row[0], None)
-                if model is not None:
-                    self.model_mismatches += 1
-                    if self.first_model_mismatch is None:
-                        self.first_model_mismatch = (row[0], model)
-            self.accepted += len(rows)
-        self.mismatches.clear()  # rows dropped as duplicates leave theirs behind
+        for chunk_id, (a, b) in zip(ids, bounds, strict=True):
+            kept = numbers[a:b]
+            if counts is not None and counts.get(chunk_id, 0) != b - a:
+                kept = self._drop_duplicates(s, chunk_id, a, b)
+            self.accepted += len(kept)
+            if self.mismatches:
+                for line in kept:
+                    model = self.mismatches.pop(line, None)
+                    if model is not None:
+                        self.model_mismatches += 1
+                        if self.first_model_mismatch is None:
+                            self.first_model_mismatch = (line, model)
         self.chunks += len(chunk_rows)
+        self.seq += len(chunk_rows)
+        # rows dropped as duplicates leave theirs behind; the rows not written yet keep theirs
+        last = numbers[total - 1]
+        for line in [n for n in self.mismatches if n <= last]:
+            del self.mismatches[line]
 
-    def _drop_duplicates(self, s: Session, chunk_id: int, rows: list[RequestRow]) -> list[RequestRow]:
-        """Reject the chunk's rows that were not inserted (duplicate ids); fix up or remove the chunk."""
+    def _drop_duplicates(self, s: Session, chunk_id: int, a: int, b: int) -> list[int]:
+        """Reject the chunk's rows (``self.rows[a:b]``) that were not inserted (duplicate
+        ids); fix up or remove the chunk. Returns the line numbers kept."""
         present = set(s.scalars(select(Request.line_number).where(Request.chunk_id == chunk_id)))
-        kept = [r for r in rows if r[0] in present]
-        for row in rows:
-            if row[0] not in present:
-                self.reject(LineError(row[0], f"duplicate id {row[1]!r}", ""))
+        kept = [n for n in self.numbers[a:b] if n in present]
+        for n, row in zip(self.numbers[a:b], self.rows[a:b], strict=True):
+            if n not in present:
+                custom_id = copy_field(row, 1) if isinstance(row, bytes) else row[1]
+                self.reject(LineError(n, f"duplicate id {custom_id!r}", ""))
         if kept:
             s.execute(
                 update(Chunk)
                 .where(Chunk.id == chunk_id)
-                .values(requests_total=len(kept), first_line=kept[0][0], last_line=kept[-1][0])
+                .values(requests_total=len(kept), first_line=kept[0], last_line=kept[-1])
             )
-        else:
+        else:  # its seq stays unused: seq orders chunks, and a gap means nothing
             s.execute(delete(Chunk).where(Chunk.id == chunk_id))
+            self.chunks -= 1
         return kept
 
 
@@ -399,7 +483,7 @@ def create_job(
         s.add(job)
     writer = _Writer(db, job, opts)
     formats: set[str] = set()
-    preparer = Preparer(opts.task, opts.params, opts.model)
+    preparer = Preparer(opts.task, opts.params, opts.model, copy_text=not db.is_sqlite)
     processes = ingest_processes(path.stat().st_size, opts.ingest_processes)
     bytes_read = lines = 0
     for block in prepared_blocks(path, preparer, opts.max_line_bytes, processes):

@@ -75,6 +75,7 @@ __all__ = [
     "LineError",
     "ParsedRequest",
     "count_lines",
+    "line_ranges",
     "parse_line",
     "read_requests",
     "sha256_file",
@@ -146,13 +147,24 @@ def _read(
 
 
 def read_raw_lines(
-    path: Path, max_line_bytes: int, progress: ReadProgress
+    path: Path,
+    max_line_bytes: int,
+    progress: ReadProgress,
+    *,
+    start: int = 0,
+    end: int | None = None,
+    first_line: int = 1,
 ) -> Iterator[tuple[int, bytes | LineError]]:
     """Yield (line number, the line's bytes without its newline) per physical line, or a
-    LineError for a line over ``max_line_bytes`` (skipped without being read whole)."""
+    LineError for a line over ``max_line_bytes`` (skipped without being read whole).
+    ``start``/``end``/``first_line``: only the lines from byte ``start`` (a line's start,
+    that line numbered ``first_line``) to byte ``end`` (a line's end: see ``line_ranges``)."""
     with path.open("rb") as f:
-        line_number = position = 0
-        while raw := f.readline(max_line_bytes + 1):
+        if start:
+            f.seek(start)
+        line_number, position = first_line - 1, start
+        stop = end if end is not None else float("inf")
+        while position < stop and (raw := f.readline(max_line_bytes + 1)):
             line_number += 1
             position += len(raw)  # counted, not f.tell(): that costs more than the read
             progress.bytes_read, progress.lines = position, line_number
@@ -165,6 +177,25 @@ def read_raw_lines(
                 yield line_number, LineError(line_number, reason, _excerpt(raw))
                 continue
             yield line_number, raw
+
+
+def line_ranges(path: Path, size: int) -> Iterator[tuple[int, int, int]]:
+    """Cut the file into consecutive ranges of whole lines of about ``size`` bytes (more
+    where a line crosses the mark): (start, end, lines in it), in order. Reads ``size``
+    bytes at a time and counts newlines in C, so the cost per line is nil; a range can
+    then be read by another process (``read_raw_lines(start=, end=, first_line=)``)."""
+    with path.open("rb") as f:
+        start = 0
+        while piece := f.read(size):
+            end, lines = start + len(piece), piece.count(b"\n")
+            if not piece.endswith(b"\n"):  # finish the line the piece cut, in bounded reads
+                while rest := f.readline(_PIECE):
+                    end += len(rest)
+                    if rest.endswith(b"\n"):
+                        break
+                lines += 1  # that line, or the file's last one, which has no newline
+            yield start, end, lines
+            start = end
 
 
 def _skip_rest_of_line(f: IO[bytes]) -> int:

@@ -24,7 +24,7 @@ from lmjobs.jobs.submit import SubmitOptions, make_options
 def test_progress_reaches_the_end_of_the_file_with_the_reject_count(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, processes: int
 ) -> None:
-    monkeypatch.setattr(ingest, "BLOCK_LINES", 100)
+    monkeypatch.setattr(ingest, "BLOCK_BYTES", 2048)
     monkeypatch.setattr(ingest, "FLUSH_ROWS", 256)  # several transactions in this small file
     rows: list[object] = [{"id": f"r{i}", "text": f"text number {i}"} for i in range(1000)]
     rows[10] = "{not json"
