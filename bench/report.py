@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from lmjobs.bench.workloads import BenchRequest, Workload
     from lmjobs.worker.engine.core import EngineConfig
 
-ENGINE_ARMS = ("A2", "A3", "A3p", "A4", "A5")
-FP_ENGINE_ARMS = ("A2", "A3", "A3p", "A5")  # same weights as A0: must match it exactly in fp32
+ENGINE_ARMS = ("A2", "A3", "A3p", "A4", "A5", "A7")
+FP_ENGINE_ARMS = ("A2", "A3", "A3p", "A5", "A7")  # same weights as A0: must match it exactly in fp32
 MAX_LISTED = 20  # differing request keys listed per arm
 
 

@@ -23,7 +23,7 @@ def test_bench_runs_every_arm_and_matches_a0(redis_url: str, tmp_path: Path, lmj
     out = tmp_path / "bench.json"
     env = cli_env(LMJOBS_MODEL_CACHE=str(tmp_path / "models"))
     args = "bench --preset cpu-tiny --requests 12 --a0-requests 6 --chunk-size 6 --threads 1"
-    arm_list = "A0,A1,A2,A3,A4,A5,A6,E2E"
+    arm_list = "A0,A1,A2,A3,A4,A5,A6,A7,E2E"
     more = ["--arms", arm_list, "--e2e-broker", redis_url, "--json-out", str(out)]
     proc = run_cli([*args.split(), *more], env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -32,7 +32,7 @@ def test_bench_runs_every_arm_and_matches_a0(redis_url: str, tmp_path: Path, lmj
     assert {"meta", "workload", "arms", "skipped", "e2e", "targets"} <= set(report)
     arms = {a["arm"]: a for a in report["arms"]}
     # A3c: the worker's engine calls in process, added whenever E2E runs
-    assert set(arms) == {"A0", "A1", "A2", "A3", "A4", "A5", "A6", "A3c", "E2E"}
+    assert set(arms) == {"A0", "A1", "A2", "A3", "A4", "A5", "A6", "A7", "A3c", "E2E"}
     assert not report["skipped"]
     for arm in arms.values():
         assert ARM_KEYS <= set(arm)
@@ -43,18 +43,18 @@ def test_bench_runs_every_arm_and_matches_a0(redis_url: str, tmp_path: Path, lmj
     assert arms["A2"]["speedup_vs_a0"] is not None and arms["A2"]["speedup_vs_a1"] is not None
 
     # greedy fp32: the engine (in process and through the queue) writes what A0 writes
-    for name in ("A1", "A2", "A3", "A5", "A6", "A3c", "E2E"):
+    for name in ("A1", "A2", "A3", "A5", "A6", "A7", "A3c", "E2E"):
         same = arms[name]["correctness_vs_a0"]
         assert same["compared"] == 6
         assert same["identical_pct"] == 100.0, (name, same)
     # every full-run arm generated the same amount
     assert arms["A1"]["output_tokens"] == arms["A2"]["output_tokens"]
-    for name in ("A3", "A5", "A6", "A3c", "E2E"):
+    for name in ("A3", "A5", "A6", "A7", "A3c", "E2E"):
         assert arms[name]["output_tokens"] == arms["A2"]["output_tokens"]
 
     # each in-process fp arm's share of the machine's matmul rate; none for E2E and int8
     assert report["meta"]["matmul_gflop_per_s"] > 0
-    for name in ("A0", "A1", "A2", "A3", "A5", "A6", "A3c"):
+    for name in ("A0", "A1", "A2", "A3", "A5", "A6", "A7", "A3c"):
         assert 0 < arms[name]["matmul_fraction"] < 1, name
     assert arms["E2E"]["matmul_fraction"] is None and arms["A4"]["matmul_fraction"] is None
 
