@@ -1,7 +1,7 @@
 """The ingest benchmark: submit, status and every export format of an N-line file, on SQLite
 and PostgreSQL, each a real ``lmjobs`` process timed whole (start-up included).
 
-    python -m lmjobs.bench.ingest --lines 1000000 [--postgres URL] [--json-out FILE]
+    python -m lmjobs.bench.ingest --lines 1000000 [--postgres URL] [--json-out FILE] [--formats csv,parquet]
 
 It writes a summarize file of 20-60 words per line, runs ``lmjobs submit`` (its first chunk
 messages go to ``--broker``, which is flushed at the end; no worker runs), fills every
@@ -81,7 +81,9 @@ def timed(args: list[str], env: dict[str, str]) -> tuple[float, float, str]:
         return elapsed, int(peak.read_text()) / 1024, out.read_text()
 
 
-def run_backend(name: str, url: str, path: Path, lines: int, home: Path, broker: str) -> dict[str, Any]:
+def run_backend(
+    name: str, url: str, path: Path, lines: int, home: Path, broker: str, formats: tuple[str, ...] = FORMATS
+) -> dict[str, Any]:
     from sqlalchemy import text
 
     from lmjobs.db.session import get_database
@@ -106,11 +108,19 @@ def run_backend(name: str, url: str, path: Path, lines: int, home: Path, broker:
     out["fill_results_s"] = time.perf_counter() - t0
     seconds, peak, _ = timed(["status", str(job), "--json"], env)
     out["steps"]["status"] = {"seconds": seconds, "peak_mb": peak}
-    for fmt in FORMATS:
+    for fmt in formats:
         target = home / f"out.{fmt}"
         seconds, peak, _ = timed(["results", str(job), "--format", fmt, "-o", str(target), "--force"], env)
         out["steps"][f"export {fmt}"] = {"seconds": seconds, "per_s": lines / seconds, "peak_mb": peak}
     return out
+
+
+def _formats(value: str) -> tuple[str, ...]:
+    chosen = tuple(f.strip() for f in value.split(",") if f.strip())
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"choose among {', '.join(FORMATS)} (got {value!r})")
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,15 +129,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--postgres", default="", help="an empty PostgreSQL database URL (skipped if not given)")
     ap.add_argument("--broker", default="redis://127.0.0.1:6379/14", help="a Redis database this may flush")
     ap.add_argument("--json-out", type=Path)
+    ap.add_argument(
+        "--formats",
+        type=_formats,
+        default=FORMATS,
+        help=f"the export formats to time, comma-separated (default: {','.join(FORMATS)})",
+    )
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="lmjobs-ingest-") as tmp:
         root = Path(tmp)
         path = root / "in.jsonl"
         write_file(path, args.lines)
         sqlite_url = f"sqlite:///{root / 'sqlite.db'}"
-        runs = [run_backend("sqlite", sqlite_url, path, args.lines, root / "sqlite", args.broker)]
+        runs = [
+            run_backend("sqlite", sqlite_url, path, args.lines, root / "sqlite", args.broker, args.formats)
+        ]
         if args.postgres:
-            runs.append(run_backend("postgresql", args.postgres, path, args.lines, root / "pg", args.broker))
+            pg = run_backend(
+                "postgresql", args.postgres, path, args.lines, root / "pg", args.broker, args.formats
+            )
+            runs.append(pg)
         import redis
 
         redis.Redis.from_url(args.broker).flushdb()  # the chunk messages nobody will take
