@@ -234,7 +234,7 @@ def _column_pages(
     Parquet write), not parsed into objects and serialized again."""
     req_fields = [f for f in fields if f in _REQUEST_FIELDS]
     res_fields = [f for f in fields if f in _RESULT_FIELDS]
-    chosen = dict(_REQUEST_FIELDS)
+    chosen: dict[str, Any] = dict(_REQUEST_FIELDS)
     if json_text:
         chosen["input_json"] = cast(Request.input_json, Text)
     req_columns = [Request.id, Request.line_number, *(chosen[f] for f in req_fields)]
