@@ -314,7 +314,7 @@ class SlotDecoder:
             import torch._dynamo as dynamo
 
             for t, dims in ((tokens, (0,)), (positions, (0,)), (mask, (0, 1))):
-                dynamo.mark_dynamic(t, dims)
+                dynamo.maybe_mark_dynamic(t, dims)
         shape = (width, columns)
         if shape in self.runner.seen:
             # a copy: a CUDA graph's output is overwritten by its next replay
