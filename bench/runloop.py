@@ -1,7 +1,7 @@
 """``lmjobs run`` against the loop people write first (issue 12's end-to-end CPU target).
 
     python -m lmjobs.bench.runloop [--prompts 160] [--loop-prompts 16] [--new-tokens 32]
-                                   [--fp32-run] [--json-out FILE]
+                                   [--fp32-run] [--repeat N] [--json-out FILE]
 
 Writes ``--prompts`` plain prompts of 12 to 45 tokens (seeded word salad of exact token
 counts, ``generate`` task lines), then measures, side by side in one run:
@@ -15,6 +15,9 @@ counts, ``generate`` task lines), then measures, side by side in one run:
   ``LMJOBS_HOME``, no Redis), timed whole: start-up, loading the model, every chunk, the
   results written and printed. Output tokens are summed from its results file.
 - **run fp32** (``--fp32-run``): the same with ``LMJOBS_DTYPE=float32``.
+
+With ``--repeat N`` every arm runs N times, the arms alternated, and keeps its fastest
+round (the machine's noise only ever slows a run down); the JSON lists every round.
 
 Each row has output tokens/s, its ratio to the loop's, how many of the loop's answers it
 matches exactly (greedy text; the loop is fp32, so a bf16 run's differences are rounding,
@@ -131,6 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "new_tokens": args.new_tokens,
             "model": args.model,
             "threads": torch.get_num_threads(),
+            "repeat": args.repeat,
         },
         "load_average_start": load_average(),
     }
@@ -157,24 +161,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     report["flops_per_token"] = {"prompt": params[0], "output": params[1]}
 
-    arms: dict[str, dict[str, Any]] = {}
-    print(f"loop: {args.loop_prompts} prompts, fp32 ...", file=sys.stderr)
-    arms["loop"] = run_loop(model, tokenizer, requests[: args.loop_prompts])
-    del model, loaded
-    print(f"lmjobs run: {args.prompts} prompts, default settings ...", file=sys.stderr)
-    arms["run"] = run_cli(
-        file, args.new_tokens, model=args.model, model_cache=args.model_cache, dtype=None, workdir=workdir
-    )
-    if args.fp32_run:
-        print("lmjobs run: LMJOBS_DTYPE=float32 ...", file=sys.stderr)
-        arms["run fp32"] = run_cli(
-            file,
-            args.new_tokens,
-            model=args.model,
-            model_cache=args.model_cache,
-            dtype="float32",
-            workdir=workdir,
+    # every arm runs --repeat times, the arms alternated; each keeps its fastest round (the
+    # outputs are the same every round: greedy), and the JSON keeps every round's seconds
+    runs: dict[str, list[dict[str, Any]]] = {}
+    dtypes = {"run": None, **({"run fp32": "float32"} if args.fp32_run else {})}
+    for round_ in range(args.repeat):
+        print(
+            f"round {round_ + 1}/{args.repeat}: loop over {args.loop_prompts} prompts, fp32 ...",
+            file=sys.stderr,
         )
+        runs.setdefault("loop", []).append(run_loop(model, tokenizer, requests[: args.loop_prompts]))
+        for name, dtype in dtypes.items():
+            print(f"round {round_ + 1}/{args.repeat}: {name}, {args.prompts} prompts ...", file=sys.stderr)
+            runs.setdefault(name, []).append(
+                run_cli(
+                    file,
+                    args.new_tokens,
+                    model=args.model,
+                    model_cache=args.model_cache,
+                    dtype=dtype,
+                    workdir=workdir,
+                )
+            )
+    arms: dict[str, dict[str, Any]] = {}
+    for name, rounds in runs.items():
+        arms[name] = dict(min(rounds, key=lambda r: r["elapsed_s"]))
+        arms[name]["rounds_s"] = [round(r["elapsed_s"], 2) for r in rounds]
     base = arms["loop"]["output_tokens"] / arms["loop"]["elapsed_s"]
     for name, arm in arms.items():
         arm["tokens_per_s"] = arm["output_tokens"] / arm["elapsed_s"]
@@ -236,10 +248,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--fp32-run", action="store_true", help="also run lmjobs with LMJOBS_DTYPE=float32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the loop (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="rounds of every arm, alternated; the fastest counts"
+    )
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args(argv)
     if not 1 <= args.loop_prompts <= args.prompts:
         ap.error("--loop-prompts must be between 1 and --prompts")
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
     report = run(args)
     print(table(report))
     if args.json_out:

@@ -28,7 +28,9 @@ def test_runloop_measures_the_loop_and_lmjobs_run(tmp_path: Path) -> None:
     model = build_tiny_causal(tmp_path / "llama")
     out = tmp_path / "runloop.json"
     args = ["--model", str(model), "--prompts", "6", "--loop-prompts", "3", "--new-tokens", "5"]
-    proc = _runloop([*args, "--fp32-run", "--threads", "1", "--json-out", str(out)], tmp_path)
+    proc = _runloop(
+        [*args, "--fp32-run", "--repeat", "2", "--threads", "1", "--json-out", str(out)], tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     arms = report["arms"]
@@ -44,6 +46,8 @@ def test_runloop_measures_the_loop_and_lmjobs_run(tmp_path: Path) -> None:
     for arm in arms.values():
         assert arm["tokens_per_s"] > 0 and arm["x_loop"] > 0
         assert 0 < arm["matmul_fraction"] < 1
+    for arm in arms.values():  # two rounds each, the fastest kept
+        assert len(arm["rounds_s"]) == 2 and round(arm["elapsed_s"], 2) == min(arm["rounds_s"])
     assert report["matmul_gflops"]["float32"] > 0 and report["target"]["x_loop"] == 15.0
     assert "| run fp32 |" in proc.stdout and "matmul rate measured" in proc.stdout
 
@@ -52,6 +56,11 @@ def test_runloop_refuses_a_loop_larger_than_the_file(tmp_path: Path) -> None:
     proc = _runloop(["--prompts", "4", "--loop-prompts", "5"], tmp_path)
     assert proc.returncode == 2
     assert "--loop-prompts must be between 1 and --prompts" in proc.stderr
+
+
+def test_runloop_refuses_no_rounds(tmp_path: Path) -> None:
+    proc = _runloop(["--repeat", "0"], tmp_path)
+    assert proc.returncode == 2 and "--repeat must be at least 1" in proc.stderr
 
 
 def test_runloop_reports_a_failing_run(tmp_path: Path) -> None:
