@@ -7,6 +7,8 @@ The process and CLI helpers are the benchmark's (``lmjobs.bench.harness``, insta
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 from lmjobs.bench.harness import (
     FINISHED,
@@ -37,6 +39,7 @@ __all__ = [
     "pg_available",
     "redis_available",
     "run_cli",
+    "run_cli_modules",
     "wait_for_job",
 ]
 
@@ -67,3 +70,22 @@ def drop_pg_database(name: str) -> None:
 
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def run_cli_modules(
+    args: list[str], env: dict[str, str]
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """``lmjobs *args`` in a fresh interpreter, and every module it had imported when it
+    ended (the last stderr line, written however the command exits)."""
+    code = (
+        "import sys\n"
+        "from lmjobs.cli.main import main\n"
+        f"sys.argv = ['lmjobs', *{args!r}]\n"
+        "try:\n"
+        "    main()\n"
+        "finally:\n"
+        "    print('MODULES', ' '.join(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("MODULES "))
+    return proc, set(line.split()[1:])

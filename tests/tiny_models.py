@@ -15,6 +15,7 @@ from lmjobs.bench.tokenizer import TINY_CHAT_TEMPLATE as CHAT_TEMPLATE
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "PROMPTS",
     "CORPUS",
     "INIT_STD",
     "MAX_POSITIONS",
@@ -22,4 +23,17 @@ __all__ = [
     "build_tiny_causal",
     "build_tiny_seq2seq",
     "build_tokenizer",
+]
+
+# Prompts of mixed lengths and languages (a one-token prompt, German, numbers) that the
+# engine tests run through every path and compare.
+PROMPTS = [
+    "The quick brown fox",
+    "Bitte übersetze diesen Satz ins Deutsche, danke schön und gute Nacht.",
+    "Hi",
+    "Numbers like 42, 2024 and 3.14 appear in many texts. One, two, three, four, five.",
+    "Guten Morgen!",
+    "A",
+    "What is the capital of France? The capital of France is",
+    "Workers pull jobs from the queue",
 ]

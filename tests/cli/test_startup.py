@@ -6,12 +6,10 @@ pydantic reads still works, through ``Settings``."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from services import cli_env
+from services import cli_env, run_cli_modules
 
 from lmjobs.bench.follow import build_job
 from lmjobs.db.migrate import upgrade
@@ -36,22 +34,6 @@ NEVER = (
 )
 
 
-def _lmjobs(args: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess[str], set[str]]:
-    """``lmjobs *args`` in a fresh interpreter, and the top modules it imported."""
-    code = (
-        "import sys\n"
-        "from lmjobs.cli.main import main\n"
-        f"sys.argv = ['lmjobs', *{args!r}]\n"
-        "try:\n"
-        "    main()\n"
-        "finally:\n"
-        "    print('MODULES', ' '.join(sorted(sys.modules)), file=sys.stderr)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    line = next(x for x in proc.stderr.splitlines() if x.startswith("MODULES "))
-    return proc, set(line.split()[1:])
-
-
 def _imported(modules: set[str], name: str) -> bool:
     return name in modules or any(m.startswith(name + ".") for m in modules)
 
@@ -70,7 +52,7 @@ def test_following_a_job_as_json_imports_nothing_heavy(
 ) -> None:
     env, job_id = job_env
     args = [command, "--json"] if command == "list" else [command, str(job_id), "--json"]
-    proc, modules = _lmjobs(args, env)
+    proc, modules = run_cli_modules(args, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     answer = json.loads(proc.stdout)
     assert (answer[0] if command == "list" else answer)["requests_total" if command != "report" else "job_id"]
@@ -80,7 +62,7 @@ def test_following_a_job_as_json_imports_nothing_heavy(
 
 def test_a_table_imports_rich_and_still_not_the_settings_class(job_env: tuple[dict[str, str], int]) -> None:
     env, job_id = job_env
-    proc, modules = _lmjobs(["status", str(job_id)], env)
+    proc, modules = run_cli_modules(["status", str(job_id)], env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"job {job_id} (follow-bench)" in proc.stdout and "progress" in proc.stdout
     assert _imported(modules, "rich")
@@ -89,7 +71,7 @@ def test_a_table_imports_rich_and_still_not_the_settings_class(job_env: tuple[di
 
 def test_a_setting_only_pydantic_reads_goes_through_settings(job_env: tuple[dict[str, str], int]) -> None:
     env, job_id = job_env
-    proc, modules = _lmjobs(["status", str(job_id), "--json"], {**env, "LMJOBS_CHUNK_SIZE": " 64"})
+    proc, modules = run_cli_modules(["status", str(job_id), "--json"], {**env, "LMJOBS_CHUNK_SIZE": " 64"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["id"] == job_id
     assert _imported(modules, "pydantic_settings")
@@ -97,7 +79,7 @@ def test_a_setting_only_pydantic_reads_goes_through_settings(job_env: tuple[dict
 
 def test_an_invalid_setting_is_still_refused_in_settings_words(job_env: tuple[dict[str, str], int]) -> None:
     env, job_id = job_env
-    proc, _ = _lmjobs(["status", str(job_id)], {**env, "LMJOBS_CHUNK_SIZE": "0"})
+    proc, _ = run_cli_modules(["status", str(job_id)], {**env, "LMJOBS_CHUNK_SIZE": "0"})
     assert proc.returncode == 1
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert errors == [

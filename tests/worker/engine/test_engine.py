@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_models import PROMPTS
 
 from lmjobs.jobs.engine_api import EngineInterrupt, FinishReason, Generation, GenRequest, SamplingParams
 from lmjobs.worker.engine import decoding
@@ -15,16 +16,6 @@ from lmjobs.worker.engine.scheduler import PREFILL_SLACK
 from lmjobs.worker.models import LoadedModel
 
 MODES = ["static", "continuous"]
-PROMPTS = [
-    "The quick brown fox",
-    "Bitte übersetze diesen Satz ins Deutsche, danke schön und gute Nacht.",
-    "Hi",
-    "Numbers like 42, 2024 and 3.14 appear in many texts. One, two, three, four, five.",
-    "Guten Morgen!",
-    "A",
-    "What is the capital of France? The capital of France is",
-    "Workers pull jobs from the queue",
-]
 
 
 @pytest.fixture(params=["llama", "gpt2", "t5"])

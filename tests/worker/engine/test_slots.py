@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_models import PROMPTS
 
 from lmjobs.bench.models import INIT_STD, randomize, save_folder
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest, OutputFormat, SamplingParams
@@ -17,17 +18,6 @@ from lmjobs.worker.engine import slots
 from lmjobs.worker.engine.core import EngineConfig, generate
 from lmjobs.worker.engine.slots import SlotBatch, SlotDecoder, bucket_columns, unsupported
 from lmjobs.worker.models import LoadedModel, load_model
-
-PROMPTS = [
-    "The quick brown fox",
-    "Bitte übersetze diesen Satz ins Deutsche, danke schön und gute Nacht.",
-    "Hi",
-    "Numbers like 42, 2024 and 3.14 appear in many texts. One, two, three, four, five.",
-    "Guten Morgen!",
-    "A",
-    "What is the capital of France? The capital of France is",
-    "Workers pull jobs from the queue",
-]
 
 
 @pytest.fixture(scope="module")
