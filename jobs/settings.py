@@ -33,7 +33,9 @@ class Settings(BaseSettings):
     model: str = "smollm2-135m"
     model_cache: Path | None = None  # default: <home>/models
     device: str = "auto"  # auto | cpu | cuda | cuda:N | split (one model over all visible GPUs)
-    dtype: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16
+    # auto (CPU: bf16 where the CPU computes it natively, else fp32; CUDA: bf16/fp16) | float32 |
+    # float16 | bfloat16
+    dtype: str = "auto"
     trust_remote_code: bool = False
     chunk_size: int = Field(default=64, ge=1, le=100_000)
     # Processes that parse a submitted file: unset = one per core for files of 8 MB and more
