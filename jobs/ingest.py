@@ -53,7 +53,7 @@ from lmjobs.jobs.inputs import (
 from lmjobs.jobs.lifecycle import discard_job, mark_ready
 from lmjobs.jobs.params import sampling_params
 from lmjobs.jobs.queues import queue_for_model
-from lmjobs.jobs.templates import TEMPLATE_VERSIONS, content_hash, render
+from lmjobs.jobs.templates import TEMPLATE_VERSIONS, normalize_params, normalized_hash, render
 
 if TYPE_CHECKING:  # the submit service owns the options and calls this module
     from lmjobs.jobs.submit import SubmitOptions
@@ -157,7 +157,8 @@ class Preparer:
     def __init__(self, task: str, params: dict[str, Any], job_model: str, *, copy_text: bool = False) -> None:
         self.task, self.params, self.job_model = task, params, job_model
         self.copy_text = copy_text
-        self.effective = sampling_params(params, None).to_dict()
+        # the hash's params for every line without its own, normalized once
+        self.normalized = normalize_params(sampling_params(params, None).to_dict())
 
     def read(self, path: Path, max_line_bytes: int, start: int, end: int, first_line: int) -> PreparedBlock:
         """The block of the file's lines from byte ``start`` to ``end`` (``line_ranges``)."""
@@ -175,11 +176,11 @@ class Preparer:
                 continue
             try:
                 rendered = render(p.task, p.input, self.params)
-                effective = sampling_params(self.params, p.params).to_dict() if p.params else self.effective
+                own = normalize_params(sampling_params(self.params, p.params).to_dict()) if p.params else None
             except ValueError as exc:  # the task template or the params refuse the fields
                 out.rejects.append(LineError(line_number, str(exc), ""))
                 continue
-            sha = content_hash(p.task, rendered, effective)
+            sha = normalized_hash(p.task, rendered, self.normalized if own is None else own)
             if self.copy_text:
                 cast(list[bytes], out.rows).append(
                     b"\t".join(

@@ -163,16 +163,23 @@ def content_hash(task: str, rendered: RenderedInput, params: dict[str, Any] | No
     ``temperature``/``top_p`` compare as floats (``1`` == ``1.0``), a ``stop`` string equals
     a one-item list. The task is included so different tasks never share a cache entry.
     """
+    return normalized_hash(task, rendered, normalize_params(params))
+
+
+def normalized_hash(task: str, rendered: RenderedInput, normalized: dict[str, Any]) -> str:
+    """``content_hash`` of params already normalized (``normalize_params``): a submit
+    normalizes the job's params once, not once a line."""
     payload = {
         "task": task,
         "prompt": rendered.prompt,
         "messages": list(rendered.messages) if rendered.messages is not None else None,
-        "params": _normalize_params(params),
+        "params": normalized,
     }
     return hashlib.sha256(orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _normalize_params(params: dict[str, Any] | None) -> dict[str, Any]:
+def normalize_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """Sampling params as ``content_hash`` compares them (its docstring says how)."""
     out = {k: v for k, v in (params or {}).items() if v is not None}
     for key in ("temperature", "top_p"):
         if isinstance(out.get(key), int) and not isinstance(out[key], bool):

@@ -152,3 +152,32 @@ def test_a_model_mismatch_left_for_the_next_transaction_is_counted(
     )
     assert (rep.requests_total, rep.chunks_total) == (150, 3)
     assert (rep.model_mismatches, rep.first_model_mismatch) == (1, (140, "other"))
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_prepared_hashes_equal_content_hash_with_and_without_line_params(copy: bool) -> None:
+    """The job's params are normalized once for every line without its own; the hashes are
+    the ones ``content_hash`` gives each line (what dedup and the cache key on)."""
+    from lmjobs.jobs.params import sampling_params
+    from lmjobs.jobs.templates import content_hash, render
+
+    job_params = {"temperature": 1, "stop": "END", "max_new_tokens": 20}
+    lines = [
+        {"id": "a", "text": "first text"},
+        {"id": "b", "text": "second text", "temperature": 0, "stop": ["x", "y"]},
+        {"id": "c", "text": "first text", "max_new_tokens": 20},  # overrides to the same value
+    ]
+    block = [(i + 1, orjson.dumps(line)) for i, line in enumerate(lines)]
+    prepared = Preparer("summarize", job_params, "m", copy_text=copy)(block)
+    assert not prepared.rejects and prepared.numbers == [1, 2, 3]
+    overrides = [None, {"temperature": 0, "stop": ["x", "y"]}, {"max_new_tokens": 20}]
+    for row, line, own in zip(prepared.rows, lines, overrides, strict=True):
+        expected = content_hash(
+            "summarize",
+            render("summarize", {"text": line["text"]}, job_params),
+            sampling_params(job_params, own).to_dict(),
+        )
+        sha = row.split(b"\t")[7].decode() if copy else row[7]
+        assert sha == expected
+    first, _, third = (r.split(b"\t")[7] if copy else r[7] for r in prepared.rows)
+    assert first == third  # an override equal to the job's value hashes the same
