@@ -149,7 +149,10 @@ _CONFIG = ConfigDict(strict=True, extra="ignore")
 _NonEmpty = Annotated[str, Field(min_length=1)]
 
 
-_Lang = Annotated[str, Field(min_length=1, max_length=64)]
+MAX_LANG_CHARS = 64  # source_lang, target_lang
+
+
+_Lang = Annotated[str, Field(min_length=1, max_length=MAX_LANG_CHARS)]
 
 
 _Stop = Annotated[list[str] | None, PlainValidator(_check_stop)]
@@ -472,3 +475,70 @@ def check_fields(
 
 def dump_messages(messages: Sequence[Message]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in messages]
+
+
+# A plain native line, checked without pydantic (``plain_native``): the task's text fields,
+# each (required, least characters, most characters or None). Every other field the line's
+# model knows sends the line through pydantic.
+_PLAIN_TEXT_FIELDS: dict[str, dict[str, tuple[bool, int, int | None]]] = {
+    "translate": {
+        "text": (True, 1, None),
+        "source_lang": (False, 1, MAX_LANG_CHARS),
+        "target_lang": (False, 1, MAX_LANG_CHARS),
+    },
+    "summarize": {"text": (True, 1, None)},
+    "qa": {"question": (True, 1, None), "context": (False, 0, None)},
+    "generate": {"prompt": (True, 1, None)},
+}
+
+
+def _plain_slow_fields(task: str) -> frozenset[str]:
+    own = {*_PLAIN_TEXT_FIELDS[task], "id", "reference", "model"}
+    known = set(TASK_MODELS[task][0].model_fields) - own
+    return frozenset(known | set(NATIVE_REFUSED) | NATIVE_OUTPUT_FIELDS)
+
+
+_PLAIN_SLOW = {task: _plain_slow_fields(task) for task in _PLAIN_TEXT_FIELDS}
+
+
+PlainLine = tuple[str, dict[str, Any], str | None, str | None]  # custom_id, input, reference, model
+
+
+def plain_native(obj: dict[str, Any], line_number: int, task: str) -> PlainLine | None:
+    """The common native line (the task's text fields, ``id``, ``reference``, ``model``, and
+    fields lmjobs ignores) checked in plain Python at a fraction of pydantic's cost: its
+    (custom_id, input, reference, model) as ``_native`` in ``jobs/inputs.py`` makes them.
+    None for any other line (a null, a sampling or output field, ``metadata``, a value of
+    the wrong type or length): the pydantic models decide it, and say why they refuse it.
+    ``tests/jobs/test_plain_native.py`` holds the two paths to the same answers."""
+    texts = _PLAIN_TEXT_FIELDS.get(task)
+    if texts is None or not _PLAIN_SLOW[task].isdisjoint(obj):
+        return None
+    data: dict[str, Any] = {}
+    for name, (required, least, most) in texts.items():
+        if name not in obj:
+            if required:
+                return None
+            continue
+        value = obj[name]
+        if type(value) is not str or len(value) < least or (most is not None and len(value) > most):
+            return None
+        if value:
+            data[name] = value
+    if "id" in obj:
+        custom_id = obj["id"]
+        if type(custom_id) is int:
+            custom_id = str(custom_id)
+        elif type(custom_id) is not str or not custom_id:
+            return None
+        if len(custom_id) > MAX_ID_CHARS:
+            return None
+    else:
+        custom_id = str(line_number)
+    reference = obj.get("reference")
+    if "reference" in obj and type(reference) is not str:
+        return None
+    model = obj.get("model")
+    if "model" in obj and (type(model) is not str or not 0 < len(model) <= MAX_MODEL_CHARS):
+        return None
+    return custom_id, data, reference, model
