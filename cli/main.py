@@ -13,10 +13,13 @@ from typing import Any
 
 import typer
 
-from lmjobs.cli import context, render
+from lmjobs.cli import context, plain_params, render
 from lmjobs.cli.options import job_options
 from lmjobs.db.urls import mask_secrets
 from lmjobs.jobs.errors import LmjobsError
+
+# Plainly written option values are read without pydantic (cli/plain_params.py).
+plain_params.install()
 
 app = typer.Typer(
     name="lmjobs",

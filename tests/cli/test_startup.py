@@ -1,5 +1,5 @@
 """Following a job starts light: ``status``, ``list`` and ``report`` import neither
-pydantic-settings nor rich (for ``--json``), nor anything of the worker, the engine, the
+pydantic (option values or settings) nor rich (for ``--json``), nor anything of the worker, the engine, the
 broker or the migrations; a table imports rich, and a setting written in a form only
 pydantic reads still works, through ``Settings``."""
 
@@ -16,6 +16,8 @@ from lmjobs.db.migrate import upgrade
 from lmjobs.db.session import get_database
 
 NEVER = (
+    "pydantic",  # option values: cli/plain_params.py
+    "typer._adapters",
     "pydantic_settings",
     "torch",
     "transformers",
