@@ -207,8 +207,17 @@ class _Statement:
 
 
 def _convert(process: Any, column: Sequence[Any], repeating: bool) -> Sequence[Any]:
-    if repeating:
-        once = {v: process(v) for v in set(column)}
+    """``process`` of each value; once per distinct value where a column repeats a few values
+    over the page (a chunk's timestamp, the booleans, an absent ``logprobs``). A column's raw
+    values are of one database type, so equal values are the same value (SQLite stores a
+    BOOLEAN as 0/1, a REAL as a float)."""
+    try:
+        distinct = set(column)
+    except TypeError:  # unhashable values (a driver that parsed JSON itself)
+        return list(map(process, column))
+    # -0.0 == 0.0 would share one value: floats are converted one by one
+    if repeating or (len(distinct) * 4 <= len(column) and float not in set(map(type, distinct))):
+        once = {v: process(v) for v in distinct}
         return list(map(once.__getitem__, column))
     return list(map(process, column))
 
@@ -545,9 +554,10 @@ def _write(db: Database, job_id: int, fmt: str, out: IO[Any], *, only_finished: 
     n = 0
     if fmt == "jsonl":  # orjson writes datetimes as ISO 8601 (with their UTC offset) itself
         keys = _export_fields(with_logprobs=True)
-        for cols in _column_pages(db, job_id, keys[3:], only_finished=only_finished):
-            rows = map(dict, map(zip, itertools.repeat(keys), zip(*(cols[k] for k in keys), strict=True)))
-            out.writelines(map(bytes.decode, map(_dumps_line, rows)))
+        pages = _column_pages(db, job_id, keys[3:], only_finished=only_finished, json_text=True)
+        for cols in pages:
+            cols["input_json"] = list(map(orjson.loads, cols["input_json"]))  # parsed in C
+            out.write(json_object_lines(keys, [cols[k] for k in keys]).decode())
             n += len(cols["job_id"])
     elif fmt == "openai":
         with db.session() as s:
@@ -609,6 +619,73 @@ def csv_lines(columns: Sequence[Sequence[Any]]) -> str:
         cells[0] = [c or '""' for c in cells[0]]
     rows = map(",".join, zip(*cells, strict=True))
     return "\r\n".join(rows) + "\r\n"
+
+
+def json_cells(values: Sequence[Any]) -> tuple[list[bytes], bytes, bytes]:
+    """``orjson.dumps`` of each value, a column at a time: ``(cells, before, after)``, each
+    value's text being ``before + cell + after``. The column is serialized as one array and
+    cut at the separators between its values where their count shows that no value's text
+    holds one: ``,`` (numbers, booleans, nulls, timestamps, strings without a comma) or ``},{``
+    (objects: it cannot overlap itself, so the count is exact); a column of strings and nulls
+    is cut by a regular expression that reads each JSON string whole (``","`` can overlap
+    itself where a value ends in an escaped quote and a comma, so it is not counted). Only
+    other columns (lists, mixed kinds) are serialized a value at a time.
+
+    Why: ``list(map(orjson.dumps, values))`` cost about 10 us a value on a page of
+    ``input_json`` objects (0.2 us when each output is dropped at once, 1 us when a copy is
+    kept instead); one array for the column cut at its separators costs about 0.5 us."""
+    n = len(values)
+    if not n:
+        return [], b"", b""
+    text = orjson.dumps(values)
+    if text.count(b",") == n - 1:
+        return text[1:-1].split(b","), b"", b""
+    kinds = set(map(type, values))
+    if kinds == _DICT and text.count(b"},{") == n - 1:
+        return text[2:-2].split(b"},{"), b"{", b"}"
+    if kinds <= _STRINGS:
+        return _JSON_STRING_OR_NULL.findall(text), b"", b""
+    # a copy of each, so orjson's own (large) buffers are not the ones held
+    return [bytes(memoryview(orjson.dumps(v))) for v in values], b"", b""
+
+
+_DICT = {dict}
+_STRINGS = frozenset({str, type(None)})
+# A JSON string (its escapes read whole) or null: the values of an array of strings and nulls.
+_JSON_STRING_OR_NULL = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|null')
+
+
+def json_object_lines(keys: Sequence[str], columns: Sequence[Sequence[Any]]) -> bytes:
+    """The JSONL text of rows given as columns: byte for byte
+    ``orjson.dumps(dict(zip(keys, row)), option=OPT_APPEND_NEWLINE)`` for each row, built a
+    column at a time (:func:`json_cells`). A column that holds one value over the page becomes
+    part of the text between the varying cells; the page's text is then one join of those
+    texts and cells, laid out row after row by slice assignments (no Python step per row)."""
+    if not columns or not columns[0]:
+        return b""
+    n = len(columns[0])
+    varying: list[list[bytes]] = []
+    between: list[bytes] = []  # the constant text before each varying cell, and after the last
+    text = b"{"
+    for i, (key, column) in enumerate(zip(keys, columns, strict=True)):
+        cells, before, after = json_cells(column)
+        text += (b"," if i else b"") + orjson.dumps(key) + b":" + before
+        if cells.count(cells[0]) == n:
+            text += cells[0] + after
+        else:
+            between.append(text)
+            varying.append(cells)
+            text = after
+    between.append(text + b"}\n")
+    if not varying:
+        return between[0] * n
+    step = 2 * len(varying) + 1
+    pieces: list[bytes] = [b""] * (n * step)
+    for j, cells in enumerate(varying):
+        pieces[2 * j :: step] = [between[j]] * n
+        pieces[2 * j + 1 :: step] = cells
+    pieces[step - 1 :: step] = [between[-1]] * n
+    return b"".join(pieces)
 
 
 def _dumps_line(value: Any) -> bytes:
