@@ -20,6 +20,7 @@ With a Typer that has no such builder (older releases coerce through click alone
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,7 @@ def install() -> bool:
     base = getattr(_coercion, "RuntimeParam", None)
     if original is None or base is None or getattr(original, "_lmjobs_plain", False):
         return original is not None and base is not None
+    typers_own: Callable[[Any], Any] = original
 
     @dataclass(frozen=True, eq=False)
     class PlainParam(base):  # type: ignore[misc, valid-type]
@@ -68,7 +70,7 @@ def install() -> bool:
                 if ok:
                     return out
             if not self.built:
-                self.built.append(original(self.descriptor))
+                self.built.append(typers_own(self.descriptor))
             return self.built[0]._coerce_value(value, param=param, ctx=ctx)
 
         @property
