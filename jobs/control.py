@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, literal_column, null, select, union_all
+from sqlalchemy import and_, bindparam, case, func, select
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import (
@@ -205,55 +205,20 @@ def sampled_scores(session: Session, sample: Sample) -> list[tuple[int, str, flo
     return [(int(r), str(m), float(v)) for r, m, v in sample.rows(session, stmt)]
 
 
-def sampled_score_sums(session: Session, sample: Sample) -> tuple[dict[str, tuple[float, int]], int]:
-    """Per metric (sum, count) of the sampled chunks' scores, and how many requests they
-    score: summed in the database a chunk at a time (the same index lookups as
-    :func:`sampled_scores`, a few rows a chunk instead of one a score)."""
-    scored = (
-        select(Score.metric, Score.value, Score.request_id)
-        .select_from(Request)
-        .join(Score, Score.request_id == Request.id)
-        .where(Request.chunk_id == bindparam("chunk"))
-        .subquery()
-    )
-    stmt = union_all(
-        select(scored.c.metric, func.sum(scored.c.value), func.count(), literal_column("0")).group_by(
-            scored.c.metric
-        ),
-        select(null(), null(), literal_column("0"), func.count(func.distinct(scored.c.request_id))),
-    )
-    sums: dict[str, tuple[float, int]] = {}
-    requests = 0
-    for metric, total, n, scored_requests in sample.rows(session, stmt):
-        if metric is None:
-            requests += int(scored_requests or 0)
-            continue
-        acc = sums.get(str(metric), (0.0, 0))
-        sums[str(metric)] = (acc[0] + float(total or 0.0), acc[1] + int(n))
-    return sums, requests
-
-
 @dataclass
 class ScoreMeans:
     means: dict[str, float]
     sampled: bool = False  # means over the scores of a sample of the job's requests
     requests: int = 0  # scored requests the sampled means are over
-    scores: list[tuple[int, str, float]] = field(default_factory=list)  # the sampled ones (``rows``)
+    scores: list[tuple[int, str, float]] = field(default_factory=list)  # the sampled ones
 
 
 def bounded_mean_scores(
-    session: Session,
-    job_id: int,
-    progress: Progress,
-    requests_total: int,
-    sample: Sample | None = None,
-    *,
-    rows: bool = False,
+    session: Session, job_id: int, progress: Progress, requests_total: int, sample: Sample | None = None
 ) -> ScoreMeans:
     """Exact means while the job has at most ``SCORE_EXACT_LIMIT`` score rows (a LIMITed count
     through ``ix_scores_job_id``), else means over a sample of closed chunks (``sample``, or
-    :func:`sample_of` the job): summed in the database (``status``), or, with ``rows`` (the
-    report's histograms need them), from the sampled scores themselves, kept in ``scores``."""
+    :func:`sample_of` the job)."""
     counted = session.scalar(
         select(func.count()).select_from(
             select(Score.id).where(Score.job_id == job_id).limit(SCORE_EXACT_LIMIT + 1).subquery()
@@ -262,26 +227,22 @@ def bounded_mean_scores(
     if not counted:
         return ScoreMeans({})
     if int(counted) <= SCORE_EXACT_LIMIT:
-        exact = session.execute(
+        rows = session.execute(
             select(Score.metric, func.avg(Score.value))
             .where(Score.job_id == job_id)
             .group_by(Score.metric)
             .order_by(Score.metric)
         ).all()
-        return ScoreMeans({str(m): float(v) for m, v in exact if v is not None})
+        return ScoreMeans({str(m): float(v) for m, v in rows if v is not None})
     if sample is None:
         sample = sample_of(session, job_id, progress, requests_total)
-    if not rows:
-        sums, requests = sampled_score_sums(session, sample)
-        means = {m: total / n for m, (total, n) in sorted(sums.items()) if n}
-        return ScoreMeans(means, sampled=True, requests=requests)
     scores = sampled_scores(session, sample)
-    acc_sums: dict[str, list[float]] = {}
+    sums: dict[str, list[float]] = {}
     for _, metric, value in scores:
-        acc = acc_sums.setdefault(metric, [0.0, 0.0])
+        acc = sums.setdefault(metric, [0.0, 0.0])
         acc[0] += value
         acc[1] += 1
-    means = {m: total / n for m, (total, n) in sorted(acc_sums.items())}
+    means = {m: total / n for m, (total, n) in sorted(sums.items())}
     return ScoreMeans(means, sampled=True, requests=len({rid for rid, _, _ in scores}), scores=scores)
 
 

@@ -516,7 +516,7 @@ def _sampled_report(db: Database, job: Job) -> JobReport:
         width, buckets = _chunk_throughput(s, job)
         sample = sample_of(s, job.id, progress, job.requests_total)
         rows = _sample_rows(s, job.id, sample)
-        means = bounded_mean_scores(s, job.id, progress, job.requests_total, sample, rows=True)
+        means = bounded_mean_scores(s, job.id, progress, job.requests_total, sample)
         scores = means.scores if means.sampled else None
         corpus = _sampled_corpus(s, job.id, sample) if job.task in CORPUS_METRICS else {}
     sampled = ["latency"]
