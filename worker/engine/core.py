@@ -30,8 +30,11 @@ Same greedy output as the default path (fp32; tested). Other models run the defa
 
 ``compile=True``: the slot path's decode step through ``torch.compile`` (on CUDA
 ``reduce-overhead``: a CUDA graph per batch and column bucket; on the CPU inductor with
-dynamic shapes), compiled once per model for the worker's life; its first calls are counted
-in ``slots.STATS`` and logged. ``compile`` implies ``slots`` because the compiled step is the
+dynamic shapes: one graph for every batch bucket, column bucket and cache size, run at each
+of them when a cache is made, before any row decodes), compiled once per model for the
+worker's life; its first calls are counted in ``slots.STATS`` and logged. ``prepare_slots``
+sizes the cache for a set of requests and compiles ahead, without decoding them (a worker's
+start, the benchmark's warm-up). ``compile`` implies ``slots`` because the compiled step is the
 slot step: one field asks for compilation, the other for the cache layout, and the layout
 is what a compiled step needs. A model the slot path does not take keeps the older static
 path: a StaticCache with bucketed shapes and, on CUDA, transformers' compiled forward; static
@@ -202,6 +205,35 @@ def generate(
     for index, source in copies.items():
         answers[index] = [_copy(g, requests[index].key, g.sample_index) for g in answers[source]]
     return [g for i in range(len(requests)) for g in answers[i]]
+
+
+def prepare_slots(
+    model: Any, tokenizer: Any, requests: Sequence[GenRequest], config: EngineConfig = EngineConfig()
+) -> bool:
+    """Make the worker's slot cache as large as ``generate(model, tokenizer, requests,
+    config)`` would, and with ``compile`` on the CPU compile and run the step at every shape
+    it allows, without decoding anything; False when ``config`` asks for no slots or the
+    model cannot decode in them (the default path needs no preparing)."""
+    if not (config.slots or config.compile) or not requests:
+        return False
+    is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    context = context_length(model.config, tokenizer)
+    device = _device_of(model)
+    ctx = _context(model, tokenizer, device, is_seq2seq=is_seq2seq)
+    prepared, _ = prepare(requests, tokenizer, context, is_seq2seq=is_seq2seq, vocab_size=vocab_size(model))
+    rows = [Row(req) for req in expand_samples(prepared) if req.params.max_new_tokens > 0]
+    if not rows:
+        return False
+    decoder = decoder_for(
+        model,
+        ctx,
+        rows,
+        max_batch_size=config.max_batch_size,
+        batch_tokens=config.batch_tokens or default_batch_tokens(model, device),
+        context=context,
+        compiled=config.compile,
+    )
+    return decoder is not None
 
 
 def _samples(refusal: Generation, n: int) -> list[Generation]:

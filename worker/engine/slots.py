@@ -34,15 +34,23 @@ tokens to the host per step.
 Compiled (``EngineConfig.compile``): on CUDA ``torch.compile(mode="reduce-overhead")``,
 static shapes: one CUDA graph per (batch bucket, column bucket), captured once per worker;
 the cache tensors are marked static addresses. On the CPU inductor's default mode with
-dynamic shapes, so one compiled graph serves every bucket (a batch of one is specialised
-apart). The compiled step is made once per model and kept with its cache; the time of the
-first call of each new shape (compilation included) is counted in ``STATS`` and logged.
+dynamic shapes: the batch, the columns and the cache's slot and column dimensions are
+marked dynamic, so one graph serves every batch bucket, column bucket and cache size. What
+would specialise it is kept out: a batch of one runs as two rows (one idle), the cache has a
+spare column so a step never attends to all of it, and ``torch._check`` tells the compiler
+the slices are within the cache. ``SlotDecoder.warm`` runs that graph at every (batch,
+column) bucket of a new cache before any row decodes (``decoder_for``; ``core.prepare_slots``
+ahead of a call), so compilation happens there and never while rows decode (measured on
+the tiny llama: one graph; a larger cache and 16 requests in 4 slots afterwards compile
+none). The compiled step is made once per model and kept with its cache; first calls of
+each shape (time, graphs compiled) are counted in ``STATS`` and logged.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -72,14 +80,27 @@ class SlotStats:
     shapes: int = 0  # first calls of a new (batch bucket, column bucket) of a compiled step
     first_call_s: float = 0.0  # their wall time, compilation included
     fallbacks: int = 0  # calls that asked for slots on a model that cannot have them
+    compiles: int = 0  # graphs torch.compile made during those first calls
+    warmed: int = 0  # shapes run by ``SlotDecoder.warm`` before any row decoded
 
     def snapshot(self) -> SlotStats:
         return replace(self)
 
 
 STATS = SlotStats()
+# Told of every slot decode step: (rows, batch bucket, columns, seconds, the device
+# synchronized on both sides). The step calls no model forward, so forward hooks never see
+# it: the benchmark's step meter (``bench.measure.StepMeter``) listens here.
+STEP_OBSERVERS: list[Callable[[int, int, int, float], None]] = []
 _logged: set[tuple[str, str]] = set()
 _lock = threading.Lock()
+
+
+def dynamo_compiles() -> int:
+    """Graphs ``torch.compile`` has compiled in this process (any function): 0 until
+    torch._dynamo is imported, which only compiling does."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
 
 
 def unsupported(model: Any) -> str | None:
@@ -122,7 +143,12 @@ def _rotary_function(attn: torch.nn.Module) -> Callable[..., Any] | None:
 
 
 class SlotCache:
-    """Keys and values of every layer: [slots, kv_heads, max_len, head_dim] each."""
+    """Keys and values of every layer: [slots, kv_heads, max_len + 1, head_dim] each.
+
+    The last column is spare, never written or attended: a step's columns are then always
+    a strict part of the cache, so the compiled CPU graph never meets the case "all of it"
+    (inductor guards on it and would compile a graph apart). A compiled CPU step marks the
+    slot and column dimensions dynamic (``SlotDecoder``): a larger cache reuses its graph."""
 
     def __init__(
         self, model: Any, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
@@ -133,7 +159,7 @@ class SlotCache:
         for layer in model.model.layers:
             attn = layer.self_attn
             heads = attn.k_proj.out_features // attn.head_dim
-            shape = (slots, heads, max_len, attn.head_dim)
+            shape = (slots, heads, max_len + 1, attn.head_dim)
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))
         if device.type == "cuda":  # CUDA graphs replay on these exact buffers
@@ -174,6 +200,10 @@ class SlotModel:
     ) -> torch.Tensor:
         """Logits [B, V] of each row's next token."""
         batch, columns = mask.shape
+        # facts the compiler cannot see: without them a dynamic-shape graph guards on
+        # whether the slices below are the whole cache, and recompiles when one is
+        torch._check(batch <= keys[0].shape[0])
+        torch._check(columns < keys[0].shape[2])  # the spare column (``SlotCache``)
         rows = torch.arange(batch, device=tokens.device)
         hidden = self.embed(tokens[:, None])  # [B, 1, d]
         cos, sin = self.rotary(hidden, positions[:, None])  # [B, 1, D]
@@ -242,6 +272,54 @@ class SlotDecoder:
         self.compiled = compiled
         self.taken = [False] * cache.slots
         self.columns = torch.arange(cache.max_len, device=ctx.device)
+        # the compiled CPU step: one graph for every batch >= 2, column bucket and cache size
+        self.dynamic = compiled and ctx.device.type != "cuda"
+        if self.dynamic:
+            import torch._dynamo as dynamo
+
+            for t in cache.keys + cache.values:
+                dynamo.maybe_mark_dynamic(t, (0, 2))
+
+    def widths(self) -> list[int]:
+        """The batch buckets a step runs at: powers of two, the slot count at most (and on
+        the compiled CPU step at least 2: a batch of one would compile a graph of its own)."""
+        floor = 2 if self.dynamic and self.slots >= 2 else 1
+        return sorted({max(floor, min(bucket_batch(n), self.slots)) for n in range(1, self.slots + 1)})
+
+    def column_buckets(self) -> list[int]:
+        """The column buckets a step attends over in this cache."""
+        return sorted({bucket_columns(n, self.cache.max_len) for n in range(1, self.cache.max_len + 1)})
+
+    def warm(self) -> int:
+        """Run the compiled CPU step once at every (batch bucket, column bucket) it has not
+        met, on free slots (a pad token at position 0 of each: a row's columns are written
+        by ``load`` or by its own step before it attends to them), so that whatever compiles
+        does so here, before any row decodes; the number of shapes run. Only with every slot
+        free. (On CUDA each shape is a graph and a capture of its own: not here.)"""
+        if not self.dynamic or any(self.taken):
+            return 0
+        todo = [
+            (w, c) for w in self.widths() for c in self.column_buckets() if (w, c) not in self.runner.seen
+        ]
+        if not todo:
+            return 0
+        start, graphs = time.perf_counter(), dynamo_compiles()
+        with torch.inference_mode():
+            for width, columns in todo:
+                tokens = torch.full((width,), self.ctx.pad_id, dtype=torch.long, device=self.ctx.device)
+                positions = torch.zeros(width, dtype=torch.long, device=self.ctx.device)
+                self._step(tokens, positions, width, columns)
+        spent, graphs = time.perf_counter() - start, dynamo_compiles() - graphs
+        STATS.warmed += len(todo)
+        logger.info(
+            "slot decode step warmed at %d shapes (batch %s x columns %s) in %.1f s, %d graph(s) compiled",
+            len(todo),
+            self.widths(),
+            self.column_buckets(),
+            spent,
+            graphs,
+        )
+        return len(todo)
 
     @property
     def slots(self) -> int:
@@ -300,7 +378,25 @@ class SlotDecoder:
         if longest > self.cache.max_len:
             raise RuntimeError(f"the slot cache is full ({self.cache.max_len} columns)")
         width = min(bucket_batch(n), self.slots)
+        if self.dynamic and width == 1 and self.slots >= 2:
+            width = 2  # one idle row rather than a graph specialised to one row
         columns = bucket_columns(longest, self.cache.max_len)
+        if not STEP_OBSERVERS:
+            return self._step(tokens, positions, width, columns)
+        cuda = self.ctx.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.ctx.device)
+        start = time.perf_counter()
+        logits = self._step(tokens, positions, width, columns)
+        if cuda:
+            torch.cuda.synchronize(self.ctx.device)
+        spent = time.perf_counter() - start
+        for observe in list(STEP_OBSERVERS):
+            observe(n, width, columns, spent)
+        return logits
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, width: int, columns: int) -> torch.Tensor:
+        n = len(tokens)
         if width > n:  # idle slots: a pad token at position 0, output dropped
             idle = width - n
             tokens = torch.cat([tokens, tokens.new_full((idle,), self.ctx.pad_id)])
@@ -310,7 +406,7 @@ class SlotDecoder:
         if not self.compiled:
             return self.runner.step(tokens, positions, mask, cache.keys, cache.values)[:n]
         step = self.runner.compiled_step(self.ctx.device)
-        if self.ctx.device.type != "cuda":  # one CPU graph for every bucket (batch 1 apart)
+        if self.dynamic:  # one CPU graph for every bucket
             import torch._dynamo as dynamo
 
             for t, dims in ((tokens, (0,)), (positions, (0,)), (mask, (0, 1))):
@@ -319,13 +415,19 @@ class SlotDecoder:
         if shape in self.runner.seen:
             # a copy: a CUDA graph's output is overwritten by its next replay
             return step(tokens, positions, mask, cache.keys, cache.values)[:n].clone()
-        start = time.perf_counter()
+        start, graphs = time.perf_counter(), dynamo_compiles()
         logits = step(tokens, positions, mask, cache.keys, cache.values)[:n].clone()
-        spent = time.perf_counter() - start
+        spent, graphs = time.perf_counter() - start, dynamo_compiles() - graphs
         self.runner.seen.add(shape)
         STATS.shapes += 1
         STATS.first_call_s += spent
-        logger.info("slot decode step for batch %d x %d columns: first call %.1f s (compile)", *shape, spent)
+        STATS.compiles += graphs
+        logger.info(
+            "slot decode step for batch %d x %d columns: first call %.1f s, %d graph(s) compiled",
+            *shape,
+            spent,
+            graphs,
+        )
         return logits
 
 
@@ -367,7 +469,9 @@ def decoder_for(
         cache = runner.cache = SlotCache(model, slots, length, dtype, ctx.device)
         STATS.caches += 1
         logger.debug("slot cache: %d slots x %d columns", slots, length)
-    return SlotDecoder(runner, cache, ctx, compiled=compiled)
+    decoder = SlotDecoder(runner, cache, ctx, compiled=compiled)
+    decoder.warm()  # compiled on the CPU: every shape this cache allows, before any row
+    return decoder
 
 
 class SlotBatch:

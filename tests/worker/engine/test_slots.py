@@ -154,19 +154,76 @@ def test_samples_output_formats_and_logprobs_in_slots(llama: LoadedModel):
 
 @pytest.mark.slow  # inductor compiles one graph: about 15 s with a warm cache, 100 s cold on 2 cores
 def test_compiled_step_equals_eager(llama: LoadedModel, monkeypatch: pytest.MonkeyPatch):
-    """The same slot step through torch.compile (inductor, CPU) gives the same tokens."""
+    """The same slot step through torch.compile (inductor, CPU) gives the same tokens; one
+    graph, compiled when the decoder is made, serves every batch bucket, column bucket and
+    cache size afterwards: more requests than slots and a cache that grows compile nothing."""
     # equal max_new_tokens and no EOS (zeroed in the tiny models): the batch stays at 4 rows
     reqs = requests_for(PROMPTS[:4], max_new_tokens=10)
+    slots.slot_model(llama.model).cache = None  # as in a new worker: a cache for these rows
     eager = run(llama, reqs, slots=True)
-    before = slots.STATS.snapshot()
+    before, graphs = slots.STATS.snapshot(), slots.dynamo_compiles()
     compiled = run(llama, reqs, compile=True)
     assert answers(compiled) == answers(eager) == answers(run(llama, reqs))
-    assert slots.STATS.shapes > before.shapes and slots.STATS.first_call_s > before.first_call_s
+    assert slots.dynamo_compiles() - graphs == slots.STATS.compiles - before.compiles == 1
     runner = slots.slot_model(llama.model)
-    assert runner.compiled is not None and (4, bucket_columns(1, 10**6)) in runner.seen
-    again = slots.STATS.snapshot()
-    assert answers(run(llama, reqs, compile=True)) == answers(eager)
-    assert slots.STATS.shapes == again.shapes  # compiled once per worker, not per call
+    assert runner.cache is not None and runner.compiled is not None
+    decoder = SlotDecoder(runner, runner.cache, ctx_of(llama), compiled=True)
+    warmed = {(w, c) for w in decoder.widths() for c in decoder.column_buckets()}
+    assert warmed == runner.seen and (4, bucket_columns(1, 10**6)) in warmed  # all, before any row
+    assert slots.STATS.warmed - before.warmed == len(warmed) and min(w for w, _ in warmed) == 2
+
+    graphs, caches = slots.dynamo_compiles(), slots.STATS.caches
+    many = requests_for(PROMPTS * 2)  # 16 requests, 4 slots, lengths 3..31: every bucket
+    assert answers(run(llama, many, compile=True, max_batch_size=4)) == answers(
+        run(llama, many, slots=True, max_batch_size=4)
+    )
+    assert runner.cache.max_len < 300
+    longer = requests_for(PROMPTS[:3], max_new_tokens=300)  # a larger cache
+    assert answers(run(llama, longer, compile=True, max_batch_size=4)) == answers(
+        run(llama, longer, slots=True, max_batch_size=4)
+    )
+    assert slots.STATS.caches == caches + 1
+    assert slots.dynamo_compiles() == graphs  # compiled once per worker, not per call or cache
+
+
+def ctx_of(lm: LoadedModel) -> Any:
+    from lmjobs.worker.engine.core import _context
+
+    return _context(lm.model, lm.tokenizer, torch.device("cpu"), is_seq2seq=False)
+
+
+def test_compiled_cpu_shapes_are_a_known_bounded_set(llama: LoadedModel):
+    """Batch buckets are powers of two up to the slot count (a compiled CPU step: from 2,
+    a batch of one would specialise a graph); column buckets powers of two from MIN_COLUMNS
+    up to the cache's length; the cache keeps one spare column no step attends to."""
+    runner = slots.slot_model(llama.model)
+    cache = slots.SlotCache(llama.model, 6, 300, torch.float32, torch.device("cpu"))
+    assert cache.keys[0].shape[2] == 301 and cache.values[-1].shape[2] == 301
+    eager = SlotDecoder(runner, cache, ctx_of(llama), compiled=False)
+    compiled = SlotDecoder(runner, cache, ctx_of(llama), compiled=True)
+    assert eager.widths() == [1, 2, 4, 6] and compiled.widths() == [2, 4, 6]
+    assert eager.column_buckets() == compiled.column_buckets() == [64, 128, 256, 300]
+    assert eager.warm() == 0  # eager: nothing to compile ahead
+    compiled.take(1)
+    assert compiled.warm() == 0  # a taken slot: never overwritten by a warm-up step
+
+
+def test_prepare_slots_sizes_the_cache_before_the_call(llama: LoadedModel, gpt2: LoadedModel):
+    """``prepare_slots`` makes the cache the call will need, so the call itself allocates
+    none; it declines where there are no slots."""
+    from lmjobs.worker.engine.core import prepare_slots
+
+    runner = slots.slot_model(llama.model)
+    runner.cache = None  # as in a new worker
+    reqs = requests_for(PROMPTS[:3], max_new_tokens=300)
+    config = EngineConfig(slots=True, max_batch_size=2)
+    before = slots.STATS.caches
+    assert prepare_slots(llama.model, llama.tokenizer, reqs, config)
+    assert slots.STATS.caches == before + 1 and runner.cache is not None and runner.cache.max_len >= 300
+    generate(llama.model, llama.tokenizer, reqs, config)
+    assert slots.STATS.caches == before + 1  # the call found its cache ready
+    assert not prepare_slots(llama.model, llama.tokenizer, reqs, EngineConfig())  # no slots asked
+    assert not prepare_slots(gpt2.model, gpt2.tokenizer, reqs, config)  # the default path
 
 
 @pytest.mark.parametrize("arch", ["t5", "gpt2"])
