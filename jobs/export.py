@@ -514,6 +514,83 @@ def _openai_lines(cols: dict[str, Sequence[Any]], model: str) -> list[dict[str, 
     ]
 
 
+# A succeeded request's line with one sample and no log-probabilities (``_openai_line``), as
+# the text between its cells, for each endpoint: (text completion, chat completion). The cells
+# are, in order: request id, custom_id, request id, request id, created, model, index, text,
+# finish_reason, prompt tokens, completion tokens, total tokens.
+_OPENAI_TEXTS = [
+    (b'{"id":"lmjobs-', b'{"id":"lmjobs-'),
+    (b'","custom_id":', b'","custom_id":'),
+    (b',"response":{"status_code":200,"request_id":"', b',"response":{"status_code":200,"request_id":"'),
+    (b'","body":{"id":"cmpl-lmjobs-', b'","body":{"id":"chatcmpl-lmjobs-'),
+    (b'","object":"text_completion","created":', b'","object":"chat.completion","created":'),
+    (b',"model":', b',"model":'),
+    (b',"choices":[{"index":', b',"choices":[{"index":'),
+    (b',"text":', b',"message":{"role":"assistant","content":'),
+    (b',"finish_reason":', b'},"finish_reason":'),
+    (b',"logprobs":null}],"usage":{"prompt_tokens":', b',"logprobs":null}],"usage":{"prompt_tokens":'),
+    (b',"completion_tokens":', b',"completion_tokens":'),
+    (b',"total_tokens":', b',"total_tokens":'),
+    (b'}}},"error":null}\n', b'}}},"error":null}\n'),
+]
+
+
+def _openai_page(cols: dict[str, Sequence[Any]], model: str) -> tuple[bytes, int]:
+    """A page's OpenAI lines and their count. Where each request has one row, the succeeded
+    rows without log-probabilities (most lines) are built a column at a time: their cells
+    (:func:`json_cells`) between the fixed texts of their endpoint's line, equal to
+    ``orjson.dumps(_openai_line(...))``; every other line is built by ``_openai_line``."""
+    rids = cols["request_id"]
+    n = len(rids)
+    if len(set(rids)) != n:  # some request has several samples: grouped, line by line
+        grouped = _openai_lines(cols, model)
+        return b"".join(map(_dumps_line, grouped)), len(grouped)
+    slow = [
+        i
+        for i, (status, logprobs) in enumerate(zip(cols["status"], cols["logprobs"], strict=True))
+        if status != _SUCCEEDED or logprobs is not None
+    ]
+    if len(slow) == n:
+        return b"".join(map(_dumps_line, _openai_lines(cols, model))), n
+    chat = [task != "generate" for task in cols["task"]]  # generate lines are text completions
+    finished = {t: int(t.timestamp()) if t else 0 for t in set(cols["finished_at"])}
+    models = {m: m or model for m in set(cols["model"])}
+    finishes = {f: f if f == "stop" or f == "length" else "stop" for f in set(cols["finish_reason"])}
+    prompt = [t or 0 for t in cols["input_tokens"]]
+    completion = [t or 0 for t in cols["output_tokens"]]
+    rid_cells = json_cells(rids)
+    cells = [
+        rid_cells,
+        json_cells(cols["custom_id"]),
+        rid_cells,
+        rid_cells,
+        json_cells(list(map(finished.__getitem__, cols["finished_at"]))),
+        json_cells(list(map(models.__getitem__, cols["model"]))),
+        json_cells(cols["sample_index"]),
+        json_cells([t or "" for t in cols["output_text"]]),
+        json_cells(list(map(finishes.__getitem__, cols["finish_reason"]))),
+        json_cells(prompt),
+        json_cells(completion),
+        json_cells(list(map(operator.add, prompt, completion))),
+    ]
+    step = 2 * len(cells) + 1
+    pieces: list[bytes] = [b""] * (n * step)
+    texts = list(_OPENAI_TEXTS)
+    for j, (column, before, after) in enumerate(cells):  # before and after join the texts
+        texts[j] = (texts[j][0] + before, texts[j][1] + before)
+        texts[j + 1] = (after + texts[j + 1][0], after + texts[j + 1][1])
+        pieces[2 * j + 1 :: step] = column
+    for j, pair in enumerate(texts):
+        pieces[2 * j :: step] = list(map(pair.__getitem__, chat)) if pair[0] != pair[1] else [pair[0]] * n
+    if not slow:
+        return b"".join(pieces), n
+    lines = [b"".join(pieces[i : i + step]) for i in range(0, len(pieces), step)]
+    rows = list(zip(*(cols[k] for k in _OPENAI_FIELDS), strict=True))
+    for i in slow:
+        lines[i] = _dumps_line(_openai_line((rows[i],), model))
+    return b"".join(lines), n
+
+
 def write_results(
     db: Database,
     job_id: int,
@@ -564,9 +641,9 @@ def _write(db: Database, job_id: int, fmt: str, out: IO[Any], *, only_finished: 
             job = s.get(Job, job_id)
             model = job.model if job else ""
         for cols in _column_pages(db, job_id, _OPENAI_FIELDS[1:], only_finished=only_finished):
-            lines = _openai_lines(cols, model)
-            out.writelines(map(bytes.decode, map(_dumps_line, lines)))
-            n += len(lines)
+            text, count = _openai_page(cols, model)
+            out.write(text.decode())
+            n += count
     else:
         out.write(csv_lines([[c] for c in COLUMNS]))
         for cols in _column_pages(db, job_id, COLUMNS[3:], only_finished=only_finished, json_text=True):

@@ -18,7 +18,7 @@ from analytics_data import FAKE_CTX, submit, translate_rows, write_jsonl
 from fake_engine import FakeEngine
 from sqlalchemy import select, update
 
-from lmjobs.db.models import Chunk, Result, utcnow
+from lmjobs.db.models import Chunk, Job, Request, Result, utcnow
 from lmjobs.db.session import Database, get_database
 from lmjobs.jobs import export
 from lmjobs.jobs.chunks import process_chunk
@@ -168,3 +168,48 @@ def test_jsonl_export_equals_the_row_dicts(
         monkeypatch.setattr(export, "EXPORT_PAGE", 3)  # pages that mix pending and finished rows
         assert _jsonl(db, job_id, only_finished) == expected
         monkeypatch.undo()
+
+
+def _openai_by_line(db: Database, job_id: int, only_finished: bool) -> bytes:
+    """The OpenAI format as the line-by-line path writes it (``_openai_line`` for each line)."""
+    with db.session() as s:
+        model = s.get(Job, job_id).model  # type: ignore[union-attr]
+    pages = export._column_pages(db, job_id, export._OPENAI_FIELDS[1:], only_finished=only_finished)
+    return b"".join(export._dumps_line(line) for cols in pages for line in export._openai_lines(cols, model))
+
+
+def _openai(db: Database, job_id: int, only_finished: bool) -> bytes:
+    import io
+
+    out = io.StringIO(newline="")
+    export.write_results(db, job_id, "openai", out, only_finished=only_finished)
+    return out.getvalue().encode()
+
+
+def test_openai_export_equals_the_line_by_line_path(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Succeeded one-sample lines built a column at a time, among failed, pending, log-prob and
+    awkward lines (odd finish reasons, no model, no token counts), on chat and completion
+    endpoints, whole and in pages of 3 and 1."""
+    db = get_database(db_url)
+    job_id = _awkward_job(db, tmp_path)
+    with db.session() as s:
+        ids = list(s.scalars(select(Result.id).where(Result.job_id == job_id).order_by(Result.request_id)))
+        s.execute(update(Result).where(Result.id == ids[4]).values(finish_reason="error", model=None))
+        s.execute(
+            update(Result).where(Result.id == ids[5]).values(finish_reason=None, model="", input_tokens=None)
+        )
+        s.execute(update(Result).where(Result.id == ids[6]).values(output_text=None, output_tokens=None))
+        s.execute(
+            update(Request)
+            .where(Request.job_id == job_id, Request.line_number % 3 == 0)
+            .values(task="generate")
+        )
+    for only_finished in (False, True):
+        expected = _openai_by_line(db, job_id, only_finished)
+        assert expected.count(b"\n") == (8 if only_finished else 12)
+        assert b"text_completion" in expected and b"chat.completion" in expected
+        for page in (2000, 3, 1):
+            monkeypatch.setattr(export, "EXPORT_PAGE", page)
+            assert _openai(db, job_id, only_finished) == expected, (only_finished, page)
