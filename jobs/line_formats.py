@@ -542,3 +542,89 @@ def plain_native(obj: dict[str, Any], line_number: int, task: str) -> PlainLine 
     if "model" in obj and (type(model) is not str or not 0 < len(model) <= MAX_MODEL_CHARS):
         return None
     return custom_id, data, reference, model
+
+
+# A plain OpenAI line (``plain_openai``): the fields it may have; any other (or a null) sends
+# the line through pydantic.
+_PLAIN_OPENAI_LINE = frozenset(("custom_id", "method", "url", "body", "reference"))
+_PLAIN_OPENAI_BODY = frozenset(
+    ("model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p")
+)
+_PLAIN_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _plain_number(value: Any, low: float, high: float, *, low_open: bool = False) -> float | None:
+    """A float field's value as pydantic's strict float gives it (an int becomes a float),
+    or None when it is out of range or not a number (pydantic then says why)."""
+    if type(value) is int or type(value) is float:
+        number = float(value)
+        if (number > low if low_open else number >= low) and number <= high:
+            return number
+    return None
+
+
+def _plain_limit(value: Any) -> int | None:
+    return value if type(value) is int and 1 <= value <= MAX_NEW_TOKENS else None
+
+
+PlainOpenAI = tuple[str, str, dict[str, Any], dict[str, Any] | None, str | None, str | None]
+
+
+def plain_openai(obj: dict[str, Any]) -> PlainOpenAI | None:
+    """The common OpenAI Batch line (a chat line of plain text turns, or a completion with
+    one prompt; the model, a token limit, temperature and top_p) checked in plain Python:
+    its (custom_id, task, input, params, reference, model) as ``_openai`` in
+    ``jobs/inputs.py`` makes them. None for any other line, which the pydantic models decide
+    and, where they refuse it, explain. ``tests/jobs/test_plain_native.py`` holds the two
+    paths to the same answers."""
+    if not _PLAIN_OPENAI_LINE.issuperset(obj):
+        return None
+    custom_id, body, reference = obj.get("custom_id"), obj.get("body"), obj.get("reference")
+    if type(custom_id) is not str or not 0 < len(custom_id) <= MAX_ID_CHARS or type(body) is not dict:
+        return None
+    if ("reference" in obj and type(reference) is not str) or ("method" in obj and obj["method"] != "POST"):
+        return None
+    if not _PLAIN_OPENAI_BODY.issuperset(body):
+        return None
+    messages, prompt = body.get("messages"), body.get("prompt")
+    url = obj.get("url", "/v1/chat/completions" if "messages" in body else "/v1/completions")
+    task = OPENAI_URLS.get(url) if type(url) is str else None
+    data: dict[str, Any]
+    if task == "chat" and "prompt" not in body and type(messages) is list and messages:
+        turns = []
+        for turn in messages:
+            if type(turn) is not dict or len(turn) != 2 or "role" not in turn:
+                return None
+            role, content = (
+                _PLAIN_ROLES.get(turn["role"]) if type(turn["role"]) is str else None,
+                turn.get("content"),
+            )
+            if role is None or type(content) is not str:
+                return None
+            turns.append({"role": role, "content": content})
+        data = {"messages": turns}
+    elif task == "generate" and "messages" not in body and type(prompt) is str and prompt:
+        data = {"prompt": prompt}
+    else:
+        return None
+    model = body.get("model")
+    if "model" in body and (type(model) is not str or not 0 < len(model) <= MAX_MODEL_CHARS):
+        return None
+    limits = set()
+    for name in ("max_tokens", "max_completion_tokens"):
+        if name in body:
+            if (limit := _plain_limit(body[name])) is None:
+                return None
+            limits.add(limit)
+    if len(limits) > 1:
+        return None
+    params: dict[str, Any] = {"max_new_tokens": limits.pop()} if limits else {}
+    if "temperature" in body:
+        if (t := _plain_number(body["temperature"], 0, TEMPERATURE_MAX)) is None:
+            return None
+        params["temperature"] = t
+    if "top_p" in body:
+        if (p := _plain_number(body["top_p"], 0, 1, low_open=True)) is None:
+            return None
+        params["top_p"] = p
+    return custom_id, task, data, params or None, reference, model

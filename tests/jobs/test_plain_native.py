@@ -164,3 +164,132 @@ def test_the_plain_path_takes_many_random_lines_and_agrees(monkeypatch: pytest.M
             assert full == plain, raw
         refused_full += isinstance(full, LineError)
     assert taken > 300 and refused_full > 300, (taken, refused_full)
+
+
+BODY_KEYS = (
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+    "n", "logprobs", "stream", "user", "metadata", "seed", "x",
+)  # fmt: skip
+TURNS: list[Any] = [
+    {"role": "user", "content": "hi: there"},
+    {"role": "system", "content": "be brief"},
+    {"role": "developer", "content": "d"},
+    {"role": "assistant", "content": ""},
+    {"role": "tool", "content": "t"},
+    {"role": "user", "content": [{"type": "text", "text": "part"}]},
+    {"role": "user", "content": "x", "name": "bob"},
+    {"role": "user", "content": None},
+    {"role": "user"},
+    "turn",
+]
+BODY_VALUES: list[Any] = [
+    "gpt-4o-mini",
+    "",
+    "once upon",
+    0,
+    1,
+    2,
+    3,
+    50,
+    32769,
+    0.5,
+    2.5,
+    -1,
+    True,
+    None,
+    [],
+    {},
+]
+
+
+def openai_line(rng: random.Random) -> list[tuple[str, Any]]:
+    body: dict[str, Any] = {}
+    good = rng.random() < 0.6  # most lines valid, each of the rest off in a few places
+    if rng.random() < 0.7:
+        turns = TURNS[:4] if good else TURNS
+        body["messages"] = [rng.choice(turns) for _ in range(rng.randrange(4))] or [TURNS[0]]
+    elif rng.random() < 0.8:
+        body["prompt"] = "once upon" if good else rng.choice(["once upon", "", 5])
+    for _ in range(rng.randrange(3)):
+        if good:
+            body[rng.choice(BODY_KEYS[3:7])] = rng.choice([1, 2, 50, 0.5, 1.0])
+        else:
+            body[rng.choice(BODY_KEYS)] = rng.choice(BODY_VALUES)
+    if rng.random() < 0.5:
+        body["model"] = "gpt-4o-mini"
+    ids = ["req-1", "a:b"] if good else ["req-1", "a:b", "", 7, "x" * 513]
+    pairs: list[tuple[str, Any]] = [("custom_id", rng.choice(ids))]
+    if rng.random() < 0.6:
+        pairs.append(("method", rng.choice(["POST", "POST", "GET"])))
+    if rng.random() < 0.7:
+        pairs.append(
+            (
+                "url",
+                rng.choice(
+                    ["/v1/chat/completions", "/v1/chat/completions", "/v1/completions", "/v1/embeddings"]
+                ),
+            )
+        )
+    pairs.append(("body", body))
+    if rng.random() < 0.2:
+        extra = (
+            [("reference", "ref")]
+            if good
+            else [("reference", "ref"), ("reference", None), ("extra", 1), ("body", {})]
+        )
+        pairs.append(rng.choice(extra))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def test_the_plain_path_takes_many_openai_lines_and_agrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = random.Random(29)
+    taken = refused_full = 0
+    for i in range(3000):
+        raw = encode(openai_line(rng), rng).encode()
+        plain = inputs._plain(raw.decode(), i + 1, "summarize")
+        full = full_path(raw, i + 1, "summarize", monkeypatch)
+        if plain is not None:
+            taken += 1
+            assert full == plain, raw
+            assert json.dumps(plain.params) == json.dumps(full.params)  # stored text: same order
+        refused_full += isinstance(full, LineError)
+    assert taken > 300 and refused_full > 300, (taken, refused_full)
+
+
+def test_the_common_openai_lines_take_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    chat = {
+        "custom_id": "request-1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "gpt-4o-mini",
+            "messages": [
+                {"role": "system", "content": "You are helpful."},
+                {"role": "user", "content": "Hi: 2+2?"},
+            ],
+            "max_tokens": 100,
+            "temperature": 0,
+        },
+    }
+    completion = {
+        "custom_id": "c",
+        "url": "/v1/completions",
+        "body": {"prompt": "Once", "max_completion_tokens": 5},
+    }
+    for line in (chat, completion):
+        raw = json.dumps(line).encode()
+        plain = inputs._plain(raw.decode(), 1, "summarize")
+        assert plain is not None and plain.input_format == "openai"
+        assert plain == full_path(raw, 1, "summarize", monkeypatch)
+    assert inputs._plain(json.dumps(chat).encode().decode(), 1, "chat").params == {  # type: ignore[union-attr]
+        "max_new_tokens": 100,
+        "temperature": 0.0,
+    }
+
+
+def test_a_duplicate_key_inside_the_body_is_refused() -> None:
+    line = '{"custom_id": "a", "body": {"messages": [{"role": "user", "content": "x", "role": "system"}]}}'
+    assert inputs._plain(line, 1, "chat") is None
+    out = parse_line(line.encode(), 1, "chat")
+    assert isinstance(out, LineError) and "duplicate key" in out.reason
