@@ -30,7 +30,8 @@ import torch
 from lmjobs.bench.measure import PeakMemory, StepMeter, StepStats, sync
 from lmjobs.bench.workloads import BenchRequest
 from lmjobs.worker.engine import compat
-from lmjobs.worker.engine.core import EngineConfig, eos_ids, generate
+from lmjobs.worker.engine.core import EngineConfig, eos_ids, generate, prepare_slots
+from lmjobs.worker.engine.slots import dynamo_compiles
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,8 @@ class ArmResult:
 
 
 ArmFn = Callable[[Any, Any, Sequence[BenchRequest]], ArmOutput]
+# run in the warm-up, on the timed requests, before the clock starts (see ``measure``)
+PrepareFn = Callable[[Any, Any, Sequence[BenchRequest]], None]
 
 
 def _record(out: ArmOutput, key: int, ids: list[int], limit: int, eos: Sequence[int], tokenizer: Any) -> None:
@@ -225,6 +228,17 @@ def engine_arm(config: EngineConfig) -> ArmFn:
     return run
 
 
+def engine_prepare(config: EngineConfig) -> PrepareFn:
+    """The slot arms' preparation: the worker's slot cache sized for the timed requests
+    and, compiled, the step compiled and run at every shape that cache allows
+    (``core.prepare_slots``), so the timed run neither grows the cache nor compiles."""
+
+    def run(model: Any, tokenizer: Any, requests: Sequence[BenchRequest]) -> None:
+        prepare_slots(model, tokenizer, [r.request for r in requests], config)
+
+    return run
+
+
 def chunked(fn: ArmFn, size: int) -> ArmFn:
     """``fn`` called once per ``size`` consecutive requests, as the worker takes a job's
     chunks (the same lines in the same chunks: ingest cuts the file in order)."""
@@ -280,9 +294,12 @@ def measure(
     device: torch.device,
     subset: bool = False,
     warmup: Sequence[BenchRequest] | None = None,
+    prepare: PrepareFn | None = None,
 ) -> ArmResult:
-    """Warm up (timed apart; ``warmup``, by default ``warmup_requests``), then run ``fn`` on
-    ``requests`` under the meters.
+    """Warm up (timed apart; ``warmup``, by default ``warmup_requests``, then ``prepare``
+    on ``requests``), then run ``fn`` on ``requests`` under the meters. The graphs
+    ``torch.compile`` made in each part are counted (``extra["warmup"]``, written to the
+    JSON: ``compiles_in_warmup``, ``compiles_in_timed_window``, which should be 0).
 
     The meters' forward hooks are already on the model during the warm-up: adding them
     afterwards would change what a ``torch.compile``d call guards on, and the compiled arm
@@ -290,19 +307,24 @@ def measure(
     """
     warm = warmup_requests(requests) if warmup is None else list(warmup)
     memory = PeakMemory(device)
+    compiles = dynamo_compiles()
     with StepMeter(model, device) as meter:
         start = time.perf_counter()
         fn(model, tokenizer, warm)
+        if prepare is not None:
+            prepare(model, tokenizer, requests)
         sync(device)
         warmup_s = time.perf_counter() - start
         warmed = set(meter.decode_shapes)
         meter.reset()
         memory.start()
+        warmup_compiles, compiles = dynamo_compiles() - compiles, dynamo_compiles()
         sync(device)
         start = time.perf_counter()
         output = fn(model, tokenizer, requests)
         sync(device)
         elapsed = time.perf_counter() - start
+        timed_compiles = dynamo_compiles() - compiles
     peak, delta = memory.stop()
     result = ArmResult(
         arm=arm,
@@ -324,7 +346,13 @@ def measure(
         "decode_shapes_timed": len(meter.decode_shapes),
         "decode_shapes_not_warmed": len(cold),
         "not_warmed_first": [list(shape) for shape in cold[:10]],  # [rows, cache columns]
+        # graphs torch.compile made (any function in this process): the timed window's must be 0
+        "compiles_in_warmup": warmup_compiles,
+        "compiles_in_timed_window": timed_compiles,
     }
+    result.extra["compiles_in_timed_window"] = timed_compiles
+    if timed_compiles:
+        result.notes.append(f"torch.compile made {timed_compiles} graph(s) inside the timed window")
     if output.errors:
         first = next(iter(output.errors.values()))
         result.notes.append(f"{len(output.errors)} requests failed, e.g. {first}")

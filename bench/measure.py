@@ -1,7 +1,9 @@
 """Measuring an arm: wall time, peak memory, forward-pass accounting, memory bandwidth.
 
 ``StepMeter`` hooks the model's forward: each call is a prefill (more than one new token
-per row) or a decode step (one token per row). For decode steps it sums the rows, the
+per row) or a decode step (one token per row); the slot path's decode steps, which call no
+forward, it hears from ``slots.STEP_OBSERVERS`` (rows, the batch bucket and the columns
+the step ran at). For decode steps it sums the rows, the
 time inside the forward (the device synchronized on both sides) and the bytes a step must
 read: the weights once plus the KV cache of every row up to the padded length. Bytes over
 time over the device's measured bandwidth is the fraction of the decode roofline.
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from lmjobs.bench.models import parameter_bytes
+from lmjobs.worker.engine import slots
 from lmjobs.worker.engine.batching import kv_bytes_per_token
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -136,6 +139,7 @@ class StepMeter:
             self.model.register_forward_pre_hook(before, with_kwargs=True),
             self.model.register_forward_hook(after, with_kwargs=True),
         ]
+        slots.STEP_OBSERVERS.append(self._slot_step)
         return self
 
     def reset(self) -> None:
@@ -147,6 +151,17 @@ class StepMeter:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._slot_step in slots.STEP_OBSERVERS:
+            slots.STEP_OBSERVERS.remove(self._slot_step)
+
+    def _slot_step(self, rows: int, width: int, columns: int, seconds: float) -> None:
+        """A slot decode step: ``rows`` real rows in a batch bucket of ``width`` slots, each
+        reading ``columns`` cache columns (idle slots included: the step reads them)."""
+        self.decode_shapes.add((width, columns))
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += rows
+        self.stats.decode_s += seconds
+        self.stats.decode_bytes += self._weight_bytes + width * columns * self._kv_bytes
 
     def _before(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # a suffix prefilled after a shared prefix: its mask starts with the cached columns

@@ -33,7 +33,7 @@ from lmjobs.bench.e2e import E2EOptions, E2EResult, run_e2e
 from lmjobs.bench.measure import load_average, matmul_params, matmul_rate, memory_bandwidth
 from lmjobs.bench.models import build_random_model
 from lmjobs.bench.report import BenchReport, profile_engine
-from lmjobs.worker.engine.core import resolve_mode
+from lmjobs.worker.engine.core import EngineConfig, resolve_mode
 from lmjobs.worker.models import LoadedModel, load_model, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def run_bench(
                 device=device,
                 subset=subset < len(requests),
                 warmup=_warmup(config, arm, requests[:subset]),
+                prepare=_prepare(config, arm),
             )
         except Exception as exc:  # one arm failing (a compiler error...) keeps the others
             _failed(report, arm, exc, say)
@@ -222,10 +223,26 @@ def _warmup(config: BenchConfig, arm: str, requests: list[Any]) -> list[Any] | N
     return bench_arms.shape_warmup_requests(requests, batch.get(arm, config.max_batch_size))
 
 
+def _prepare(config: BenchConfig, arm: str) -> bench_arms.PrepareFn | None:
+    """The slot arms (A5, A7) size the worker's slot cache for the timed run, and A5
+    compiles at every shape of it, in the warm-up."""
+    engine = _slot_engine(config, arm)
+    return bench_arms.engine_prepare(engine) if engine is not None else None
+
+
+def _slot_engine(config: BenchConfig, arm: str) -> EngineConfig | None:
+    if arm == "A5":
+        return config.engine(mode="auto", compile=True)
+    if arm == "A7":  # slot decoding, eager: A5's step without torch.compile
+        return config.engine(mode="continuous", slots=True)
+    return None
+
+
 def _note_cold_shapes(config: BenchConfig, result: bench_arms.ArmResult) -> None:
     warm = result.extra.get("warmup") or {}
     cold = warm.get("decode_shapes_not_warmed", 0)
-    if config.warmup == "shapes" and cold and result.arm == "A5":  # the compiled arm
+    compiled = result.extra.get("compiles_in_timed_window", 0)
+    if config.warmup == "shapes" and cold and compiled and result.arm == "A5":  # the compiled arm
         result.notes.append(
             f"{cold} of {warm['decode_shapes_timed']} decode shapes (rows, cache columns) of the "
             f"timed run were not in the warm-up, e.g. {warm['not_warmed_first'][:3]}: a compiled "
@@ -249,10 +266,9 @@ def _arm_fn(config: BenchConfig, arm: str) -> bench_arms.ArmFn:
         return bench_arms.engine_arm(config.engine(mode="continuous"))
     if arm == "A3p":  # A3 without prefix reuse: what sharing prompt prefixes saves
         return bench_arms.engine_arm(config.engine(mode="continuous", prefix_reuse=False))
-    if arm == "A5":
-        return bench_arms.engine_arm(config.engine(mode="auto", compile=True))
-    if arm == "A7":  # slot decoding, eager: A5's step without torch.compile
-        return bench_arms.engine_arm(config.engine(mode="continuous", slots=True))
+    slot_engine = _slot_engine(config, arm)
+    if slot_engine is not None:  # A5, A7
+        return bench_arms.engine_arm(slot_engine)
     if arm == "A6":
         return bench_arms.run_transformers_cb
     if arm == "A3c":
