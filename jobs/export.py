@@ -667,7 +667,10 @@ def csv_cells(values: Sequence[Any]) -> list[str]:
     model, status, worker...), converted once each; a column that holds none of those
     characters anywhere costs one ``str`` per cell and one regex search over the page."""
     first = next((v for v in values if v is not None), None)
-    if not isinstance(first, float):  # floats apart: -0.0 == 0.0 would share one cell
+    # floats apart (-0.0 == 0.0 would share one cell), and columns whose first 256 values
+    # are mostly distinct (ids, texts: hashing every one of them would be wasted)
+    probe = values[:256]
+    if not isinstance(first, float) and len(set(probe)) * 4 <= len(probe):
         distinct = set(values)
         if len(distinct) * 4 <= len(values):
             keys = list(distinct)
@@ -682,7 +685,12 @@ def _cells(values: Sequence[Any], first: Any) -> list[str]:
     cells = list(map(str.__str__, values)) if isinstance(first, str) else list(map(str, values))
     if _CSV_SPECIAL.search("".join(cells)) is None:
         return cells
-    return ['"' + c.replace('"', '""') + '"' if _CSV_SPECIAL.search(c) else c for c in cells]
+    if all(map(_CSV_SPECIAL.search, cells)):  # JSON text: every cell is quoted
+        return ['"' + c.replace('"', '""') + '"' for c in cells]
+    found = list(map(_CSV_SPECIAL.search, cells))
+    for i in itertools.compress(range(len(cells)), found):  # only the cells that need it
+        cells[i] = '"' + cells[i].replace('"', '""') + '"'
+    return cells
 
 
 def csv_lines(columns: Sequence[Sequence[Any]]) -> str:
@@ -694,8 +702,30 @@ def csv_lines(columns: Sequence[Sequence[Any]]) -> str:
     cells = list(map(csv_cells, columns))
     if len(cells) == 1:  # a row of one empty cell is written as "" (else it is a blank line)
         cells[0] = [c or '""' for c in cells[0]]
-    rows = map(",".join, zip(*cells, strict=True))
-    return "\r\n".join(rows) + "\r\n"
+    # As JSONL (json_object_lines): a column of one cell over the page joins the text between
+    # the varying cells; the page is one join of texts and cells laid out by slice assignment.
+    n = len(cells[0])
+    varying: list[list[str]] = []
+    between: list[str] = []
+    text = ""
+    for j, column in enumerate(cells):
+        text += "," if j else ""
+        if column.count(column[0]) == n:
+            text += column[0]
+        else:
+            between.append(text)
+            varying.append(column)
+            text = ""
+    between.append(text + "\r\n")
+    if not varying:
+        return between[0] * n
+    step = 2 * len(varying) + 1
+    pieces: list[str] = [""] * (n * step)
+    for j, column in enumerate(varying):
+        pieces[2 * j :: step] = [between[j]] * n
+        pieces[2 * j + 1 :: step] = column
+    pieces[step - 1 :: step] = [between[-1]] * n
+    return "".join(pieces)
 
 
 def json_cells(values: Sequence[Any]) -> tuple[list[bytes], bytes, bytes]:

@@ -64,3 +64,26 @@ def test_csv_edge_cells() -> None:
     assert csv_lines(columns) == _reference(columns)
     assert csv_cells(['say "hi"', "plain"]) == ['"say ""hi"""', "plain"]
     assert csv_lines([[]]) == "" and csv_lines([]) == ""
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_csv_lines_with_constant_and_repeating_columns(seed: int) -> None:
+    """Columns of one value over the page (folded into the text between varying cells), of a
+    few repeating values (converted once each), wholly quoted columns and pages of 300 rows
+    (past the 256-value probe), against the csv module."""
+    rng = random.Random(seed)
+    rows = rng.choice([1, 2, 5, 300])
+    columns: list[list[Any]] = []
+    for kind in rng.choices(list(KINDS), k=rng.randint(1, 10)):
+        make = KINDS[kind]
+        shape = rng.choice(["constant", "few", "late repeats", "varied"])
+        if shape == "constant":
+            columns.append([make(rng)] * rows)
+        elif shape == "few":
+            pool = [make(rng), None, make(rng)]
+            columns.append([rng.choice(pool) for _ in range(rows)])
+        elif shape == "late repeats":  # distinct at first, then one value: not deduplicated
+            columns.append([make(rng) for _ in range(min(rows, 256))] + [make(rng)] * max(0, rows - 256))
+        else:
+            columns.append([make(rng) for _ in range(rows)])
+    assert csv_lines(columns) == _reference(columns)
