@@ -43,12 +43,30 @@ def plain_value(annotation: type, value: Any) -> tuple[bool, Any]:
     return False, None
 
 
+# Typer releases (major, minor) with ``core.build_runtime_param`` and ``_coercion.RuntimeParam``
+# as this module wraps them.
+KNOWN_TYPER = frozenset({(0, 28), (0, 29)})
+
+
+def _release(version: str) -> tuple[int, int] | None:
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
 def install() -> bool:
     """Route plain parameters of every Typer command through :class:`PlainParam`; True
     when this Typer has the pydantic coercion to route around."""
     try:
+        import typer
         from typer import _coercion, core
     except ImportError:
+        return False
+    # Only the releases whose private builder this was written against and tested with: a
+    # later Typer keeps its own pydantic coercion (slower to start, never wrong).
+    if _release(typer.__version__) not in KNOWN_TYPER:
         return False
     original = getattr(core, "build_runtime_param", None)
     base = getattr(_coercion, "RuntimeParam", None)

@@ -42,6 +42,16 @@ def test_install_is_idempotent() -> None:
     assert install() is True
 
 
+@pytest.mark.parametrize("version", ["0.27.9", "0.30.0", "1.0.0", "dev"])
+def test_a_typer_it_was_not_written_for_keeps_its_own_coercion(
+    version: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import typer
+
+    monkeypatch.setattr(typer, "__version__", version)
+    assert install() is False
+
+
 @pytest.fixture
 def job_env(tmp_path: Path, lmjobs_home: Path) -> tuple[dict[str, str], int]:
     url = f"sqlite:///{tmp_path / 'plain.db'}"
