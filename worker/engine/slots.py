@@ -97,8 +97,8 @@ _lock = threading.Lock()
 
 
 def dynamo_compiles() -> int:
-    """Graphs ``torch.compile`` has compiled in this process (any function): 0 until
-    torch._dynamo is imported, which only compiling does."""
+    """Graphs ``torch.compile`` has compiled in this process (any function); 0 while
+    torch._dynamo is not imported (nothing was compiled then)."""
     utils = sys.modules.get("torch._dynamo.utils")
     return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
 
@@ -154,6 +154,7 @@ class SlotCache:
         self, model: Any, slots: int, max_len: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         self.slots, self.max_len = slots, max_len
+        self.warmed = False  # the compiled CPU step has run at every shape (``SlotDecoder.warm``)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         for layer in model.model.layers:
@@ -291,18 +292,15 @@ class SlotDecoder:
         return sorted({bucket_columns(n, self.cache.max_len) for n in range(1, self.cache.max_len + 1)})
 
     def warm(self) -> int:
-        """Run the compiled CPU step once at every (batch bucket, column bucket) it has not
-        met, on free slots (a pad token at position 0 of each: a row's columns are written
-        by ``load`` or by its own step before it attends to them), so that whatever compiles
-        does so here, before any row decodes; the number of shapes run. Only with every slot
-        free. (On CUDA each shape is a graph and a capture of its own: not here.)"""
-        if not self.dynamic or any(self.taken):
+        """Run the compiled CPU step once at every (batch bucket, column bucket) of this
+        cache, once per cache, on free slots (a pad token at position 0 of each: a row's
+        columns are written by ``load`` or by its own step before it attends to them), so
+        that whatever compiles does so here, before any row decodes; the number of shapes
+        run. Only with every slot free. (On CUDA each shape is a graph and a capture of its
+        own: not here.)"""
+        if not self.dynamic or self.cache.warmed or any(self.taken):
             return 0
-        todo = [
-            (w, c) for w in self.widths() for c in self.column_buckets() if (w, c) not in self.runner.seen
-        ]
-        if not todo:
-            return 0
+        todo = [(w, c) for w in self.widths() for c in self.column_buckets()]
         start, graphs = time.perf_counter(), dynamo_compiles()
         with torch.inference_mode():
             for width, columns in todo:
@@ -310,6 +308,7 @@ class SlotDecoder:
                 positions = torch.zeros(width, dtype=torch.long, device=self.ctx.device)
                 self._step(tokens, positions, width, columns)
         spent, graphs = time.perf_counter() - start, dynamo_compiles() - graphs
+        self.cache.warmed = True
         STATS.warmed += len(todo)
         logger.info(
             "slot decode step warmed at %d shapes (batch %s x columns %s) in %.1f s, %d graph(s) compiled",

@@ -172,7 +172,7 @@ def test_compiled_step_equals_eager(llama: LoadedModel, monkeypatch: pytest.Monk
     assert warmed == runner.seen and (4, bucket_columns(1, 10**6)) in warmed  # all, before any row
     assert slots.STATS.warmed - before.warmed == len(warmed) and min(w for w, _ in warmed) == 2
 
-    graphs, caches = slots.dynamo_compiles(), slots.STATS.caches
+    graphs, caches, shapes = slots.dynamo_compiles(), slots.STATS.caches, slots.STATS.warmed
     many = requests_for(PROMPTS * 2)  # 16 requests, 4 slots, lengths 3..31: every bucket
     assert answers(run(llama, many, compile=True, max_batch_size=4)) == answers(
         run(llama, many, slots=True, max_batch_size=4)
@@ -182,7 +182,7 @@ def test_compiled_step_equals_eager(llama: LoadedModel, monkeypatch: pytest.Monk
     assert answers(run(llama, longer, compile=True, max_batch_size=4)) == answers(
         run(llama, longer, slots=True, max_batch_size=4)
     )
-    assert slots.STATS.caches == caches + 1
+    assert slots.STATS.caches == caches + 1 and slots.STATS.warmed > shapes  # the new cache warmed too
     assert slots.dynamo_compiles() == graphs  # compiled once per worker, not per call or cache
 
 
@@ -206,6 +206,9 @@ def test_compiled_cpu_shapes_are_a_known_bounded_set(llama: LoadedModel):
     assert eager.warm() == 0  # eager: nothing to compile ahead
     compiled.take(1)
     assert compiled.warm() == 0  # a taken slot: never overwritten by a warm-up step
+    compiled.reset()
+    cache.warmed = True
+    assert compiled.warm() == 0  # once per cache
 
 
 def test_prepare_slots_sizes_the_cache_before_the_call(llama: LoadedModel, gpt2: LoadedModel):
