@@ -168,8 +168,12 @@ def naive_batched(batch_size: int) -> ArmFn:
     return run
 
 
-def run_transformers_cb(model: Any, tokenizer: Any, requests: Sequence[BenchRequest]) -> ArmOutput:
-    """A6: every request handed to transformers' continuous batching manager at once."""
+def run_transformers_cb(
+    model: Any, tokenizer: Any, requests: Sequence[BenchRequest], limit_s: float = 0.0
+) -> ArmOutput:
+    """A6: every request handed to transformers' continuous batching manager at once. With
+    ``limit_s``, a call still waiting for results after that many seconds raises (the arm
+    fails and the run goes on to the next arm)."""
     from transformers import GenerationConfig
 
     kwargs = _generate_kwargs(model, tokenizer)
@@ -189,6 +193,7 @@ def run_transformers_cb(model: Any, tokenizer: Any, requests: Sequence[BenchRequ
     )
     out = ArmOutput()
     pending = {str(r.key): r for r in requests}
+    deadline = time.monotonic() + limit_s if limit_s else None
     with model.continuous_batching_context_manager(
         generation_config=config,
         continuous_batching_config=cb_config,
@@ -199,6 +204,11 @@ def run_transformers_cb(model: Any, tokenizer: Any, requests: Sequence[BenchRequ
         for r, ids in zip(requests, prompts, strict=True):
             manager.add_request(input_ids=list(ids), request_id=str(r.key), max_new_tokens=r.max_new_tokens)
         while pending:
+            if deadline is not None and time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"transformers' continuous batching did not finish {len(pending)} of "
+                    f"{len(requests)} requests within {limit_s:g} s"
+                )
             result = manager.get_result(timeout=1)
             if result is None:
                 if not manager.is_running():
@@ -211,6 +221,15 @@ def run_transformers_cb(model: Any, tokenizer: Any, requests: Sequence[BenchRequ
                 out.errors[r.key] = str(result.error)
             _record(out, r.key, list(result.generated_tokens), r.max_new_tokens, eos, tokenizer)
     return out
+
+
+def transformers_cb(limit_s: float = 0.0) -> ArmFn:
+    """A6 giving up after ``limit_s`` seconds of one call (0: never)."""
+
+    def run(model: Any, tokenizer: Any, requests: Sequence[BenchRequest]) -> ArmOutput:
+        return run_transformers_cb(model, tokenizer, requests, limit_s=limit_s)
+
+    return run
 
 
 def engine_arm(config: EngineConfig) -> ArmFn:

@@ -64,6 +64,9 @@ class BenchConfig:
     e2e_broker_url: str = DEFAULT_BROKER
     profile: bool = False
     budget_s: float = 0.0  # skip arms that would start after this many seconds (0: none)
+    # A6 gives up (the arm fails, the run goes on) after this many seconds of one call (0:
+    # never): under transformers 5.17 its manager was seen not to finish at all
+    cb_limit_s: float = 0.0
     cache_dir: Path = field(default_factory=lambda: Path.home() / ".lmjobs" / "models")
     preset: str | None = None
 
@@ -133,6 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_batch_size": 256,
         "chunk_size": 512,
         "budget_s": 390.0,
+        "cb_limit_s": 90.0,
         "arms": ("A0", "A1", "A2", "A3", "A5", "A6", "E2E", "A4"),
     },
 }

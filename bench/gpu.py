@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", choices=("short", "shapes"))
     p.add_argument("--threads", type=int)
     p.add_argument("--budget-s", type=float)
+    p.add_argument("--cb-limit-s", type=float, help="A6 gives up after this many seconds of one call")
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--cache-dir",
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup=args.warmup,
             threads=args.threads,
             budget_s=args.budget_s,
+            cb_limit_s=args.cb_limit_s,
             seed=args.seed,
             cache_dir=args.cache_dir,
         )

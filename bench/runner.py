@@ -270,7 +270,7 @@ def _arm_fn(config: BenchConfig, arm: str) -> bench_arms.ArmFn:
     if slot_engine is not None:  # A5, A7
         return bench_arms.engine_arm(slot_engine)
     if arm == "A6":
-        return bench_arms.run_transformers_cb
+        return bench_arms.transformers_cb(config.cb_limit_s)
     if arm == "A3c":
         worker_calls = bench_arms.engine_arm(config.engine(mode="auto"))
         return bench_arms.chunked(worker_calls, _chunk_size(config))
