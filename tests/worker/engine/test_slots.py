@@ -159,7 +159,10 @@ def test_compiled_step_equals_eager(llama: LoadedModel, monkeypatch: pytest.Monk
     cache size afterwards: more requests than slots and a cache that grows compile nothing."""
     # equal max_new_tokens and no EOS (zeroed in the tiny models): the batch stays at 4 rows
     reqs = requests_for(PROMPTS[:4], max_new_tokens=10)
-    slots.slot_model(llama.model).cache = None  # as in a new worker: a cache for these rows
+    fresh = slots.slot_model(llama.model)  # as in a new worker: no cache, no compiled step yet
+    fresh.cache, fresh.compiled = None, None
+    fresh.seen.clear()
+    torch._dynamo.reset()  # an earlier test of this process may have compiled this model's step
     eager = run(llama, reqs, slots=True)
     before, graphs = slots.STATS.snapshot(), slots.dynamo_compiles()
     compiled = run(llama, reqs, compile=True)
