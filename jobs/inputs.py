@@ -244,9 +244,14 @@ def _parse(raw: bytes, line_number: int, task: str) -> ParsedRequest:
         raise Refused(f"a line must be a JSON object, got {json_type(obj)}")
     if _SUSPECT_ESCAPE.search(text) or text.count("[") + text.count("{") > MAX_DEPTH:
         _check_values(obj)
-    if "custom_id" in obj or ("body" in obj and "url" in obj):
+    if _is_openai(obj):
         return _openai(obj, line_number)
     return _native(obj, line_number, task)
+
+
+def _is_openai(obj: dict[str, Any]) -> bool:
+    """An OpenAI Batch line (``custom_id``, or ``body`` with ``url``); else a native one."""
+    return "custom_id" in obj or ("body" in obj and "url" in obj)
 
 
 def _plain(text: str, line_number: int, task: str) -> ParsedRequest | None:
@@ -284,7 +289,7 @@ def _plain(text: str, line_number: int, task: str) -> ParsedRequest | None:
             stack.extend(value)
     if colons != keys:
         return None
-    if "custom_id" in obj or ("body" in obj and "url" in obj):
+    if _is_openai(obj):
         if (openai := plain_openai(obj)) is None:
             return None
         custom_id, line_task, data, params, reference, model = openai
