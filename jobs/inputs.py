@@ -419,6 +419,9 @@ def _openai(obj: dict[str, Any], line_number: int) -> ParsedRequest:
         raise Refused(f"missing field 'body.messages' for {url}")
     if task == "generate" and body.prompt is None:
         raise Refused(f"missing field 'body.prompt' for {url}")
+    if body.messages is not None and body.prompt is not None:  # one of them would be dropped
+        other = "prompt" if task == "chat" else "messages"
+        raise Refused(f"unsupported field 'body.{other}' for {url} (send messages or prompt, not both)")
     limits = {body.max_tokens, body.max_completion_tokens} - {None}
     if len(limits) > 1:
         raise Refused("body.max_tokens and body.max_completion_tokens disagree")
