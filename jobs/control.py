@@ -19,12 +19,12 @@ and the report says so. ``lmjobs report`` draws its per-row figures from the sam
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, func, select
+from sqlalchemy import ARRAY, BigInteger, and_, any_, bindparam, case, func, select
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import (
@@ -146,28 +146,66 @@ SAMPLE_CHUNKS = 200  # chunks a sample is drawn from, at most
 SCORE_EXACT_LIMIT = 20_000  # score rows a job may have for exact means in ``status``
 
 
+# Keys one statement of :func:`keyed_rows` looks up, at most. Few enough that PostgreSQL's
+# planner keeps to the index for them (a lookup per key) unless the table is hardly bigger
+# than a batch, when a scan of it is cheap anyway; 12.8k keys at once, 2% of a 1M-request
+# job's results, planned a parallel scan of all of them.
+KEYS_PER_STATEMENT = 1000
+
+
+def keyed_rows(session: Session, stmt: Any, column: Any, keys: Sequence[int]) -> list[Any]:
+    """The rows of ``stmt`` whose integer ``column`` is one of ``keys``: lookups of an indexed
+    key (a sample's 200 chunks, its ~12.8k requests' results or scores), ``KEYS_PER_STATEMENT``
+    keys a statement, never a join the planner could turn into a scan. The one difference
+    between the databases is how the keys are bound: PostgreSQL gets one array parameter
+    (``= ANY(:keys)``; a long ``IN`` list costs it more to parse and plan than the lookups),
+    SQLite (no arrays, at most 999 bound variables before 3.32) the integers written into
+    ``IN (...)``. Core rows: no ORM step per row."""
+    conn = session.connection()
+    pg = conn.dialect.name == "postgresql"
+    out: list[Any] = []
+    for i in range(0, len(keys), KEYS_PER_STATEMENT):
+        batch = [int(k) for k in keys[i : i + KEYS_PER_STATEMENT]]
+        if pg:
+            cond = column == any_(bindparam("keys", batch, type_=ARRAY(BigInteger)))
+        else:
+            cond = column.in_(bindparam("keys", batch, expanding=True, literal_execute=True))
+        out += conn.execute(stmt.where(cond)).all()
+    return out
+
+
 @dataclass
 class Sample:
     """Closed chunks of a job spread evenly by ``seq``: ``chunk_ids``, of ``chunks_closed``."""
 
     chunk_ids: list[int]
     chunks_closed: int
+    _requests: dict[int, str] | None = field(default=None, repr=False, compare=False)
+    _chunk_of: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def chunks(self) -> int:
         return len(self.chunk_ids)
 
-    def rows(self, session: Session, stmt: Any) -> Iterator[Any]:
-        """``stmt`` (rows of one chunk, selected by ``Request.chunk_id == bindparam("chunk")``)
-        for each sampled chunk: one small statement a chunk, its plan an index lookup of
-        ``ix_requests_chunk`` then the unique keys of ``results`` / ``scores`` per request,
-        whatever the statistics say. (A request's ids need not be contiguous within its chunk,
-        so there is no id range to read instead.)"""
-        conn = session.connection()  # Core rows: no ORM step per row
-        for chunk_id in self.chunk_ids:
-            # A chunk's rows at once (a few hundred at most): one fetchall, not a fetchone
-            # and its processing per row (about 18% of a sampled report's CPU time).
-            yield from conn.execute(stmt, {"chunk": chunk_id}).all()
+    def requests(self, session: Session) -> dict[int, str]:
+        """The sampled chunks' requests: id -> task, in no particular order; one statement
+        through ``ix_requests_chunk``, read once per sample. (A request's ids need not be
+        contiguous within its chunk, so there is no id range to read instead.)"""
+        if self._requests is None:
+            stmt = select(Request.id, Request.task, Request.chunk_id)
+            rows = keyed_rows(session, stmt, Request.chunk_id, self.chunk_ids)
+            self._requests = {rid: task for rid, task, _ in rows}
+            at = {c: i for i, c in enumerate(self.chunk_ids)}
+            self._chunk_of = {rid: at[c] for rid, _, c in rows}
+        return self._requests
+
+    def in_order(self, session: Session, rows: list[Any]) -> list[Any]:
+        """``rows`` whose first item is a request id, sorted by the sample's order: its chunks
+        by ``seq``, then the request ids, then the rest of each row. (Sums of floats over a
+        sample, such as a mean score, come out the same whatever order the rows were read in.)"""
+        self.requests(session)
+        chunk_of = self._chunk_of
+        return sorted(rows, key=lambda r: (chunk_of[r[0]], *r))
 
 
 def sample_chunks(session: Session, job_id: int, chunks_closed: int, requests_per_chunk: float) -> Sample:
@@ -194,15 +232,11 @@ def sample_chunks(session: Session, job_id: int, chunks_closed: int, requests_pe
 
 
 def sampled_scores(session: Session, sample: Sample) -> list[tuple[int, str, float]]:
-    """(request id, metric, value) of the sampled chunks' requests, through
-    ``ix_requests_chunk`` and ``uq_scores_request_metric``."""
-    stmt = (
-        select(Score.request_id, Score.metric, Score.value)
-        .select_from(Request)
-        .join(Score, Score.request_id == Request.id)
-        .where(Request.chunk_id == bindparam("chunk"))
-    )
-    return [(int(r), str(m), float(v)) for r, m, v in sample.rows(session, stmt)]
+    """(request id, metric, value) of the sampled chunks' requests, in the sample's order
+    (:meth:`Sample.in_order`): their keys looked up in ``uq_scores_request_metric``."""
+    stmt = select(Score.request_id, Score.metric, Score.value)
+    ids = list(sample.requests(session))
+    return sample.in_order(session, keyed_rows(session, stmt, Score.request_id, ids))
 
 
 @dataclass

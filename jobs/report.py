@@ -18,9 +18,10 @@ million requests (docs/benchmarks.md):
   several tasks (OpenAI input: chat and completions), structured answers, score histograms,
   corpus scores, and mean scores when the job has more than ``control.SCORE_EXACT_LIMIT``
   score rows come from a sample: up to ``control.SAMPLE_CHUNKS`` closed chunks (about
-  ``SAMPLE_REQUESTS`` requests) spread evenly over the job by ``seq``, their results read a
-  chunk a statement through ``ix_requests_chunk`` and the results' unique key
-  (``control.sample_chunks``; 200 small statements, about 0.1 s). Whole
+  ``SAMPLE_REQUESTS`` requests) spread evenly over the job by ``seq``: their requests read in
+  one statement through ``ix_requests_chunk``, then their results (and scores) looked up by
+  unique key, ``control.KEYS_PER_STATEMENT`` requests a statement (``control.sample_chunks``,
+  ``control.keyed_rows``: about 15 statements instead of one a chunk). Whole
   chunks are a cluster sample: requests of one chunk ran together, so the spread over
   ``seq`` (submission order, and over the job's run time) is what makes it representative.
   ``JobReport.sample`` says which figures are sampled and how big the sample is; the text,
@@ -41,11 +42,12 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Integer, and_, bindparam, case, cast, func, select
+from sqlalchemy import Integer, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, Reject, Request, Result, ResultStatus
@@ -58,6 +60,7 @@ from lmjobs.jobs.control import (
     failure_reasons,
     get_job,
     job_progress,
+    keyed_rows,
     sample_of,
 )
 from lmjobs.jobs.export import rows_in_line_order
@@ -212,6 +215,9 @@ def bucket_width(span_s: float) -> float:
     return float(next((s for s in _STEPS if s >= target), math.ceil(target / 86400) * 86400))
 
 
+_SUCCEEDED = ResultStatus.SUCCEEDED.value
+
+
 class _Acc:
     """Per-task running figures and latencies."""
 
@@ -225,7 +231,7 @@ class _Acc:
         if status is None:
             f.pending += 1
             return
-        if status == ResultStatus.SUCCEEDED.value:
+        if status == _SUCCEEDED:
             f.succeeded += 1
             if ms is not None:
                 self.lat.append(ms)
@@ -276,15 +282,24 @@ def _failures(db: Database, job_id: int, failed: int) -> list[tuple[str, int]]:
     return [*top, ("(other)", rest)] if rest > 0 else top
 
 
-def _score_histograms(db: Database, job_id: int) -> dict[str, Histogram]:
+def score_histograms(values: Iterable[tuple[str, float]]) -> dict[str, Histogram]:
+    """A histogram of each metric's (metric, value) pairs, over its range in ``SCORE_BINS``."""
     hists: dict[str, Histogram] = {}
-    for metric, value in score_values(db, job_id):
-        h = hists.get(metric)
-        if h is None:
+    bins: dict[str, tuple[float, float, list[int]]] = {}  # metric -> (lo, width, counts)
+    last = SCORE_BINS - 1
+    for metric, value in values:
+        b = bins.get(metric)
+        if b is None:
             h = hists[metric] = Histogram(0.0, SCORE_RANGES.get(metric, 1.0), [0] * SCORE_BINS)
-        i = int((value - h.lo) / h.width) if h.width else 0
-        h.counts[min(SCORE_BINS - 1, max(0, i))] += 1
+            b = bins[metric] = (h.lo, h.width, h.counts)
+        lo, width, counts = b
+        i = int((value - lo) / width) if width else 0
+        counts[last if i > last else 0 if i < 0 else i] += 1
     return dict(sorted(hists.items()))
+
+
+def _score_histograms(db: Database, job_id: int) -> dict[str, Histogram]:
+    return score_histograms(score_values(db, job_id))
 
 
 def structured_answers(db: Database, job_id: int) -> StructuredAnswers | None:
@@ -435,26 +450,27 @@ def _chunk_throughput(session: Session, job: Job) -> tuple[float, list[Bucket]]:
 def _sample_rows(session: Session, job_id: int, sample: Sample) -> list[tuple[Any, ...]]:
     """The sampled chunks' requests and every sample of their results: (request id, task,
     sample index, status, input tokens, output tokens, latency, valid, format kind, label of a
-    valid answer); the result columns None for a request without a result."""
+    valid answer); the result columns None for a request without a result. The results are
+    looked up by their unique key (job, request) for the sample's request ids
+    (``control.keyed_rows``: one or a few statements)."""
     kind = Result.params_json["output_format"]["kind"].as_string()
-    stmt = (
-        select(
-            Request.id,
-            Request.task,
-            Result.sample_index,
-            Result.status,
-            Result.input_tokens,
-            Result.output_tokens,
-            Result.latency_ms,
-            Result.valid,
-            kind,
-            case((Result.valid.is_(True), Result.output_text)),  # a label: only valid answers
-        )
-        .select_from(Request)
-        .outerjoin(Result, and_(Result.job_id == job_id, Result.request_id == Request.id))
-        .where(Request.chunk_id == bindparam("chunk"))
-    )
-    return [tuple(r) for r in sample.rows(session, stmt)]
+    stmt = select(
+        Result.request_id,
+        Result.sample_index,
+        Result.status,
+        Result.input_tokens,
+        Result.output_tokens,
+        Result.latency_ms,
+        Result.valid,
+        kind,
+        case((Result.valid.is_(True), Result.output_text)),  # a label: only valid answers
+    ).where(Result.job_id == job_id)
+    requests = sample.requests(session)
+    found = keyed_rows(session, stmt, Result.request_id, list(requests))
+    rows: list[tuple[Any, ...]] = [(rid, requests[rid], *rest) for rid, *rest in found]
+    answered = {r[0] for r in rows}
+    rows += [(rid, task, *(None,) * 8) for rid, task in requests.items() if rid not in answered]
+    return rows
 
 
 def _sampled_structured(rows: list[tuple[Any, ...]]) -> StructuredAnswers | None:
@@ -483,19 +499,16 @@ def _sampled_structured(rows: list[tuple[Any, ...]]) -> StructuredAnswers | None
 
 def _sampled_corpus(session: Session, job_id: int, sample: Sample) -> dict[str, float]:
     """Corpus chrF / BLEU of the sampled chunks' succeeded answers (sample 0) that have a
-    reference (sentence statistics summed, as ``metrics.corpus_scores`` does for a job)."""
-    stmt = (
-        select(Result.output_text, Request.reference)
-        .select_from(Request)
-        .join(Result, and_(Result.job_id == job_id, Result.request_id == Request.id))
-        .where(
-            Request.chunk_id == bindparam("chunk"),
-            Request.reference.is_not(None),
-            Result.sample_index == 0,
-            Result.status == ResultStatus.SUCCEEDED.value,
-        )
+    reference (sentence statistics summed, as ``metrics.corpus_scores`` does for a job); the
+    references and the answers looked up by key (``control.keyed_rows``)."""
+    ids = list(sample.requests(session))
+    with_ref = select(Request.id, Request.reference).where(Request.reference.is_not(None))
+    refs = dict(keyed_rows(session, with_ref, Request.id, ids))
+    answers = select(Result.request_id, Result.output_text).where(
+        Result.job_id == job_id, Result.sample_index == 0, Result.status == ResultStatus.SUCCEEDED.value
     )
-    pairs = [(text or "", str(ref)) for text, ref in sample.rows(session, stmt)]
+    texts = dict(keyed_rows(session, answers, Result.request_id, [i for i in ids if i in refs]))
+    pairs = [(texts[i] or "", str(refs[i])) for i in ids if i in texts]
     if not pairs:
         return {}
     from sacrebleu.metrics import BLEU, CHRF
@@ -558,13 +571,7 @@ def _sampled_report(db: Database, job: Job) -> JobReport:
         hists = _score_histograms(db, job.id)  # at most control.SCORE_EXACT_LIMIT rows
     else:
         sampled += ["scores", "score_histograms"]
-        for _, metric, value in scores:
-            h = hists.get(metric)
-            if h is None:
-                h = hists[metric] = Histogram(0.0, SCORE_RANGES.get(metric, 1.0), [0] * SCORE_BINS)
-            i = int((value - h.lo) / h.width) if h.width else 0
-            h.counts[min(SCORE_BINS - 1, max(0, i))] += 1
-        hists = dict(sorted(hists.items()))
+        hists = score_histograms((metric, value) for _, metric, value in scores)
     if corpus:
         sampled.append("corpus_scores")
     return JobReport(
