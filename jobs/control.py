@@ -180,31 +180,30 @@ class Sample:
 
     chunk_ids: list[int]
     chunks_closed: int
-    _requests: dict[int, str] | None = field(default=None, repr=False, compare=False)
-    _chunk_of: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+    _chunk_of: dict[int, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def chunks(self) -> int:
         return len(self.chunk_ids)
 
-    def requests(self, session: Session) -> dict[int, str]:
-        """The sampled chunks' requests: id -> task, in no particular order; one statement
-        through ``ix_requests_chunk``, read once per sample. (A request's ids need not be
-        contiguous within its chunk, so there is no id range to read instead.)"""
-        if self._requests is None:
-            stmt = select(Request.id, Request.task, Request.chunk_id)
-            rows = keyed_rows(session, stmt, Request.chunk_id, self.chunk_ids)
-            self._requests = {rid: task for rid, task, _ in rows}
+    def request_ids(self, session: Session) -> list[int]:
+        """The sampled chunks' request ids, in no particular order: one statement that
+        ``ix_requests_chunk`` answers alone (chunk id and id), read once per sample. (A
+        request's ids need not be contiguous within its chunk, so there is no id range to
+        read instead.)"""
+        if self._chunk_of is None:
             at = {c: i for i, c in enumerate(self.chunk_ids)}
-            self._chunk_of = {rid: at[c] for rid, _, c in rows}
-        return self._requests
+            rows = keyed_rows(session, select(Request.id, Request.chunk_id), Request.chunk_id, self.chunk_ids)
+            self._chunk_of = {rid: at[c] for rid, c in rows}
+        return list(self._chunk_of)
 
     def in_order(self, session: Session, rows: list[Any]) -> list[Any]:
         """``rows`` whose first item is a request id, sorted by the sample's order: its chunks
         by ``seq``, then the request ids, then the rest of each row. (Sums of floats over a
         sample, such as a mean score, come out the same whatever order the rows were read in.)"""
-        self.requests(session)
+        self.request_ids(session)
         chunk_of = self._chunk_of
+        assert chunk_of is not None
         return sorted(rows, key=lambda r: (chunk_of[r[0]], *r))
 
 
@@ -235,7 +234,7 @@ def sampled_scores(session: Session, sample: Sample) -> list[tuple[int, str, flo
     """(request id, metric, value) of the sampled chunks' requests, in the sample's order
     (:meth:`Sample.in_order`): their keys looked up in ``uq_scores_request_metric``."""
     stmt = select(Score.request_id, Score.metric, Score.value)
-    ids = list(sample.requests(session))
+    ids = sample.request_ids(session)
     return sample.in_order(session, keyed_rows(session, stmt, Score.request_id, ids))
 
 

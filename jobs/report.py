@@ -447,10 +447,13 @@ def _chunk_throughput(session: Session, job: Job) -> tuple[float, list[Bucket]]:
     return width, buckets
 
 
-def _sample_rows(session: Session, job_id: int, sample: Sample) -> list[tuple[Any, ...]]:
+def _sample_rows(
+    session: Session, job_id: int, sample: Sample, *, several_tasks: bool
+) -> list[tuple[Any, ...]]:
     """The sampled chunks' requests and every sample of their results: (request id, task,
     sample index, status, input tokens, output tokens, latency, valid, format kind, label of a
-    valid answer); the result columns None for a request without a result. The results are
+    valid answer); the result columns None for a request without a result, the task None
+    unless ``several_tasks``. The results are
     looked up by their unique key (job, request) for the sample's request ids
     (``control.keyed_rows``: one or a few statements)."""
     kind = Result.params_json["output_format"]["kind"].as_string()
@@ -465,11 +468,17 @@ def _sample_rows(session: Session, job_id: int, sample: Sample) -> list[tuple[An
         kind,
         case((Result.valid.is_(True), Result.output_text)),  # a label: only valid answers
     ).where(Result.job_id == job_id)
-    requests = sample.requests(session)
-    found = keyed_rows(session, stmt, Result.request_id, list(requests))
-    rows: list[tuple[Any, ...]] = [(rid, requests[rid], *rest) for rid, *rest in found]
+    ids = sample.request_ids(session)
+    # A request's task: only a job of several tasks needs it (OpenAI input), from the primary key.
+    tasks: dict[int, str | None] = (
+        dict(keyed_rows(session, select(Request.id, Request.task), Request.id, ids))
+        if several_tasks
+        else dict.fromkeys(ids)
+    )
+    found = keyed_rows(session, stmt, Result.request_id, ids)
+    rows: list[tuple[Any, ...]] = [(rid, tasks[rid], *rest) for rid, *rest in found]
     answered = {r[0] for r in rows}
-    rows += [(rid, task, *(None,) * 8) for rid, task in requests.items() if rid not in answered]
+    rows += [(rid, task, *(None,) * 8) for rid, task in tasks.items() if rid not in answered]
     return rows
 
 
@@ -501,7 +510,7 @@ def _sampled_corpus(session: Session, job_id: int, sample: Sample) -> dict[str, 
     """Corpus chrF / BLEU of the sampled chunks' succeeded answers (sample 0) that have a
     reference (sentence statistics summed, as ``metrics.corpus_scores`` does for a job); the
     references and the answers looked up by key (``control.keyed_rows``)."""
-    ids = list(sample.requests(session))
+    ids = sample.request_ids(session)
     with_ref = select(Request.id, Request.reference).where(Request.reference.is_not(None))
     refs = dict(keyed_rows(session, with_ref, Request.id, ids))
     answers = select(Result.request_id, Result.output_text).where(
@@ -523,19 +532,19 @@ def _sampled_corpus(session: Session, job_id: int, sample: Sample) -> dict[str, 
 
 
 def _sampled_report(db: Database, job: Job) -> JobReport:
+    one_task = job.input_format == "native"  # every request runs under the job's task
     with db.session() as s:
         progress: Progress = job_progress(s, [job.id])[job.id]
         rejected = s.scalar(select(func.count()).where(Reject.job_id == job.id)) or 0
         width, buckets = _chunk_throughput(s, job)
         sample = sample_of(s, job.id, progress, job.requests_total)
-        rows = _sample_rows(s, job.id, sample)
+        rows = _sample_rows(s, job.id, sample, several_tasks=not one_task)
         means = bounded_mean_scores(s, job.id, progress, job.requests_total, sample)
         scores = means.scores if means.sampled else None
         corpus = _sampled_corpus(s, job.id, sample) if job.task in CORPUS_METRICS else {}
     sampled = ["latency"]
     per_task: dict[str, _Acc] = {}
     total = _Acc("all")
-    one_task = job.input_format == "native"  # every request runs under the job's task
     for _, task, idx, status, tin, tout, ms, *_ in rows:
         if idx not in (0, None):  # a request's figures are those of its sample 0, as for a small job
             continue
