@@ -1,5 +1,9 @@
 """The in-process arms of the benchmark, and how one arm is measured.
 
+The baselines (A0, A1, A6) run the model as loaded: an engine arm before them may have left
+its Linear weights prepacked for oneDNN (``worker.engine.packing``), and they undo that first
+(in their warm-up call, outside the timed window).
+
 - A0: one prompt at a time through ``model.generate``, as a tutorial writes it:
   tokenize, generate (greedy), decode.
 - A1: ``model.generate`` on fixed batches (32; the GPU preset 64) in input order, left
@@ -29,7 +33,7 @@ import torch
 
 from lmjobs.bench.measure import PeakMemory, StepMeter, StepStats, sync
 from lmjobs.bench.workloads import BenchRequest
-from lmjobs.worker.engine import compat
+from lmjobs.worker.engine import compat, packing
 from lmjobs.worker.engine.core import EngineConfig, eos_ids, generate, prepare_slots
 from lmjobs.worker.engine.slots import dynamo_compiles
 
@@ -120,6 +124,7 @@ def _prompt_width(model: Any, enc: Any) -> int:
 
 def run_naive(model: Any, tokenizer: Any, requests: Sequence[BenchRequest]) -> ArmOutput:
     """A0: the loop a tutorial writes."""
+    packing.unpack(model)  # the model as loaded (an engine arm may have packed it)
     out = ArmOutput()
     kwargs = _generate_kwargs(model, tokenizer)
     device = model.device
@@ -136,6 +141,7 @@ def run_naive_batched(
     model: Any, tokenizer: Any, requests: Sequence[BenchRequest], batch_size: int = NAIVE_BATCH
 ) -> ArmOutput:
     """A1: fixed batches in input order, left padding, the batch's largest max_new_tokens."""
+    packing.unpack(model)  # the model as loaded (an engine arm may have packed it)
     out = ArmOutput()
     kwargs = _generate_kwargs(model, tokenizer)
     device = model.device
@@ -176,6 +182,7 @@ def run_transformers_cb(
     fails and the run goes on to the next arm)."""
     from transformers import GenerationConfig
 
+    packing.unpack(model)  # the model as loaded (an engine arm may have packed it)
     kwargs = _generate_kwargs(model, tokenizer)
     prompts = [tokenizer(r.text, add_special_tokens=r.add_special_tokens)["input_ids"] for r in requests]
     # a paged cache as large as these requests can fill (left to itself, the manager takes

@@ -32,6 +32,7 @@ from lmjobs.jobs.engine_api import SMOLLM2_ALIAS, ModelInfo
 from lmjobs.jobs.errors import ConfigError, ModelLoadError
 from lmjobs.worker.engine import compat
 from lmjobs.worker.engine.logits import check_generation_config, log_job_decided
+from lmjobs.worker.engine.packing import cpu_computes_bf16
 from lmjobs.worker.engine.prompts import context_length
 
 logger = logging.getLogger(__name__)
@@ -85,19 +86,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} asked for, but no CUDA GPU is available")
     return resolved
-
-
-def cpu_computes_bf16(cpuinfo: str | None = None) -> bool:
-    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX-BF16)? Without those
-    instructions torch emulates bf16 and it runs slower than fp32 (PITFALLS.md, CPU speed)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-                cpuinfo = fh.read()
-        except OSError:
-            return False
-    flags = set(cpuinfo.split())
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -40,6 +40,11 @@ is what a compiled step needs. A model the slot path does not take keeps the old
 path: a StaticCache with bucketed shapes and, on CUDA, transformers' compiled forward; static
 batching only. Neither compiled path has run on a GPU yet.
 
+Prepacked weights (``EngineConfig.pack_weights``, on by default): on a CPU that computes
+bf16 natively, a bf16 model's Linear weights are reordered once for oneDNN and kept so for
+the worker's life (``packing``'s docstring: where it pays, the memory, the fallback); a call
+with it off, or with ``compile``, gives the model its plain weights back first.
+
 ``output_tokens`` counts every token the model wrote for the request, the EOS token and
 the tokens that completed a stop string included (what it cost); ``text`` has neither.
 ``input_tokens`` is the prompt the model saw (after truncation).
@@ -87,7 +92,7 @@ from typing import Any
 import torch
 
 from lmjobs.jobs.engine_api import FinishReason, Generation, GenRequest, TokenLogprob, TopLogprob
-from lmjobs.worker.engine import grammar
+from lmjobs.worker.engine import grammar, packing
 from lmjobs.worker.engine.attention import ragged_attention
 from lmjobs.worker.engine.batching import (
     Prepared,
@@ -123,6 +128,9 @@ class EngineConfig:
     slots: bool = False  # llama-family decode in slots of one worker-lived KV cache (eager)
     dedup: bool = True  # identical greedy requests are generated once
     prefix_reuse: bool = True  # prompts sharing a prefix (>= MIN_PREFIX tokens) prefill it once
+    # bf16 Linear weights prepacked for oneDNN on a CPU that computes bf16 (``packing``);
+    # never with ``compile``
+    pack_weights: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -167,6 +175,8 @@ def generate(
             row.finish = FinishReason.LENGTH
 
     batch_tokens = config.batch_tokens or default_batch_tokens(model, device)
+    if todo:
+        packing.apply(model, device, packs(config))
     slots = None
     if (config.slots or config.compile) and todo:
         slots = decoder_for(
@@ -224,6 +234,7 @@ def prepare_slots(
     rows = [Row(req) for req in expand_samples(prepared) if req.params.max_new_tokens > 0]
     if not rows:
         return False
+    packing.apply(model, device, packs(config))
     decoder = decoder_for(
         model,
         ctx,
@@ -234,6 +245,12 @@ def prepare_slots(
         compiled=config.compile,
     )
     return decoder is not None
+
+
+def packs(config: EngineConfig) -> bool:
+    """Whether a call under ``config`` runs on prepacked weights where they pay (never
+    compiled: inductor takes the modules' own weights)."""
+    return config.pack_weights and not config.compile
 
 
 def _samples(refusal: Generation, n: int) -> list[Generation]:

@@ -1,0 +1,61 @@
+"""The slot decode step (``SlotModel.step``) against the model's own forward, token by token,
+on a tiny random qwen2 with grouped KV heads (the query heads of a KV head attend as one
+query block): fp32 and bf16, plain and with prepacked weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmjobs.worker.engine import packing
+from lmjobs.worker.engine.slots import SlotModel
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 0.1}
+
+
+def _model(dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(
+        vocab_size=97,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,  # 3 query heads per KV head
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    return model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step_matches_forward(dtype: torch.dtype, pack: bool) -> None:
+    if pack and (dtype != torch.bfloat16 or not packing.available()):
+        pytest.skip("packing is for bf16, with the oneDNN ops")
+    model = _model(dtype)
+    rows, length = 3, 12
+    ids = torch.randint(0, 97, (rows, length), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits.float()  # [B, T, V]
+        if pack:
+            assert packing.pack(model) > 0
+        runner = SlotModel(model)
+        heads = model.model.layers[0].self_attn.k_proj.out_features // 16
+        shape = (4, heads, 32 + 1, 16)  # a slot more than rows, a spare column
+        keys = [torch.zeros(shape, dtype=dtype) for _ in runner.layers]
+        values = [torch.zeros(shape, dtype=dtype) for _ in runner.layers]
+        columns = torch.arange(32)
+        for t in range(length):
+            positions = torch.full((rows,), t)
+            mask = columns[None, :16] <= positions[:, None]  # 16 columns: more than attended
+            got = runner.step(ids[:, t], positions, mask, keys, values).float()
+            torch.testing.assert_close(got, want[:, t], atol=TOL[dtype], rtol=TOL[dtype])
+    if pack:
+        packing.unpack(model)

@@ -1,0 +1,217 @@
+"""Prepacked bf16 Linear weights on the CPU (oneDNN), for the engine's decode.
+
+A small model's decode step on the CPU is bound by per-operator overhead, and a bf16
+``F.linear`` reorders its weight into oneDNN's blocked layout on every call. Reordering
+each weight once (``torch.ops.mkldnn._reorder_linear_weight``) and calling
+``torch.ops.mkldnn._linear_pointwise`` with it ran 2-2.5x faster at decode batch sizes on a
+Zen 4 with AVX512-BF16 (SmolLM2: 576->1536 at 6 rows 122 -> 56 us; the 576->49152 output
+layer 6.6 -> 2.6 ms), with the same result (bitwise on the shapes measured). A weight
+packed with no batch-size hint serves every row count (1 to a prefill's hundreds) as fast
+as one packed for that count, so one packing serves prefill and every decode step.
+
+Where (``wanted``): the CPU, bf16 weights, a CPU that computes bf16 natively
+(``cpu_computes_bf16``: without AVX512-BF16/AMX bf16 is emulated and fp32 is the dtype
+anyway), and this torch has the private oneDNN ops and they pass a small self-check
+(``available``; they are private API, so a torch without them, or where they fail, runs the
+plain path). Never with ``compile`` (inductor takes the modules' own weights).
+
+How (``pack``/``unpack``): in place, once per model and kept for the worker's life, like the
+slot cache. Each packable ``nn.Linear`` (bf16, on the CPU, 2-D weight) gets the packed
+weight and an instance ``forward`` that calls the oneDNN op; its plain weight is released
+(the Parameter keeps its shape, dtype and device over one zero-stride element: the packed
+tensor is the only copy of the weights), so the memory does not grow. A weight shared with
+another module (an output layer tied to the embeddings) is kept and packed beside it: that
+one layer is held twice (SmolLM2: 57 MB beside 270). ``unpack`` restores every weight and
+forward (the packed tensors back to dense: exact). Packing SmolLM2 takes ~1.5 s on 2 cores,
+unpacking ~0.5-1 s: once per worker, not per call.
+
+The engine packs at its first call that wants it and unpacks when a call does not (its
+``EngineConfig.pack_weights`` off, or ``compile``). Code that runs the model outside the
+engine (the benchmark's ``model.generate`` baselines) calls ``unpack`` first; a packed
+model computes the same outputs, only its Linear weights are not readable as tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_ATTR = "_lmjobs_packed"  # the packed weight, on a packed Linear module
+
+
+def cpu_computes_bf16(cpuinfo: str | None = None) -> bool:
+    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX-BF16)? Without those
+    instructions torch emulates bf16 and it runs slower than fp32 (PITFALLS.md, CPU speed)."""
+    if cpuinfo is None:
+        return _this_cpu_computes_bf16()
+    flags = set(cpuinfo.split())
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.lru_cache(maxsize=1)
+def _this_cpu_computes_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            cpuinfo = fh.read()
+    except OSError:
+        return False
+    return cpu_computes_bf16(cpuinfo)
+
+
+def _ops() -> tuple[Any, Any] | None:
+    """The private oneDNN ops, or None where this torch lacks them."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    try:
+        reorder = getattr(mkldnn, "_reorder_linear_weight", None)
+        linear = getattr(mkldnn, "_linear_pointwise", None)
+    except (AttributeError, RuntimeError):  # torch.ops raises on an unknown op
+        return None
+    if reorder is None or linear is None:
+        return None
+    return reorder, linear
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """The ops exist and give F.linear's answer on a small bf16 case (with a bias, 2-D and
+    3-D input), checked once per process."""
+    ops = _ops()
+    if ops is None:
+        return False
+    reorder, linear = ops
+    try:
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(24, 16, generator=gen).to(torch.bfloat16)
+        bias = torch.randn(24, generator=gen).to(torch.bfloat16)
+        x = torch.randn(2, 3, 16, generator=gen).to(torch.bfloat16)
+        packed = reorder(weight)
+        for inp in (x, x[0]):
+            got = linear(inp, packed, bias, "none", [], "")
+            want = F.linear(inp, weight, bias)
+            if got.shape != want.shape or not torch.allclose(got.float(), want.float(), atol=0.05, rtol=0.02):
+                return False
+        return bool(torch.equal(packed.to_dense(), weight))
+    except Exception as exc:  # a build without oneDNN bf16, a changed signature...
+        logger.info("prepacked bf16 Linear weights are not available in this torch: %s", exc)
+        return False
+
+
+def wanted(model: Any, device: torch.device) -> bool:
+    """Whether packing pays and is safe for ``model`` on ``device`` (see the module docstring)."""
+    return (
+        device.type == "cpu"
+        and getattr(model, "dtype", None) == torch.bfloat16
+        and cpu_computes_bf16()
+        and available()
+    )
+
+
+def is_packed(model: Any) -> bool:
+    return any(hasattr(m, _ATTR) for m in model.modules())
+
+
+def _packable(module: torch.nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (
+        type(module) is torch.nn.Linear
+        and isinstance(weight, torch.Tensor)
+        and weight.dtype == torch.bfloat16
+        and weight.device.type == "cpu"
+        and weight.dim() == 2
+        and weight.layout == torch.strided
+        and not hasattr(module, _ATTR)
+    )
+
+
+def _packed_forward(module: torch.nn.Linear, linear: Any) -> Any:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        packed = getattr(module, _ATTR)
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu":  # not the case packing is for
+            return F.linear(x, packed.to_dense().to(x.dtype), module.bias)
+        if not x.is_contiguous():
+            x = x.contiguous()
+        return linear(x, packed, module.bias, "none", [], "")
+
+    return forward
+
+
+def _placeholder(weight: torch.Tensor) -> torch.Tensor:
+    """The plain weight's shape, dtype and device over one element (no memory)."""
+    return torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
+
+
+def pack(model: Any) -> int:
+    """Pack every packable Linear of ``model`` in place (see the module docstring); the
+    number packed. Nothing (0) when the ops are not available."""
+    ops = _ops()
+    if ops is None or not available():
+        return 0
+    reorder, linear = ops
+    with _lock:
+        start = time.perf_counter()
+        modules = [m for m in model.modules() if _packable(m)]
+        counts: dict[int, int] = {}
+        for m in model.modules():  # a weight other modules hold too (tied embeddings) stays
+            for p in m.parameters(recurse=False):
+                counts[id(p)] = counts.get(id(p), 0) + 1
+        shared = 0
+        with torch.no_grad():
+            for m in modules:
+                weight = m.weight
+                setattr(m, _ATTR, reorder(weight.detach()))
+                if counts.get(id(weight), 0) > 1:
+                    shared += 1
+                else:
+                    weight.data = _placeholder(weight)
+                m.forward = _packed_forward(m, linear)
+        logger.info(
+            "packed %d bf16 Linear weights for oneDNN in %.2f s (%d shared weights kept beside)",
+            len(modules),
+            time.perf_counter() - start,
+            shared,
+        )
+        return len(modules)
+
+
+def unpack(model: Any) -> int:
+    """Undo ``pack``: every packed Linear gets its dense weight and its class's forward
+    back; the number restored."""
+    with _lock:
+        restored = 0
+        with torch.no_grad():
+            for m in model.modules():
+                packed = getattr(m, _ATTR, None)
+                if packed is None:
+                    continue
+                if m.weight.stride() == (0, 0):  # released by pack (a shared one was kept)
+                    m.weight.data = packed.to_dense()
+                delattr(m, _ATTR)
+                if "forward" in m.__dict__:
+                    del m.__dict__["forward"]
+                restored += 1
+        if restored:
+            logger.info("unpacked %d Linear weights", restored)
+        return restored
+
+
+def apply(model: Any, device: torch.device, enabled: bool) -> bool:
+    """Bring ``model`` to the state an engine call wants: packed when ``enabled`` and
+    ``wanted``, else plain; whether it is packed."""
+    if enabled and wanted(model, device):
+        if not is_packed(model):
+            pack(model)
+        return True
+    if is_packed(model):
+        unpack(model)
+    return False
