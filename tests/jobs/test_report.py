@@ -322,3 +322,49 @@ def test_the_cli_says_which_figures_are_sampled(
     assert cli["sample"]["figures"] == ["latency"]  # 7,600 scores: exact means and histograms
     assert cli["totals"]["requests"] == SAMPLE_REQUESTS + 200
     assert cli["totals"]["output_tokens"] == 12 * (cli["totals"]["succeeded"] + cli["totals"]["failed"])
+
+
+def test_a_big_job_of_several_tasks_reports_per_task_figures_from_the_sample(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenAI input mixing chat and completions: above the sample size, the per-task rows are
+    the sampled chunks' requests grouped by their own task (looked up by key), totals exact."""
+    db = get_database(db_url)
+    lines = []
+    for i in range(30):
+        body: dict[str, Any] = (
+            {"messages": [{"role": "user", "content": f"hello number {i}"}]}
+            if i % 3
+            else {"prompt": f"once upon a time {i}"}
+        )
+        url = "/v1/chat/completions" if i % 3 else "/v1/completions"
+        lines.append({"custom_id": f"r{i}", "method": "POST", "url": url, "body": {"model": "m", **body}})
+    job_id = submit(db, write_jsonl(tmp_path / "in.jsonl", lines), "chat", model="m", chunk_size=5)
+    run(db, job_id, _engine)
+    exact = build_report(db, job_id)
+    assert exact.sample is None and [f.task for f in exact.per_task] == ["chat", "generate"]
+    monkeypatch.setattr("lmjobs.jobs.report.SAMPLE_REQUESTS", 10)
+    monkeypatch.setattr("lmjobs.jobs.control.SAMPLE_REQUESTS", 10)  # 2 chunks of 6: every 3rd by seq
+    rep = build_report(db, job_id)
+    assert rep.sample is not None and "per_task" in rep.sample.figures
+    ids = _sampled_chunks(db, job_id, 3)
+    assert (rep.sample.chunks, rep.sample.requests) == (len(ids), 5 * len(ids))
+    with db.session() as s:
+        sampled = s.execute(
+            select(Request.task, Result.status, Result.output_tokens)
+            .join(Result, Result.request_id == Request.id)
+            .where(Request.chunk_id.in_(ids), Result.sample_index == 0)
+        ).all()
+    want = {
+        task: (
+            sum(1 for t, _, _ in sampled if t == task),
+            sum(1 for t, st, _ in sampled if t == task and st == "succeeded"),
+            sum(n or 0 for t, _, n in sampled if t == task),
+        )
+        for task in ("chat", "generate")
+    }
+    assert {f.task: (f.requests, f.succeeded, f.output_tokens) for f in rep.per_task} == want
+    t, e = rep.totals, exact.totals  # exact: from the chunks
+    assert (t.requests, t.succeeded, t.failed, t.output_tokens) == (
+        e.requests, e.succeeded, e.failed, e.output_tokens
+    )  # fmt: skip
