@@ -8,7 +8,8 @@ PostgreSQL, a recursive CTE on SQLite): its chunks of 64, the first ``--closed``
 them ``done`` with their counts and token sums written (one request in 50 failed, with one
 of three errors; 40 tokens in and 12 out each), one ``running``, the rest ``pending``; a
 result row for every request of a closed chunk and a ``rouge_l`` score for each succeeded
-one; then ANALYZE. It times the services the CLI calls (best of ``--repeat``), the old
+one; each table written in chunk order, so that a chunk's rows lie side by side as ingest
+and the workers write them; then ANALYZE. It times the services the CLI calls (best of ``--repeat``), the old
 count of ``results`` for comparison, and each command once as a whole ``lmjobs`` process
 (start-up included). Prints a table and writes JSON.
 """
@@ -112,7 +113,8 @@ def build_job(db: Any, requests: int, *, closed: float = 0.6) -> int:
         f" WITH {recursive}{_series(dialect, 'o', ':size')}"
         f" SELECT :job, c.id, c.first_line + o.k, 'r' || (c.first_line + o.k), 'summarize',"
         f" '{{\"text\": \"a line to summarize\"}}'{as_json}, 'h' || (c.first_line + o.k), 0"
-        f" FROM chunks c JOIN o ON c.first_line + o.k <= c.last_line WHERE c.job_id = :job",
+        f" FROM chunks c JOIN o ON c.first_line + o.k <= c.last_line WHERE c.job_id = :job"
+        f" ORDER BY c.seq, o.k",  # a chunk's requests side by side, as ingest writes them
         f"INSERT INTO results (job_id, request_id, sample_index, status, output_text, error, finish_reason,"
         f" input_tokens, output_tokens, latency_ms, model, worker, attempt, deduplicated, created_at)"
         f" SELECT r.job_id, r.id, 0,"
@@ -125,11 +127,12 @@ def build_job(db: Any, requests: int, *, closed: float = 0.6) -> int:
         f" 'stop', {TOKENS_IN}, {TOKENS_OUT}, 100.0 + r.line_number % 97, 'm', 'w', 1, false,"
         f" CURRENT_TIMESTAMP"
         f" FROM requests r JOIN chunks c ON c.id = r.chunk_id"
-        f" WHERE r.job_id = :job AND c.status = 'done'",
+        f" WHERE r.job_id = :job AND c.status = 'done' ORDER BY r.id",  # a chunk's results together
         f"INSERT INTO scores (job_id, request_id, metric, value)"
         f" SELECT r.job_id, r.id, 'rouge_l', (r.line_number % 101) / 100.0"
         f" FROM requests r JOIN chunks c ON c.id = r.chunk_id"
-        f" WHERE r.job_id = :job AND c.status = 'done' AND r.line_number % {FAIL_EVERY} <> 0",
+        f" WHERE r.job_id = :job AND c.status = 'done' AND r.line_number % {FAIL_EVERY} <> 0"
+        f" ORDER BY r.id",
     ]
     if dialect == "postgresql":  # MIN(a, b) is SQLite's two-argument min
         statements = [st.replace("MIN(", "LEAST(") for st in statements]
