@@ -10,6 +10,7 @@ from lmjobs.bench import workloads as bench_workloads
 from lmjobs.bench.e2e import DEFAULT_BROKER
 from lmjobs.bench.models import SHAPES
 from lmjobs.worker.engine.core import EngineConfig
+from lmjobs.worker.models import DTYPE_NAMES, known_dtype
 
 ARMS: dict[str, str] = {
     "A0": "naive: model.generate, one prompt at a time",
@@ -34,6 +35,7 @@ ALIASES = {
     "no-prefix": "A3p",
     "slots": "A7",
 }
+BASELINES = ("A0", "A1")  # the loops people write: at ``BenchConfig.baseline_dtype`` when set
 RANDOM_PREFIX = "random:"
 WARMUPS = ("short", "shapes")
 
@@ -44,6 +46,11 @@ class BenchConfig:
     tokenizer: str = "trained"  # random models: "trained" or "smollm2"
     device: str = "cpu"
     dtype: str = "float32"
+    # The dtype of the baselines (A0, A1: the loops people write), on a second copy of the
+    # model when it differs from ``dtype``; "" = ``dtype``. The CPU preset's engine arms run
+    # at the default ``auto`` (bf16 where the CPU computes it) against the seed's fp32 loop,
+    # so its "same as A0" column is the engine's greedy agreement with fp32.
+    baseline_dtype: str = ""
     workload: str = "mixed"
     requests: int = 128
     a0_requests: int = 16  # 0: all
@@ -77,6 +84,9 @@ class BenchConfig:
             )
         if self.warmup not in WARMUPS:
             raise ValueError(f"unknown warm-up {self.warmup!r} (use {', '.join(WARMUPS)})")
+        for flag, name in (("--dtype", self.dtype), ("--baseline-dtype", self.baseline_dtype)):
+            if name and not known_dtype(name):
+                raise ValueError(f"{flag}: unknown dtype {name!r} (use {', '.join(DTYPE_NAMES)})")
         if self.naive_batch < 1:
             raise ValueError("A1's batch size must be at least 1")
         if self.requests < 1 or self.a0_requests < 0 or self.a1_requests < 0:
@@ -91,12 +101,14 @@ class BenchConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # SmolLM2-135M, fp32 on the CPU: the issue's CPU target (mixed workload). Sized to
-    # finish in under ten minutes on 2 shared cores, where prompt processing dominates.
+    # SmolLM2-135M on the CPU: the issue's CPU target (mixed workload), the engine at the
+    # default dtype (bf16 where the CPU computes it natively, else fp32) against fp32 loops.
+    # Sized to finish in under ten minutes on 2 shared cores, where prompt processing dominates.
     "cpu-smollm2": {
         "model": "smollm2-135m",
         "device": "cpu",
-        "dtype": "float32",
+        "dtype": "auto",
+        "baseline_dtype": "float32",
         "workload": "mixed",
         "requests": 32,
         "a0_requests": 6,

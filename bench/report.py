@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmjobs.bench.arms import ArmOutput, ArmResult
+from lmjobs.bench.config import BASELINES
 from lmjobs.bench.measure import StepStats
 from lmjobs.jobs.engine_api import ModelInfo
 
@@ -75,6 +76,10 @@ class BenchReport:
     # model's matmul weights per (prompt, generated) token (measure.matmul_params)
     matmul_rate: float | None = None
     matmul_params: tuple[int, int] | None = None
+    # The baselines' dtype (A0, A1; BenchConfig.baseline_dtype) and, where it is not the
+    # bench's, its matmul rate: their fraction is of the rate of the dtype they ran in.
+    baseline_dtype: torch.dtype | None = None
+    baseline_matmul_rate: float | None = None
     profile: dict[str, Any] | None = None
     load_average: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -148,7 +153,7 @@ class BenchReport:
         is_cpu_target = (
             self.device.type == "cpu"
             and cfg.model == "smollm2-135m"
-            and self.dtype == torch.float32
+            and (self.baseline_dtype or self.dtype) == torch.float32  # A0: the seed's fp32 loop
             and cfg.workload == "mixed"
         )
         is_gpu_target = self.device.type == "cuda" and cfg.workload == "fixed"
@@ -202,19 +207,17 @@ class BenchReport:
     def matmul_fraction(self, result: ArmResult) -> float | None:
         """The arm's useful matmul FLOPs (2 per weight for each prompt token of its requests
         and each token it wrote; attention, padding and recomputation not counted) per second
-        of its wall time, over the measured matmul rate of the bench's dtype. None for E2E
-        and A4 (another process; int8 weights)."""
-        if (
-            not self.matmul_rate
-            or not self.matmul_params
-            or result.arm in ("E2E", "A4")
-            or not result.elapsed_s
-        ):
+        of its wall time, over the measured matmul rate of the dtype it ran in (the baselines'
+        own where it differs). None for E2E and A4 (another process; int8 weights)."""
+        rate = self.matmul_rate
+        if result.arm in BASELINES and self.baseline_matmul_rate:
+            rate = self.baseline_matmul_rate
+        if not rate or not self.matmul_params or result.arm in ("E2E", "A4") or not result.elapsed_s:
             return None
         per_prompt, per_output = self.matmul_params
         prompts = sum(r.input_tokens for r in self.workload.requests[: result.requests])
         flops = 2.0 * (per_prompt * prompts + per_output * result.output_tokens)
-        return round(flops / result.elapsed_s / self.matmul_rate, 4)
+        return round(flops / result.elapsed_s / rate, 4)
 
     def extrapolation(self, result: ArmResult) -> dict[str, Any]:
         """How a subset arm's rate stands for the full run, with a cross-check.
@@ -257,6 +260,7 @@ class BenchReport:
                 "device": str(self.device),
                 "device_name": _device_name(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
+                "baseline_dtype": str(self.baseline_dtype or self.dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(),
                 "cpus": _cpu_count(),
                 "engine_sha256": engine_fingerprint(),
@@ -267,6 +271,9 @@ class BenchReport:
                 "batch_tokens": cfg.batch_tokens,
                 "memory_bandwidth_gb_per_s": round(self.bandwidth / 1e9, 2) if self.bandwidth else None,
                 "matmul_gflop_per_s": round(self.matmul_rate / 1e9, 1) if self.matmul_rate else None,
+                "baseline_matmul_gflop_per_s": (
+                    round(self.baseline_matmul_rate / 1e9, 1) if self.baseline_matmul_rate else None
+                ),
                 "load_average": self.load_average,
                 "wall_s": round(self.wall_s, 1),
             },

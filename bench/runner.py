@@ -28,7 +28,7 @@ import torch
 from lmjobs.bench import arms as bench_arms
 from lmjobs.bench import workloads as bench_workloads
 from lmjobs.bench.arms import measure
-from lmjobs.bench.config import ARMS, RANDOM_PREFIX, BenchConfig
+from lmjobs.bench.config import ARMS, BASELINES, RANDOM_PREFIX, BenchConfig
 from lmjobs.bench.e2e import E2EOptions, E2EResult, run_e2e
 from lmjobs.bench.measure import load_average, matmul_params, matmul_rate, memory_bandwidth
 from lmjobs.bench.models import build_random_model
@@ -56,9 +56,11 @@ def _model_ref(config: BenchConfig, dtype: torch.dtype) -> str:
     return str(folder)
 
 
-def _load(config: BenchConfig, ref: str, quantize: str | None = None) -> LoadedModel:
+def _load(
+    config: BenchConfig, ref: str, quantize: str | None = None, dtype: str | None = None
+) -> LoadedModel:
     return load_model(
-        ref, device=config.device, dtype=config.dtype, cache_dir=config.cache_dir, quantize=quantize
+        ref, device=config.device, dtype=dtype or config.dtype, cache_dir=config.cache_dir, quantize=quantize
     )
 
 
@@ -88,12 +90,17 @@ def run_bench(
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    base_dtype = resolve_dtype(config.baseline_dtype, device) if config.baseline_dtype else dtype
     load_start = load_average()
     started = time.time()
 
     say(f"model {config.model} ({device}, {dtype})")
     ref = _model_ref(config, dtype)
     loaded = _load(config, ref)
+    baseline = loaded
+    if base_dtype != dtype and any(arm in BASELINES for arm in config.arms):
+        say(f"baselines {', '.join(BASELINES)}: a second copy of the model in {base_dtype}")
+        baseline = _load(config, _model_ref(config, base_dtype), dtype=config.baseline_dtype)
     workload = bench_workloads.build(
         config.workload,
         loaded.tokenizer,
@@ -110,11 +117,14 @@ def run_bench(
         workload=workload,
         model_ref=ref,
         model_info=loaded.info,
+        baseline_dtype=base_dtype,
     )
     say("measuring memory bandwidth")
     report.bandwidth = memory_bandwidth(device, megabytes=1024 if device.type == "cuda" else 256)
     say("measuring the matmul rate")
     report.matmul_rate = matmul_rate(device, dtype)
+    if base_dtype != dtype:
+        report.baseline_matmul_rate = matmul_rate(device, base_dtype)
     report.matmul_params = matmul_params(loaded.model)
 
     model, tok = loaded.model, loaded.tokenizer
@@ -130,15 +140,18 @@ def run_bench(
             continue
         subset = _subset(config, arm, len(requests))
         label = _label(config, arm)
+        if arm in BASELINES and baseline is not loaded:
+            label += f" ({str(base_dtype).removeprefix('torch.')})"
         say(f"{arm}: {label} ({len(requests[:subset])} requests)")
         fn = _arm_fn(config, arm)
+        on = baseline if arm in BASELINES else loaded
         try:
             result = measure(
                 arm,
                 label,
                 fn,
-                model,
-                tok,
+                on.model,
+                on.tokenizer,
                 requests[:subset],
                 device=device,
                 subset=subset < len(requests),
@@ -162,7 +175,7 @@ def run_bench(
         report.profile = profile_engine(
             model, tok, requests[: min(16, len(requests))], config.engine(mode="auto")
         )
-    del model, tok, loaded  # the main model's memory, before the worker loads its own
+    del model, tok, loaded, baseline  # the models' memory, before the worker loads its own
     _free(device)
 
     # the queue before int8: its ratio is one of the issue's targets

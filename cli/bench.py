@@ -36,6 +36,7 @@ def bench(
     profile: bool,
     seed: int | None,
     budget_s: float | None = None,
+    baseline_dtype: str | None = None,
     as_json: bool,
     markdown_table: bool = False,
 ) -> None:
@@ -56,6 +57,7 @@ def bench(
             workload=workload,
             device=device,
             dtype=dtype,
+            baseline_dtype=baseline_dtype,
             model=model,
             a0_requests=a0_requests,
             a1_requests=a1_requests,

@@ -260,6 +260,9 @@ def bench(
     json_out: Path | None = typer.Option(None, "--json-out", help="Write the report here"),
     device: str | None = typer.Option(None, "--device"),
     dtype: str | None = typer.Option(None, "--dtype"),
+    baseline_dtype: str | None = typer.Option(
+        None, "--baseline-dtype", help="A0 and A1's dtype (a second model copy) [cpu-smollm2: float32]"
+    ),
     model: str | None = typer.Option(None, "--model", "-m", help="Alias, HF id, folder or random:<shape>"),
     a0_requests: int | None = typer.Option(None, "--a0-requests", help="A0 on first N (0: all)"),
     a1_requests: int | None = typer.Option(None, "--a1-requests", help="A1 on first N (0: all)"),
@@ -285,6 +288,7 @@ def bench(
         json_out=json_out,
         device=device,
         dtype=dtype,
+        baseline_dtype=baseline_dtype,
         model=model,
         a0_requests=a0_requests,
         a1_requests=a1_requests,

