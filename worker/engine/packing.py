@@ -120,7 +120,7 @@ def wanted(model: Any, device: torch.device) -> bool:
 
 
 def is_packed(model: Any) -> bool:
-    return any(hasattr(m, _ATTR) for m in model.modules())
+    return isinstance(model, torch.nn.Module) and any(hasattr(m, _ATTR) for m in model.modules())
 
 
 def _packable(module: torch.nn.Module) -> bool:
@@ -199,7 +199,9 @@ def pack(model: Any) -> int:
 
 def unpack(model: Any) -> int:
     """Undo ``pack``: every packed Linear gets its dense weight and its class's forward
-    back; the number restored."""
+    back; the number restored (0 for anything that is not a torch module: nothing to undo)."""
+    if not isinstance(model, torch.nn.Module):
+        return 0
     with _lock:
         restored = 0
         with torch.no_grad():

@@ -190,3 +190,9 @@ def test_cpu_flags() -> None:
     assert packing.cpu_computes_bf16("flags : fpu avx512f avx512_bf16 sse")
     assert packing.cpu_computes_bf16("flags : fpu amx_bf16 amx_tile")
     assert not packing.cpu_computes_bf16("flags : fpu avx512f avx2")
+
+
+def test_unpacking_a_non_module_is_nothing_to_undo() -> None:
+    """The baselines unpack whatever model they are given (the benchmark's tests hand them
+    stand-ins that are not torch modules)."""
+    assert packing.unpack(object()) == 0 and not packing.is_packed(object())
