@@ -141,7 +141,7 @@ def show(report: dict[str, Any], *, as_markdown: bool = False) -> None:
             f"first claim to last result {e['first_claim_to_last_result_s']} s)"
         )
     if report["targets"]:
-        t = Table(title="targets (issue 3)", title_justify="left")
+        t = Table(title="targets (issues 3 and 12)", title_justify="left")
         for col in ("target", "needed", "measured", "met"):
             t.add_column(col)
         for row in report["targets"]:
