@@ -10,6 +10,7 @@ import datetime as dt
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -296,28 +297,22 @@ def _target(name: str, target: float, measured: float | None) -> dict[str, Any]:
     }
 
 
-ENGINE_MODULES = (
-    "engine",
-    "batching",
-    "decoding",
-    "scheduler",
-    "sampling",
-    "static_cache",
-    "models",
-)
+def engine_files() -> list[Path]:
+    """The engine's source files: ``worker/engine/*.py`` and ``worker/models.py``."""
+    import lmjobs.worker.engine as engine_pkg
+
+    root = Path(engine_pkg.__file__).parent
+    return [*sorted(root.glob("*.py")), root.parent / "models.py"]
 
 
 def engine_fingerprint() -> str:
-    """A short hash of the engine's source files: which engine a report measured."""
+    """A short hash of the engine's source files (:func:`engine_files`, names and bytes):
+    which engine a report measured."""
     import hashlib
-    from pathlib import Path
 
     digest = hashlib.sha256()
-    here = Path(__file__).parent
-    for name in ENGINE_MODULES:
-        path = here / f"{name}.py"
-        if path.is_file():
-            digest.update(path.read_bytes())
+    for path in engine_files():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 

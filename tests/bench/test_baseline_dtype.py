@@ -90,3 +90,13 @@ def test_the_cli_refuses_a_bad_baseline_dtype(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert "--baseline-dtype: unknown dtype 'fp8'" in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+
+
+def test_the_engine_fingerprint_covers_the_engine_sources() -> None:
+    from lmjobs.bench.report import engine_files, engine_fingerprint
+
+    names = {(p.parent.name, p.name) for p in engine_files()}
+    want = {("engine", "core.py"), ("engine", "packing.py"), ("engine", "slots.py"), ("worker", "models.py")}
+    assert want <= names
+    assert all(p.is_file() for p in engine_files())
+    assert len(engine_fingerprint()) == 12
