@@ -209,8 +209,9 @@ def unpack(model: Any) -> int:
                 packed = getattr(m, _ATTR, None)
                 if packed is None:
                     continue
-                if m.weight.stride() == (0, 0):  # released by pack (a shared one was kept)
-                    m.weight.data = packed.to_dense()
+                weight: Any = m.weight
+                if weight.stride() == (0, 0):  # released by pack (a shared one was kept)
+                    weight.data = packed.to_dense()
                 delattr(m, _ATTR)
                 if "forward" in m.__dict__:
                     del m.__dict__["forward"]
