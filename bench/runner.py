@@ -123,7 +123,7 @@ def run_bench(
     report.bandwidth = memory_bandwidth(device, megabytes=1024 if device.type == "cuda" else 256)
     say("measuring the matmul rate")
     report.matmul_rate = matmul_rate(device, dtype)
-    if base_dtype != dtype:
+    if baseline is not loaded:  # the baselines run in another dtype: their own rate
         report.baseline_matmul_rate = matmul_rate(device, base_dtype)
     report.matmul_params = matmul_params(loaded.model)
 

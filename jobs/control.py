@@ -186,8 +186,8 @@ class Sample:
     def chunks(self) -> int:
         return len(self.chunk_ids)
 
-    def request_ids(self, session: Session) -> list[int]:
-        """The sampled chunks' request ids, in no particular order: one statement that
+    def _chunk_index(self, session: Session) -> dict[int, int]:
+        """Each sampled request id -> its chunk's place in the sample: one statement that
         ``ix_requests_chunk`` answers alone (chunk id and id), read once per sample. (A
         request's ids need not be contiguous within its chunk, so there is no id range to
         read instead.)"""
@@ -195,15 +195,17 @@ class Sample:
             at = {c: i for i, c in enumerate(self.chunk_ids)}
             rows = keyed_rows(session, select(Request.id, Request.chunk_id), Request.chunk_id, self.chunk_ids)
             self._chunk_of = {rid: at[c] for rid, c in rows}
-        return list(self._chunk_of)
+        return self._chunk_of
+
+    def request_ids(self, session: Session) -> list[int]:
+        """The sampled chunks' request ids, in no particular order."""
+        return list(self._chunk_index(session))
 
     def in_order(self, session: Session, rows: list[Any]) -> list[Any]:
         """``rows`` whose first item is a request id, sorted by the sample's order: its chunks
         by ``seq``, then the request ids, then the rest of each row. (Sums of floats over a
         sample, such as a mean score, come out the same whatever order the rows were read in.)"""
-        self.request_ids(session)
-        chunk_of = self._chunk_of
-        assert chunk_of is not None
+        chunk_of = self._chunk_index(session)
         return sorted(rows, key=lambda r: (chunk_of[r[0]], *r))
 
 

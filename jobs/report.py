@@ -285,16 +285,12 @@ def _failures(db: Database, job_id: int, failed: int) -> list[tuple[str, int]]:
 def score_histograms(values: Iterable[tuple[str, float]]) -> dict[str, Histogram]:
     """A histogram of each metric's (metric, value) pairs, over its range in ``SCORE_BINS``."""
     hists: dict[str, Histogram] = {}
-    bins: dict[str, tuple[float, float, list[int]]] = {}  # metric -> (lo, width, counts)
-    last = SCORE_BINS - 1
     for metric, value in values:
-        b = bins.get(metric)
-        if b is None:
+        h = hists.get(metric)
+        if h is None:
             h = hists[metric] = Histogram(0.0, SCORE_RANGES.get(metric, 1.0), [0] * SCORE_BINS)
-            b = bins[metric] = (h.lo, h.width, h.counts)
-        lo, width, counts = b
-        i = int((value - lo) / width) if width else 0
-        counts[last if i > last else 0 if i < 0 else i] += 1
+        i = int((value - h.lo) / h.width) if h.width else 0
+        h.counts[min(SCORE_BINS - 1, max(0, i))] += 1
     return dict(sorted(hists.items()))
 
 
