@@ -3,7 +3,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import pool
 
-from lmjobs.db.models import Base
+from lmjobs.db.models import Base, compared_on
 from lmjobs.db.session import make_engine
 
 config = context.config
@@ -30,6 +30,8 @@ def run_migrations_online() -> None:
             connection=connection,
             target_metadata=target_metadata,
             render_as_batch=True,  # SQLite ALTER TABLE via copy-and-move
+            # autogenerate: what the models keep to one backend is not missing on the other
+            include_object=compared_on(connection.dialect.name),
         )
         with context.begin_transaction():
             context.run_migrations()

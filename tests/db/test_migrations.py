@@ -20,7 +20,7 @@ from lmjobs.db.migrate import (
     stored_revision,
     upgrade,
 )
-from lmjobs.db.models import Base
+from lmjobs.db.models import Base, compared_on
 from lmjobs.db.session import forget_databases, get_database
 
 VIEW = "job_results"
@@ -28,7 +28,12 @@ VIEW = "job_results"
 
 def _diff(url: str) -> list[object]:
     with get_database(url).engine.connect() as conn:
-        ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+        opts = {
+            "compare_type": True,
+            "compare_server_default": True,
+            "include_object": compared_on(conn.dialect.name),
+        }
+        ctx = MigrationContext.configure(conn, opts=opts)
         return list(compare_metadata(ctx, Base.metadata))
 
 
