@@ -33,7 +33,7 @@ EXIT_PAUSED = 6
 
 
 def job_exit_code(status: str) -> int:
-    from lmjobs.db.models import JobStatus
+    from lmjobs.db.tables import JobStatus
 
     return {
         JobStatus.COMPLETED.value: EXIT_OK,
@@ -98,7 +98,7 @@ MIN_INTERVAL_S = 0.2
 
 
 def status(job: int | None, *, watch: bool, wait: bool, interval: float, as_json: bool) -> None:
-    from lmjobs.db.models import JobStatus
+    from lmjobs.db.tables import JobStatus
     from lmjobs.jobs.control import job_status
 
     def ended(status: str) -> bool:

@@ -1,16 +1,22 @@
-"""Engines and sessions. SQLite gets WAL and a busy timeout so workers and analysts share it."""
+"""Engines and sessions. SQLite gets WAL and a busy timeout so workers and analysts share it.
+
+``sqlalchemy.orm`` is imported on a Database's first :meth:`Database.session`: a command
+that only reads through Core (:meth:`Database.connection`; ``status``, ``list``,
+``report``) never loads the ORM."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy import Connection, CursorResult, Engine, Result, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
 
 
 def rows_changed(result: Result[Any]) -> int:
@@ -68,7 +74,16 @@ class Database:
     def __init__(self, url: str, **engine_kwargs: Any) -> None:
         self.url = normalize_url(url)
         self.engine = make_engine(self.url, **engine_kwargs)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._sessions: sessionmaker[Session] | None = None
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """The session factory (the ORM is imported on first use)."""
+        if self._sessions is None:
+            from sqlalchemy.orm import sessionmaker
+
+            self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        return self._sessions
 
     @property
     def is_sqlite(self) -> bool:
@@ -79,6 +94,13 @@ class Database:
         """A session in one transaction: committed on success, rolled back on error."""
         with self.sessions() as s, s.begin():
             yield s
+
+    @contextmanager
+    def connection(self) -> Iterator[Connection]:
+        """A Core connection in one transaction, as :meth:`session` (committed on success,
+        rolled back on error), for Core statements without the ORM."""
+        with self.engine.begin() as conn:
+            yield conn
 
     def dispose(self) -> None:
         self.engine.dispose()

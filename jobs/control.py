@@ -22,30 +22,47 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-from sqlalchemy import ARRAY, BigInteger, and_, any_, bindparam, case, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ARRAY, BigInteger, Connection, and_, any_, bindparam, case, func, select
 
-from lmjobs.db.models import (
-    Chunk,
+from lmjobs.db.session import Database
+from lmjobs.db.tables import (
     ChunkStatus,
-    Job,
     JobStatus,
-    Reject,
-    Request,
-    Result,
     ResultStatus,
-    Score,
+    chunks,
+    jobs,
+    rejects,
+    requests,
+    results,
+    scores,
     utcnow,
 )
-from lmjobs.db.session import Database
 from lmjobs.jobs.errors import UnknownJobError
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
-def get_job(db: Database, job_id: int) -> Job:
-    with db.session() as s:
-        job = s.get(Job, job_id)
+# A row of ``jobs`` (db/tables.py), read with Core: its columns by name (``job.status``,
+# ``job.requests_total``, ...). Read-only: changes go through ``jobs/lifecycle.py``.
+JobRow: TypeAlias = Any
+
+
+def core(conn: Connection | Session) -> Connection:
+    """The Core connection of a Session (callers that also write hold one), or ``conn``.
+    Every function here reads with Core statements, through either."""
+    return conn if isinstance(conn, Connection) else conn.connection()
+
+
+def job_row(conn: Connection | Session, job_id: int) -> JobRow | None:
+    """The job's row, or None."""
+    return conn.execute(select(jobs).where(jobs.c.id == job_id)).one_or_none()
+
+
+def get_job(db: Database, job_id: int) -> JobRow:
+    with db.connection() as conn:
+        job = job_row(conn, job_id)
     if job is None:
         raise UnknownJobError(f"no job {job_id}")
     return job
@@ -72,10 +89,10 @@ _SUMS = ("requests_succeeded", "requests_failed", "requests_deduplicated", "inpu
 
 def _summed() -> Any:
     """A closed chunk whose sums were written when it closed (every one of them)."""
-    return and_(Chunk.status.in_(ChunkStatus.closed()), *(getattr(Chunk, c).is_not(None) for c in _SUMS))
+    return and_(chunks.c.status.in_(ChunkStatus.closed()), *(chunks.c[c].is_not(None) for c in _SUMS))
 
 
-def job_progress(session: Session, job_ids: Sequence[int]) -> dict[int, Progress]:
+def job_progress(session: Connection | Session, job_ids: Sequence[int]) -> dict[int, Progress]:
     """Progress and token totals of each job, summed over its chunks: one grouped query over
     ``chunks``, and for closed chunks without sums (closed by an older version) a sum over
     their requests' results, bounded by those chunks."""
@@ -83,17 +100,17 @@ def job_progress(session: Session, job_ids: Sequence[int]) -> dict[int, Progress
     if not job_ids:
         return out
     summed = _summed()
-    unsummed = and_(Chunk.status.in_(ChunkStatus.closed()), ~summed)
+    unsummed = and_(chunks.c.status.in_(ChunkStatus.closed()), ~summed)
     rows = session.execute(
         select(
-            Chunk.job_id,
-            Chunk.status,
+            chunks.c.job_id,
+            chunks.c.status,
             func.count(),
-            *(func.coalesce(func.sum(getattr(Chunk, c)), 0) for c in _SUMS),
+            *(func.coalesce(func.sum(chunks.c[c]), 0) for c in _SUMS),
             func.count().filter(unsummed),
         )
-        .where(Chunk.job_id.in_(job_ids))
-        .group_by(Chunk.job_id, Chunk.status)
+        .where(chunks.c.job_id.in_(job_ids))
+        .group_by(chunks.c.job_id, chunks.c.status)
     ).all()
     legacy: set[int] = set()
     for job_id, status, n, ok, bad, dedup, tin, tout, n_unsummed in rows:
@@ -106,26 +123,26 @@ def job_progress(session: Session, job_ids: Sequence[int]) -> dict[int, Progress
     if legacy:
         # Closed chunks without (all of) their sums: take back what they hold, count their results.
         for job_id, *held in session.execute(
-            select(Chunk.job_id, *(func.coalesce(func.sum(getattr(Chunk, c)), 0) for c in _SUMS))
-            .where(Chunk.job_id.in_(sorted(legacy)), unsummed)
-            .group_by(Chunk.job_id)
+            select(chunks.c.job_id, *(func.coalesce(func.sum(chunks.c[c]), 0) for c in _SUMS))
+            .where(chunks.c.job_id.in_(sorted(legacy)), unsummed)
+            .group_by(chunks.c.job_id)
         ).all():
             _add(out[int(job_id)], *(-int(v or 0) for v in held))
-        first = Result.sample_index == 0
+        first = results.c.sample_index == 0
         for job_id, ok, bad, dedup, tin, tout in session.execute(
             select(
-                Chunk.job_id,
-                func.count().filter(first, Result.status == ResultStatus.SUCCEEDED.value),
-                func.count().filter(first, Result.status == ResultStatus.FAILED.value),
-                func.count().filter(first, Result.deduplicated.is_(True)),
-                func.coalesce(func.sum(case((first, Result.input_tokens), else_=0)), 0),
-                func.coalesce(func.sum(Result.output_tokens), 0),
+                chunks.c.job_id,
+                func.count().filter(first, results.c.status == ResultStatus.SUCCEEDED.value),
+                func.count().filter(first, results.c.status == ResultStatus.FAILED.value),
+                func.count().filter(first, results.c.deduplicated.is_(True)),
+                func.coalesce(func.sum(case((first, results.c.input_tokens), else_=0)), 0),
+                func.coalesce(func.sum(results.c.output_tokens), 0),
             )
-            .select_from(Chunk)
-            .join(Request, Request.chunk_id == Chunk.id)
-            .join(Result, and_(Result.job_id == Request.job_id, Result.request_id == Request.id))
-            .where(Chunk.job_id.in_(sorted(legacy)), unsummed)
-            .group_by(Chunk.job_id)
+            .select_from(chunks)
+            .join(requests, requests.c.chunk_id == chunks.c.id)
+            .join(results, and_(results.c.job_id == requests.c.job_id, results.c.request_id == requests.c.id))
+            .where(chunks.c.job_id.in_(sorted(legacy)), unsummed)
+            .group_by(chunks.c.job_id)
         ).all():
             _add(out[int(job_id)], ok, bad, dedup, tin, tout)
     return out
@@ -153,7 +170,7 @@ SCORE_EXACT_LIMIT = 20_000  # score rows a job may have for exact means in ``sta
 KEYS_PER_STATEMENT = 1000
 
 
-def keyed_rows(session: Session, stmt: Any, column: Any, keys: Sequence[int]) -> list[Any]:
+def keyed_rows(session: Connection | Session, stmt: Any, column: Any, keys: Sequence[int]) -> list[Any]:
     """The rows of ``stmt`` whose integer ``column`` is one of ``keys``: lookups of an indexed
     key (a sample's 200 chunks, its ~12.8k requests' results or scores), ``KEYS_PER_STATEMENT``
     keys a statement, never a join the planner could turn into a scan. The one difference
@@ -161,7 +178,7 @@ def keyed_rows(session: Session, stmt: Any, column: Any, keys: Sequence[int]) ->
     (``= ANY(:keys)``; a long ``IN`` list costs it more to parse and plan than the lookups),
     SQLite (no arrays, at most 999 bound variables before 3.32) the integers written into
     ``IN (...)``. Core rows: no ORM step per row."""
-    conn = session.connection()
+    conn = core(session)
     pg = conn.dialect.name == "postgresql"
     out: list[Any] = []
     for i in range(0, len(keys), KEYS_PER_STATEMENT):
@@ -186,22 +203,24 @@ class Sample:
     def chunks(self) -> int:
         return len(self.chunk_ids)
 
-    def _chunk_index(self, session: Session) -> dict[int, int]:
+    def _chunk_index(self, session: Connection | Session) -> dict[int, int]:
         """Each sampled request id -> its chunk's place in the sample: one statement that
         ``ix_requests_chunk`` answers alone (chunk id and id), read once per sample. (A
         request's ids need not be contiguous within its chunk, so there is no id range to
         read instead.)"""
         if self._chunk_of is None:
             at = {c: i for i, c in enumerate(self.chunk_ids)}
-            rows = keyed_rows(session, select(Request.id, Request.chunk_id), Request.chunk_id, self.chunk_ids)
+            rows = keyed_rows(
+                session, select(requests.c.id, requests.c.chunk_id), requests.c.chunk_id, self.chunk_ids
+            )
             self._chunk_of = {rid: at[c] for rid, c in rows}
         return self._chunk_of
 
-    def request_ids(self, session: Session) -> list[int]:
+    def request_ids(self, session: Connection | Session) -> list[int]:
         """The sampled chunks' request ids, in no particular order."""
         return list(self._chunk_index(session))
 
-    def in_order(self, session: Session, rows: list[Any]) -> list[Any]:
+    def in_order(self, session: Connection | Session, rows: list[Any]) -> list[Any]:
         """``rows`` whose first item is a request id, sorted by the sample's order: its chunks
         by ``seq``, then the request ids, then the rest of each row. (Sums of floats over a
         sample, such as a mean score, come out the same whatever order the rows were read in.)"""
@@ -209,7 +228,9 @@ class Sample:
         return sorted(rows, key=lambda r: (chunk_of[r[0]], *r))
 
 
-def sample_chunks(session: Session, job_id: int, chunks_closed: int, requests_per_chunk: float) -> Sample:
+def sample_chunks(
+    session: Connection | Session, job_id: int, chunks_closed: int, requests_per_chunk: float
+) -> Sample:
     """Up to ``SAMPLE_CHUNKS`` of the job's closed chunks, about ``SAMPLE_REQUESTS`` requests,
     every ``step``-th by ``seq`` (one pass over the job's chunk rows through its index on
     ``job_id``). Deterministic: the same job gives the same sample."""
@@ -217,13 +238,13 @@ def sample_chunks(session: Session, job_id: int, chunks_closed: int, requests_pe
     step = max(1, -(-chunks_closed // want))  # ceil: at most ``want`` multiples of it
     ids = list(
         session.scalars(
-            select(Chunk.id)
+            select(chunks.c.id)
             .where(
-                Chunk.job_id == job_id,
-                Chunk.status.in_(ChunkStatus.closed()),
-                (Chunk.seq % step) == 0,
+                chunks.c.job_id == job_id,
+                chunks.c.status.in_(ChunkStatus.closed()),
+                (chunks.c.seq % step) == 0,
             )
-            .order_by(Chunk.seq)
+            .order_by(chunks.c.seq)
             .limit(2 * want)
         )
     )
@@ -232,12 +253,12 @@ def sample_chunks(session: Session, job_id: int, chunks_closed: int, requests_pe
     return Sample(chunk_ids=[int(c) for c in ids], chunks_closed=chunks_closed)
 
 
-def sampled_scores(session: Session, sample: Sample) -> list[tuple[int, str, float]]:
+def sampled_scores(session: Connection | Session, sample: Sample) -> list[tuple[int, str, float]]:
     """(request id, metric, value) of the sampled chunks' requests, in the sample's order
     (:meth:`Sample.in_order`): their keys looked up in ``uq_scores_request_metric``."""
-    stmt = select(Score.request_id, Score.metric, Score.value)
+    stmt = select(scores.c.request_id, scores.c.metric, scores.c.value)
     ids = sample.request_ids(session)
-    return sample.in_order(session, keyed_rows(session, stmt, Score.request_id, ids))
+    return sample.in_order(session, keyed_rows(session, stmt, scores.c.request_id, ids))
 
 
 @dataclass
@@ -249,61 +270,67 @@ class ScoreMeans:
 
 
 def bounded_mean_scores(
-    session: Session, job_id: int, progress: Progress, requests_total: int, sample: Sample | None = None
+    session: Connection | Session,
+    job_id: int,
+    progress: Progress,
+    requests_total: int,
+    sample: Sample | None = None,
 ) -> ScoreMeans:
     """Exact means while the job has at most ``SCORE_EXACT_LIMIT`` score rows (a LIMITed count
     through ``ix_scores_job_id``), else means over a sample of closed chunks (``sample``, or
     :func:`sample_of` the job)."""
     counted = session.scalar(
         select(func.count()).select_from(
-            select(Score.id).where(Score.job_id == job_id).limit(SCORE_EXACT_LIMIT + 1).subquery()
+            select(scores.c.id).where(scores.c.job_id == job_id).limit(SCORE_EXACT_LIMIT + 1).subquery()
         )
     )
     if not counted:
         return ScoreMeans({})
     if int(counted) <= SCORE_EXACT_LIMIT:
         rows = session.execute(
-            select(Score.metric, func.avg(Score.value))
-            .where(Score.job_id == job_id)
-            .group_by(Score.metric)
-            .order_by(Score.metric)
+            select(scores.c.metric, func.avg(scores.c.value))
+            .where(scores.c.job_id == job_id)
+            .group_by(scores.c.metric)
+            .order_by(scores.c.metric)
         ).all()
         return ScoreMeans({str(m): float(v) for m, v in rows if v is not None})
     if sample is None:
         sample = sample_of(session, job_id, progress, requests_total)
-    scores = sampled_scores(session, sample)
+    found = sampled_scores(session, sample)
     sums: dict[str, list[float]] = {}
-    for _, metric, value in scores:
+    for _, metric, value in found:
         acc = sums.setdefault(metric, [0.0, 0.0])
         acc[0] += value
         acc[1] += 1
     means = {m: total / n for m, (total, n) in sorted(sums.items())}
-    return ScoreMeans(means, sampled=True, requests=len({rid for rid, _, _ in scores}), scores=scores)
+    return ScoreMeans(means, sampled=True, requests=len({rid for rid, _, _ in found}), scores=found)
 
 
-def sample_of(session: Session, job_id: int, progress: Progress, requests_total: int) -> Sample:
+def sample_of(session: Connection | Session, job_id: int, progress: Progress, requests_total: int) -> Sample:
     """:func:`sample_chunks` of the job, sized from its chunk counts."""
     chunks_total = sum(progress.chunks.values())
     closed = sum(progress.chunks.get(st, 0) for st in ChunkStatus.closed())
     return sample_chunks(session, job_id, closed, requests_total / max(1, chunks_total))
 
 
-def result_counts(session: Session, job_id: int) -> tuple[int, int]:
+def result_counts(session: Connection | Session, job_id: int) -> tuple[int, int]:
     """(succeeded, failed) requests of a job's closed chunks (see :func:`job_progress`)."""
     p = job_progress(session, [job_id])[job_id]
     return p.succeeded, p.failed
 
 
-def failure_reasons(session: Session, job_id: int, *, top: int = TOP_REASONS) -> tuple[dict[str, int], int]:
+def failure_reasons(
+    session: Connection | Session, job_id: int, *, top: int = TOP_REASONS
+) -> tuple[dict[str, int], int]:
     """The most common errors among at most ``FAILURE_SAMPLE`` failed requests of the job
     (their sample-0 results, through ``ix_results_job_status``), most common first; and how
     many failed requests they were counted over (all of them when there are no more)."""
     sample = (
-        select(Result.error)
+        select(results.c.error)
         .where(
-            Result.job_id == job_id,
-            Result.status == ResultStatus.FAILED.value,
-            Result.sample_index == 0,
+            results.c.job_id == job_id,
+            results.c.status == ResultStatus.FAILED.value,
+            results.c.sample_index == 0,
         )
         .limit(FAILURE_SAMPLE)
         .subquery()
@@ -377,18 +404,18 @@ def job_status(
     ``tokens``: also the mean scores (the one-shot ``status``; exact for a small job, else
     over a sample); without them (a ``--watch`` refresh) the report costs a few indexed
     queries."""
-    with db.session() as s:
-        job = s.get(Job, job_id)
+    with db.connection() as conn:
+        job = job_row(conn, job_id)
         if job is None:
             raise UnknownJobError(f"no job {job_id}")
-        progress = job_progress(s, [job_id])[job_id]
-        reasons = failure_reasons(s, job_id) if progress.failed else ({}, 0)
-        scores = bounded_mean_scores(s, job_id, progress, job.requests_total) if tokens else ScoreMeans({})
-    return _report(job, progress, reasons, scores, now=now or utcnow())
+        progress = job_progress(conn, [job_id])[job_id]
+        reasons = failure_reasons(conn, job_id) if progress.failed else ({}, 0)
+        means = bounded_mean_scores(conn, job_id, progress, job.requests_total) if tokens else ScoreMeans({})
+    return _report(job, progress, reasons, means, now=now or utcnow())
 
 
 def _report(
-    job: Job,
+    job: JobRow,
     progress: Progress,
     reasons: tuple[dict[str, int], int],
     scores: ScoreMeans,
@@ -447,22 +474,27 @@ def list_jobs(
     """The latest jobs, newest first; the progress and token totals of the whole page in one
     query over its chunks (``tokens``: also mean scores, as in :func:`job_status`)."""
     now = utcnow()
-    with db.session() as s:
-        q = select(Job).order_by(Job.id.desc()).limit(limit)
+    with db.connection() as conn:
+        q = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
         if status:
-            q = q.where(Job.status == status)
-        jobs = list(s.scalars(q))
-        progress = job_progress(s, [j.id for j in jobs])
-        reasons = {j.id: failure_reasons(s, j.id) if progress[j.id].failed else ({}, 0) for j in jobs}
-        scores = {
-            j.id: bounded_mean_scores(s, j.id, progress[j.id], j.requests_total) if tokens else ScoreMeans({})
-            for j in jobs
+            q = q.where(jobs.c.status == status)
+        page = list(conn.execute(q))
+        progress = job_progress(conn, [j.id for j in page])
+        reasons = {j.id: failure_reasons(conn, j.id) if progress[j.id].failed else ({}, 0) for j in page}
+        means = {
+            j.id: bounded_mean_scores(conn, j.id, progress[j.id], j.requests_total)
+            if tokens
+            else ScoreMeans({})
+            for j in page
         }
-    return [_report(j, progress[j.id], reasons[j.id], scores[j.id], now=now) for j in jobs]
+    return [_report(j, progress[j.id], reasons[j.id], means[j.id], now=now) for j in page]
 
 
-def job_rejects(db: Database, job_id: int, *, limit: int = 1000) -> list[Reject]:
-    with db.session() as s:
+def job_rejects(db: Database, job_id: int, *, limit: int = 1000) -> list[Any]:
+    """The job's rejected lines (rows of ``rejects``), by line number."""
+    with db.connection() as conn:
         return list(
-            s.scalars(select(Reject).where(Reject.job_id == job_id).order_by(Reject.line_number).limit(limit))
+            conn.execute(
+                select(rejects).where(rejects.c.job_id == job_id).order_by(rejects.c.line_number).limit(limit)
+            )
         )

@@ -32,8 +32,8 @@ from typing import Any
 
 from sqlalchemy import and_, exists, func, select
 
-from lmjobs.db.models import Job, Request, Result, ResultStatus, Score
 from lmjobs.db.session import Database, rows_changed
+from lmjobs.db.tables import ResultStatus, jobs, requests, results, scores
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def score_pair(task: str, hypothesis: str, reference: str) -> dict[str, float]:
 
 
 def _job_task(db: Database, job_id: int) -> str | None:
-    with db.session() as s:
-        return s.scalar(select(Job.task).where(Job.id == job_id))
+    with db.connection() as s:
+        return s.scalar(select(jobs.c.task).where(jobs.c.id == job_id))
 
 
 def _scorable(job_id: int, after: int, *, unscored_only: bool) -> Any:
@@ -127,26 +127,26 @@ def _scorable(job_id: int, after: int, *, unscored_only: bool) -> Any:
     job too, so it can use the results' (job_id, request_id) index.
     """
     q = (
-        select(Request.line_number, Request.id, Result.output_text, Request.reference)
-        .join(Result, and_(Result.request_id == Request.id, Result.job_id == job_id))
+        select(requests.c.line_number, requests.c.id, results.c.output_text, requests.c.reference)
+        .join(results, and_(results.c.request_id == requests.c.id, results.c.job_id == job_id))
         .where(
-            Request.job_id == job_id,
-            Request.line_number > after,
-            Request.reference.is_not(None),
-            Result.status == ResultStatus.SUCCEEDED.value,
+            requests.c.job_id == job_id,
+            requests.c.line_number > after,
+            requests.c.reference.is_not(None),
+            results.c.status == ResultStatus.SUCCEEDED.value,
         )
-        .order_by(Request.line_number)
+        .order_by(requests.c.line_number)
         .limit(PAGE)
     )
     if unscored_only:
-        q = q.where(~exists().where(Score.request_id == Request.id))
+        q = q.where(~exists().where(scores.c.request_id == requests.c.id))
     return q
 
 
 def _pages(db: Database, job_id: int, *, unscored_only: bool) -> Iterator[list[Any]]:
     last = 0
     while True:
-        with db.session() as s:
+        with db.connection() as s:
             page = list(s.execute(_scorable(job_id, last, unscored_only=unscored_only)).all())
         if not page:
             return
@@ -171,7 +171,8 @@ def score_job(db: Database, job_id: int) -> int:
             for metric, value in score_pair(task, output or "", ref).items()
         ]
         if rows:
-            from lmjobs.db.upsert import insert_ignore  # the dialects' modules: only to write
+            from lmjobs.db.models import Score  # the ORM and the dialects' modules: only to write
+            from lmjobs.db.upsert import insert_ignore
 
             with db.session() as s:
                 res = s.execute(insert_ignore(s, Score, rows, ["request_id", "metric"]))
@@ -181,12 +182,12 @@ def score_job(db: Database, job_id: int) -> int:
 
 def mean_scores(db: Database, job_id: int) -> dict[str, float]:
     """Mean of each metric over the job's scored results (one cheap aggregate query)."""
-    with db.session() as s:
+    with db.connection() as s:
         rows = s.execute(
-            select(Score.metric, func.avg(Score.value))
-            .where(Score.job_id == job_id)
-            .group_by(Score.metric)
-            .order_by(Score.metric)
+            select(scores.c.metric, func.avg(scores.c.value))
+            .where(scores.c.job_id == job_id)
+            .group_by(scores.c.metric)
+            .order_by(scores.c.metric)
         ).all()
     return {str(m): float(v) for m, v in rows if v is not None}
 
@@ -226,11 +227,11 @@ def score_values(db: Database, job_id: int) -> Iterator[tuple[str, float]]:
     """Every (metric, value) of the job, streamed (for histograms)."""
     last = 0
     while True:
-        with db.session() as s:
+        with db.connection() as s:
             page = s.execute(
-                select(Score.id, Score.metric, Score.value)
-                .where(Score.job_id == job_id, Score.id > last)
-                .order_by(Score.id)
+                select(scores.c.id, scores.c.metric, scores.c.value)
+                .where(scores.c.job_id == job_id, scores.c.id > last)
+                .order_by(scores.c.id)
                 .limit(PAGE * 5)
             ).all()
         if not page:
@@ -246,17 +247,18 @@ def score_new_results(db: Database, job_id: int, todo: list[tuple[int, str, str,
     end. A scoring failure never fails the chunk (``lmjobs report`` scores what is missing)."""
     if not todo:
         return
+    from lmjobs.db.models import Score
     from lmjobs.db.upsert import insert_ignore_many
 
     try:
-        scores = [
+        rows = [
             {"job_id": job_id, "request_id": rid, "metric": metric, "value": value}
             for rid, output, reference, task in todo
             for metric, value in score_pair(task, output, reference).items()
         ]
-        if scores:
+        if rows:
             with db.session() as s:
-                s.execute(insert_ignore_many(s, Score, ["request_id", "metric"]), scores)
+                s.execute(insert_ignore_many(s, Score, ["request_id", "metric"]), rows)
     except Exception:
         log.exception("scoring a chunk of job %s failed; `lmjobs report` will try again", job_id)
 

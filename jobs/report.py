@@ -45,26 +45,29 @@ from array import array
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Integer, and_, case, cast, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, Integer, and_, case, cast, func, select
 
-from lmjobs.db.models import Chunk, ChunkStatus, Job, Reject, Request, Result, ResultStatus
 from lmjobs.db.session import Database
+from lmjobs.db.tables import ChunkStatus, ResultStatus, chunks, rejects, requests, results
 from lmjobs.jobs.control import (
     SAMPLE_REQUESTS,
+    JobRow,
     Progress,
     Sample,
     bounded_mean_scores,
+    core,
     failure_reasons,
     get_job,
     job_progress,
     keyed_rows,
     sample_of,
 )
-from lmjobs.jobs.export import rows_in_line_order
 from lmjobs.jobs.metrics import CORPUS_METRICS, corpus_scores, mean_scores, score_values
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 PAGE = 5000
 MAX_BUCKETS = 60
@@ -245,10 +248,12 @@ class _Acc:
         return self.fig
 
 
-def _time_span(db: Database, job: Job) -> tuple[datetime | None, datetime | None]:
-    with db.session() as s:
+def _time_span(db: Database, job: JobRow) -> tuple[datetime | None, datetime | None]:
+    with db.connection() as s:
         first, last = s.execute(
-            select(func.min(Result.created_at), func.max(Result.created_at)).where(Result.job_id == job.id)
+            select(func.min(results.c.created_at), func.max(results.c.created_at)).where(
+                results.c.job_id == job.id
+            )
         ).one()
     if first is None:
         return None, None
@@ -257,6 +262,11 @@ def _time_span(db: Database, job: Job) -> tuple[datetime | None, datetime | None
 
 
 def _rows(db: Database, job_id: int) -> Any:
+    # A small job's report only (every row, through the export's pages, which take the
+    # models' columns): a big job's never loads the ORM.
+    from lmjobs.db.models import Request, Result
+    from lmjobs.jobs.export import rows_in_line_order
+
     return rows_in_line_order(
         db,
         job_id,
@@ -275,7 +285,7 @@ def _failures(db: Database, job_id: int, failed: int) -> list[tuple[str, int]]:
     (job_id, status) index; "(other)": the rest of the job's ``failed`` requests."""
     if not failed:
         return []
-    with db.session() as s:
+    with db.connection() as s:
         reasons, _ = failure_reasons(s, job_id, top=TOP_FAILURES)
     top = list(reasons.items())
     rest = failed - sum(n for _, n in top)
@@ -305,22 +315,22 @@ def structured_answers(db: Database, job_id: int) -> StructuredAnswers | None:
     unconstrained requests and for failed ones); labels are the ``output_text`` of valid
     answers whose format (``params_json.output_format.kind``) is ``choice``."""
     answered = (
-        Result.job_id == job_id,
-        Result.status == ResultStatus.SUCCEEDED.value,
-        Result.valid.is_not(None),
+        results.c.job_id == job_id,
+        results.c.status == ResultStatus.SUCCEEDED.value,
+        results.c.valid.is_not(None),
     )
-    with db.session() as s:
+    with db.connection() as s:
         answers, valid = s.execute(
-            select(func.count(), func.count().filter(Result.valid.is_(True))).where(*answered)
+            select(func.count(), func.count().filter(results.c.valid.is_(True))).where(*answered)
         ).one()
         if not answers:
             return None
-        kind = Result.params_json["output_format"]["kind"].as_string()
+        kind = results.c.params_json["output_format"]["kind"].as_string()
         rows = s.execute(
-            select(Result.output_text, func.count())
-            .where(*answered, Result.valid.is_(True), kind == "choice")
-            .group_by(Result.output_text)
-            .order_by(func.count().desc(), Result.output_text)
+            select(results.c.output_text, func.count())
+            .where(*answered, results.c.valid.is_(True), kind == "choice")
+            .group_by(results.c.output_text)
+            .order_by(func.count().desc(), results.c.output_text)
         ).all()
     labels = [(str(label), int(n)) for label, n in rows[:TOP_LABELS]]
     rest = sum(int(n) for _, n in rows[TOP_LABELS:])
@@ -362,8 +372,8 @@ def build_report(db: Database, job_id: int) -> JobReport:
     lat = sorted(total.lat)
     p99 = percentile(lat, 0.99) or 0.0
     totals = total.done()
-    with db.session() as s:
-        rejected = s.scalar(select(func.count()).where(Reject.job_id == job_id)) or 0
+    with db.connection() as s:
+        rejected = s.scalar(select(func.count()).where(rejects.c.job_id == job_id)) or 0
         progress = job_progress(s, [job_id])[job_id]  # the job's counts, as `status` reads them
     totals.requests = job.requests_total
     totals.succeeded, totals.failed = progress.succeeded, progress.failed
@@ -386,7 +396,7 @@ def build_report(db: Database, job_id: int) -> JobReport:
 # -- a big job: sums over chunks and a sample of them ----------------------------------------
 
 
-def _job_fields(job: Job, rejected: int) -> dict[str, Any]:
+def _job_fields(job: JobRow, rejected: int) -> dict[str, Any]:
     """The report's fields that describe the job itself (both ways of building a report)."""
     return {
         "job_id": job.id,
@@ -401,21 +411,23 @@ def _job_fields(job: Job, rejected: int) -> dict[str, Any]:
     }
 
 
-def _epoch(session: Session, column: Any) -> Any:
+def _epoch(session: Connection | Session, column: Any) -> Any:
     """Seconds since 1970 of a timestamp column, in SQL."""
-    if session.get_bind().dialect.name == "postgresql":
+    if core(session).dialect.name == "postgresql":
         return func.extract("epoch", column)
     return (func.julianday(column) - 2440587.5) * 86400.0
 
 
-def _chunk_throughput(session: Session, job: Job) -> tuple[float, list[Bucket]]:
+def _chunk_throughput(session: Connection | Session, job: JobRow) -> tuple[float, list[Bucket]]:
     """Buckets of the job's closed chunks by ``finished_at``: their requests and output
     tokens; two aggregate statements over the job's chunk rows (``ix_chunks_job_id``)."""
     finished = and_(
-        Chunk.job_id == job.id, Chunk.status.in_(ChunkStatus.closed()), Chunk.finished_at.is_not(None)
+        chunks.c.job_id == job.id,
+        chunks.c.status.in_(ChunkStatus.closed()),
+        chunks.c.finished_at.is_not(None),
     )
     first, last = session.execute(
-        select(func.min(Chunk.started_at), func.max(Chunk.finished_at)).where(finished)
+        select(func.min(chunks.c.started_at), func.max(chunks.c.finished_at)).where(finished)
     ).one()
     if last is None:
         return 1.0, []
@@ -423,20 +435,20 @@ def _chunk_throughput(session: Session, job: Job) -> tuple[float, list[Bucket]]:
     width = bucket_width((last - start).total_seconds())
     n = int((last - start).total_seconds() // width) + 1
     buckets = [Bucket(start=start + timedelta(seconds=i * width)) for i in range(n)]
-    offset = _epoch(session, Chunk.finished_at) - start.timestamp()
-    if session.get_bind().dialect.name == "postgresql":
+    offset = _epoch(session, chunks.c.finished_at) - start.timestamp()
+    if core(session).dialect.name == "postgresql":
         index = cast(func.floor(offset / width), Integer)
     else:  # CAST truncates toward zero: floor, for the offsets that are not negative
         index = cast(offset / width, Integer)
-    done = func.coalesce(Chunk.requests_succeeded + Chunk.requests_failed, Chunk.requests_total)
+    done = func.coalesce(chunks.c.requests_succeeded + chunks.c.requests_failed, chunks.c.requests_total)
     rows = session.execute(
-        select(index, func.sum(done), func.coalesce(func.sum(Chunk.output_tokens), 0))
+        select(index, func.sum(done), func.coalesce(func.sum(chunks.c.output_tokens), 0))
         .where(finished)
         .group_by(index)
     ).all()
-    for i, requests, tokens in rows:
+    for i, done_requests, tokens in rows:
         b = buckets[min(n - 1, max(0, int(i)))]
-        b.requests += int(requests or 0)
+        b.requests += int(done_requests or 0)
         b.output_tokens += int(tokens or 0)
     for b in buckets:
         b.tokens_per_s = b.output_tokens / width
@@ -444,7 +456,7 @@ def _chunk_throughput(session: Session, job: Job) -> tuple[float, list[Bucket]]:
 
 
 def _sample_rows(
-    session: Session, job_id: int, sample: Sample, *, several_tasks: bool
+    session: Connection | Session, job_id: int, sample: Sample, *, several_tasks: bool
 ) -> list[tuple[Any, ...]]:
     """The sampled chunks' requests and every sample of their results: (request id, task,
     sample index, status, input tokens, output tokens, latency, valid, format kind, label of a
@@ -452,26 +464,26 @@ def _sample_rows(
     unless ``several_tasks``. The results are
     looked up by their unique key (job, request) for the sample's request ids
     (``control.keyed_rows``: one or a few statements)."""
-    kind = Result.params_json["output_format"]["kind"].as_string()
+    kind = results.c.params_json["output_format"]["kind"].as_string()
     stmt = select(
-        Result.request_id,
-        Result.sample_index,
-        Result.status,
-        Result.input_tokens,
-        Result.output_tokens,
-        Result.latency_ms,
-        Result.valid,
+        results.c.request_id,
+        results.c.sample_index,
+        results.c.status,
+        results.c.input_tokens,
+        results.c.output_tokens,
+        results.c.latency_ms,
+        results.c.valid,
         kind,
-        case((Result.valid.is_(True), Result.output_text)),  # a label: only valid answers
-    ).where(Result.job_id == job_id)
+        case((results.c.valid.is_(True), results.c.output_text)),  # a label: only valid answers
+    ).where(results.c.job_id == job_id)
     ids = sample.request_ids(session)
     # A request's task: only a job of several tasks needs it (OpenAI input), from the primary key.
     tasks: dict[int, str | None] = (
-        dict(keyed_rows(session, select(Request.id, Request.task), Request.id, ids))
+        dict(keyed_rows(session, select(requests.c.id, requests.c.task), requests.c.id, ids))
         if several_tasks
         else dict.fromkeys(ids)
     )
-    found = keyed_rows(session, stmt, Result.request_id, ids)
+    found = keyed_rows(session, stmt, results.c.request_id, ids)
     rows: list[tuple[Any, ...]] = [(rid, tasks[rid], *rest) for rid, *rest in found]
     answered = {r[0] for r in rows}
     rows += [(rid, task, *(None,) * 8) for rid, task in tasks.items() if rid not in answered]
@@ -502,17 +514,19 @@ def _sampled_structured(rows: list[tuple[Any, ...]]) -> StructuredAnswers | None
     )
 
 
-def _sampled_corpus(session: Session, job_id: int, sample: Sample) -> dict[str, float]:
+def _sampled_corpus(session: Connection | Session, job_id: int, sample: Sample) -> dict[str, float]:
     """Corpus chrF / BLEU of the sampled chunks' succeeded answers (sample 0) that have a
     reference (sentence statistics summed, as ``metrics.corpus_scores`` does for a job); the
     references and the answers looked up by key (``control.keyed_rows``)."""
     ids = sample.request_ids(session)
-    with_ref = select(Request.id, Request.reference).where(Request.reference.is_not(None))
-    refs = dict(keyed_rows(session, with_ref, Request.id, ids))
-    answers = select(Result.request_id, Result.output_text).where(
-        Result.job_id == job_id, Result.sample_index == 0, Result.status == ResultStatus.SUCCEEDED.value
+    with_ref = select(requests.c.id, requests.c.reference).where(requests.c.reference.is_not(None))
+    refs = dict(keyed_rows(session, with_ref, requests.c.id, ids))
+    answers = select(results.c.request_id, results.c.output_text).where(
+        results.c.job_id == job_id,
+        results.c.sample_index == 0,
+        results.c.status == ResultStatus.SUCCEEDED.value,
     )
-    texts = dict(keyed_rows(session, answers, Result.request_id, [i for i in ids if i in refs]))
+    texts = dict(keyed_rows(session, answers, results.c.request_id, [i for i in ids if i in refs]))
     pairs = [(texts[i] or "", str(refs[i])) for i in ids if i in texts]
     if not pairs:
         return {}
@@ -527,11 +541,11 @@ def _sampled_corpus(session: Session, job_id: int, sample: Sample) -> dict[str, 
     return out
 
 
-def _sampled_report(db: Database, job: Job) -> JobReport:
+def _sampled_report(db: Database, job: JobRow) -> JobReport:
     one_task = job.input_format == "native"  # every request runs under the job's task
-    with db.session() as s:
+    with db.connection() as s:
         progress: Progress = job_progress(s, [job.id])[job.id]
-        rejected = s.scalar(select(func.count()).where(Reject.job_id == job.id)) or 0
+        rejected = s.scalar(select(func.count()).where(rejects.c.job_id == job.id)) or 0
         width, buckets = _chunk_throughput(s, job)
         sample = sample_of(s, job.id, progress, job.requests_total)
         rows = _sample_rows(s, job.id, sample, several_tasks=not one_task)

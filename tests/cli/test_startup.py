@@ -1,7 +1,10 @@
 """Following a job starts light: ``status``, ``list`` and ``report`` import neither
 pydantic (option values or settings) nor rich (for ``--json``), nor anything of the worker, the engine, the
 broker or the migrations; a table imports rich, and a setting written in a form only
-pydantic reads still works, through ``Settings``."""
+pydantic reads still works, through ``Settings``. They read through Core tables
+(db/tables.py), never the ORM: not ``sqlalchemy.orm`` nor the declarative models, on SQLite
+and PostgreSQL; only the report of a small job, which reads every row through the export's
+pages, loads them."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from services import cli_env, run_cli_modules
 from lmjobs.bench.follow import build_job
 from lmjobs.db.migrate import upgrade
 from lmjobs.db.session import get_database
+from lmjobs.jobs.control import SAMPLE_REQUESTS
 
 NEVER = (
     "pydantic",  # option values: cli/plain_params.py
@@ -34,6 +38,10 @@ NEVER = (
     "lmjobs.jobs.submit",
     "lmjobs.jobs.dispatch",
 )
+
+
+# The ORM: status, list and a big job's report read through db/tables.py (Core).
+ORM = ("sqlalchemy.orm", "sqlalchemy.ext", "lmjobs.db.models", "lmjobs.jobs.export")
 
 
 def _imported(modules: set[str], name: str) -> bool:
@@ -60,6 +68,8 @@ def test_following_a_job_as_json_imports_nothing_heavy(
     assert (answer[0] if command == "list" else answer)["requests_total" if command != "report" else "job_id"]
     heavy = [m for m in (*NEVER, "rich", "sqlalchemy.dialects.postgresql") if _imported(modules, m)]
     assert heavy == []
+    if command != "report":  # (a small job's report reads its rows through the export's pages)
+        assert [m for m in ORM if _imported(modules, m)] == []
 
 
 def test_a_table_imports_rich_and_still_not_the_settings_class(job_env: tuple[dict[str, str], int]) -> None:
@@ -68,7 +78,39 @@ def test_a_table_imports_rich_and_still_not_the_settings_class(job_env: tuple[di
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"job {job_id} (follow-bench)" in proc.stdout and "progress" in proc.stdout
     assert _imported(modules, "rich")
-    assert [m for m in NEVER if _imported(modules, m)] == []
+    assert [m for m in (*NEVER, *ORM) if _imported(modules, m)] == []
+
+
+BIG = SAMPLE_REQUESTS + 200  # a job whose report is sampled (jobs/report.py)
+
+
+def _follow_without_the_orm(env: dict[str, str], job_id: int) -> None:
+    for args in (
+        ["status", str(job_id), "--json"],
+        ["status", str(job_id)],
+        ["list", "--json"],
+        ["list"],
+        ["report", str(job_id), "--json"],
+        ["report", str(job_id)],
+    ):
+        proc, modules = run_cli_modules(args, env)
+        assert proc.returncode == 0, (args, proc.stderr[-2000:])
+        assert proc.stdout.strip(), args
+        loaded = [m for m in (*NEVER, *ORM) if _imported(modules, m)]
+        assert loaded == [], f"lmjobs {' '.join(args)} imported {loaded}"
+
+
+def test_a_big_job_is_followed_without_the_orm_on_sqlite(tmp_path: Path, lmjobs_home: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'big.db'}"
+    upgrade(url)
+    job_id = build_job(get_database(url), BIG)
+    _follow_without_the_orm(cli_env(LMJOBS_HOME=str(lmjobs_home), LMJOBS_DATABASE_URL=url), job_id)
+
+
+@pytest.mark.postgres
+def test_a_big_job_is_followed_without_the_orm_on_postgresql(postgres_url: str, lmjobs_home: Path) -> None:
+    job_id = build_job(get_database(postgres_url), BIG)
+    _follow_without_the_orm(cli_env(LMJOBS_HOME=str(lmjobs_home), LMJOBS_DATABASE_URL=postgres_url), job_id)
 
 
 def test_a_setting_only_pydantic_reads_goes_through_settings(job_env: tuple[dict[str, str], int]) -> None:
