@@ -64,7 +64,11 @@ def load_engine(settings: Settings, model_name: str) -> tuple[GenerateFn, ModelI
         cache_dir=settings.model_cache,
         trust_remote_code=settings.trust_remote_code,
     )
-    config = EngineConfig(batch_tokens=settings.batch_tokens, max_batch_size=settings.max_batch_size)
+    config = EngineConfig(
+        batch_tokens=settings.batch_tokens,
+        max_batch_size=settings.max_batch_size,
+        pack_weights=settings.pack_weights,
+    )
 
     def run(requests: Sequence[GenRequest]) -> list[Generation]:
         return generate(loaded.model, loaded.tokenizer, requests, config)

@@ -63,6 +63,7 @@ PLAIN = [
     {"LMJOBS_MODEL_ALIASES": "gpt-4o-mini=Qwen/Qwen2.5-0.5B-Instruct, a = b", "LMJOBS_WORKER_NAME": ""},
     {"LMJOBS_TEST_ENGINE": "fake_engine:make", "LMJOBS_SOMETHING_ELSE": "ignored"},
     {"LMJOBS_MAX_UPLOAD_BYTES": "1", "LMJOBS_QUERY_TIMEOUT_S": "30", "LMJOBS_HEARTBEAT_SECONDS": "0"},
+    {"LMJOBS_PACK_WEIGHTS": "false"},
 ]
 
 
