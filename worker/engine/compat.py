@@ -11,8 +11,12 @@ missing, instead of every request failing with an AttributeError.
 Every import is guarded: a name that a release lacks becomes ``None`` (a placeholder class
 for base classes) and is listed by ``check()``; importing the engine never fails on it.
 
-Tested (``.ci/smoke-versions`` and ``.ci/constraints.txt``): transformers 5.17.0 to 5.24.0,
-torch 2.11.0 to 2.15.0 (the ranges pyproject.toml declares).
+Tested (``.ci/smoke-versions`` and ``.ci/constraints.txt``): transformers 5.17.0 to 5.25.0,
+torch 2.11.0 to 2.15.0 (the ranges pyproject.toml declares). 5.25 changed nothing the engine
+uses; its ``from_pretrained`` kernelizes every model by default (the ``kernels`` package): Hub
+kernels replace some layers' forwards where a device_map puts the model on a GPU (the split
+device), none on the CPU or in a model moved to a GPU after loading; ``USE_HUB_KERNELS=0``
+turns that off.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import transformers
 from lmjobs.jobs.errors import ModelLoadError
 
 TRANSFORMERS_VERSION: str = transformers.__version__
-TESTED_TRANSFORMERS = ">=5.17,<5.25"  # what CI runs; pyproject.toml declares the same
+TESTED_TRANSFORMERS = ">=5.17,<5.26"  # what CI runs; pyproject.toml declares the same
 
 _missing: list[str] = []
 
@@ -202,7 +206,7 @@ def _probe_layer() -> list[str]:
         layer.update(k, k)
         dtype, _ = layer_dtype_device(layer)
         ok = layer.is_initialized and layer.keys.shape == k.shape and dtype == k.dtype
-        return [] if ok else ["DynamicLayer.update (keys/values/is_initialized as 5.17-5.24 keep them)"]
+        return [] if ok else ["DynamicLayer.update (keys/values/is_initialized as 5.17-5.25 keep them)"]
     except Exception as exc:  # any failure here is what check() must report
         return [f"DynamicLayer ({type(exc).__name__}: {exc})"]
 

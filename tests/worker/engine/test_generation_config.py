@@ -417,3 +417,21 @@ def test_the_cache_goes_by_the_name_this_release_takes(arch: str, request: pytes
 def test_continuous_batching_page_size_under_either_name():
     config = compat.continuous_batching_config(page_size=32)
     assert compat.continuous_batching_page_size(config) == 32
+
+
+def test_the_tested_range_is_the_one_pyproject_declares():
+    # check() names the range CI runs; pyproject.toml admits exactly that range
+    pyproject = (Path(__file__).resolve().parents[3] / "pyproject.toml").read_text()
+    assert f'"transformers{compat.TESTED_TRANSFORMERS}",' in pyproject
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_a_model_loaded_on_the_cpu_runs_no_hub_kernel(arch: str, request: pytest.FixtureRequest):
+    # 5.25's from_pretrained kernelizes every model (the kernels package): a layer with a Hub
+    # kernel gets its own forward (and _kernel_repo). None has one on the CPU, so the engine
+    # and model.generate run transformers' torch code, and loading fetches nothing.
+    lm: LoadedModel = request.getfixturevalue(arch)
+    replaced = [
+        name for name, module in lm.model.named_modules() if {"forward", "_kernel_repo"} & set(vars(module))
+    ]
+    assert replaced == []
