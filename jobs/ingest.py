@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Table, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from lmjobs.db.models import Chunk, ChunkStatus, Job, JobStatus, Reject, Request, utcnow
@@ -38,7 +39,7 @@ from lmjobs.db.upsert import (
     insert_new_rows,
     relax_commit,
 )
-from lmjobs.jobs.errors import InputFileError, UsageError
+from lmjobs.jobs.errors import InputFileError, UnknownJobError, UsageError
 from lmjobs.jobs.inputs import (
     TASKS,
     LineError,
@@ -328,17 +329,36 @@ class _Writer:
         cut = len(self.rows) if final else len(self.rows) - len(self.rows) % size
         if cut == 0 and not self.pending_rejects:
             return
-        with self.db.session() as s:
-            # The job stays `submitting` until mark_ready's durable commit, which makes this
-            # one durable too; a crash before it leaves a submit that cleanup removes.
-            relax_commit(s)
-            if cut:
-                self._write_chunks(s, [(i, min(i + size, cut)) for i in range(0, cut, size)])
-                del self.rows[:cut]
-                del self.numbers[:cut]
-            if self.pending_rejects:
-                s.execute(insert_ignore_many(s, Reject, ["job_id", "line_number"]), self.pending_rejects)
-                self.pending_rejects = []
+        try:
+            with self.db.session() as s:
+                # The job stays `submitting` until mark_ready's durable commit, which makes this
+                # one durable too; a crash before it leaves a submit that cleanup removes.
+                relax_commit(s)
+                self._hold_job(s)
+                if cut:
+                    self._write_chunks(s, [(i, min(i + size, cut)) for i in range(0, cut, size)])
+                    del self.rows[:cut]
+                    del self.numbers[:cut]
+                if self.pending_rejects:
+                    s.execute(insert_ignore_many(s, Reject, ["job_id", "line_number"]), self.pending_rejects)
+                    self.pending_rejects = []
+        except IntegrityError as exc:  # SQLite: the job's foreign keys, when the job was deleted
+            if job_exists(self.db, self.job.id):
+                raise
+            raise job_deleted(self.job.id) from exc
+
+    def _hold_job(self, s: Session) -> None:
+        """PostgreSQL: take the job's row ``FOR KEY SHARE`` until this transaction ends (what
+        a foreign key's check of each row took: ``requests.job_id`` has triggers instead), so
+        the job cannot be deleted under the rows written here; it fails if the job is gone.
+        SQLite keeps the foreign keys, and its writer holds the whole database."""
+        if self.db.is_sqlite:
+            return
+        held = s.execute(
+            select(Job.id).where(Job.id == self.job.id).with_for_update(read=True, key_share=True)
+        ).first()
+        if held is None:
+            raise job_deleted(self.job.id)
 
     def _write_chunks(self, s: Session, bounds: list[tuple[int, int]]) -> None:
         """Write ``self.rows[a:b]`` as one chunk for each (a, b) of ``bounds``."""
@@ -418,6 +438,21 @@ class _Writer:
             s.execute(delete(Chunk).where(Chunk.id == chunk_id))
             self.chunks -= 1
         return kept
+
+
+def job_exists(db: Database, job_id: int) -> bool:
+    with db.session() as s:
+        return s.scalar(select(Job.id).where(Job.id == job_id)) is not None
+
+
+def job_deleted(job_id: int) -> UnknownJobError:
+    """The job of a submit in progress was deleted (``lmjobs cleanup`` or a submit of the
+    same file took it for an abandoned one, or someone deleted it by hand): its rows went
+    with it."""
+    return UnknownJobError(
+        f"job {job_id} was deleted while its file was being submitted (by `lmjobs cleanup`, "
+        "another submit of the same file or by hand); none of its rows are left: submit the file again"
+    )
 
 
 def _validate_strict(path: Path, opts: SubmitOptions) -> None:
@@ -518,6 +553,8 @@ def create_job(
             else ("mixed" if len(formats) > 1 else "native"),
         },
     )
+    if status is None:
+        raise job_deleted(job.id)
     return SubmitReport(
         job_id=job.id,
         requests_total=writer.accepted,

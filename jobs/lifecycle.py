@@ -390,17 +390,18 @@ def undispatch(db: Database, chunk_ids: list[int]) -> int:
         return rows_changed(res)
 
 
-def mark_ready(db: Database, job_id: int, *, held: bool, counts: dict[str, object]) -> JobStatus:
+def mark_ready(db: Database, job_id: int, *, held: bool, counts: dict[str, object]) -> JobStatus | None:
     """submitting → queued (or scheduled, when ``start_at`` is still to come), with its counts:
-    the last step of a submit, so a half-written job never looks complete."""
+    the last step of a submit, so a half-written job never looks complete. None: the job is
+    no longer ``submitting`` (deleted meanwhile, as an abandoned submit)."""
     status = JobStatus.SCHEDULED if held else JobStatus.QUEUED
     with db.session() as s:
-        s.execute(
+        res = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.SUBMITTING.value)
             .values(status=status.value, **counts)
         )
-    return status
+        return status if rows_changed(res) == 1 else None
 
 
 def fail_job(db: Database, job_id: int, error: str) -> bool:
