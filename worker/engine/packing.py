@@ -23,8 +23,11 @@ tensor is the only copy of the weights, and the freed memory is handed back to t
 so the memory does not grow. A weight shared with
 another module (an output layer tied to the embeddings) is kept and packed beside it: that
 one layer is held twice (SmolLM2: 57 MB beside 270). ``unpack`` restores every weight and
-forward (the packed tensors back to dense: exact). Packing SmolLM2 takes ~1.5 s on 2 cores,
-unpacking ~0.5-1 s: once per worker, not per call.
+forward (the packed tensors back to dense: exact). The reorders run on one thread: on 2
+cores of a Zen 4 packing SmolLM2 took 1.0-2.5 s with torch's two threads and 0.25-0.55 s with
+one (the same process, interleaved, the machine shared; a reorder is a few hundred
+microseconds of copying, and two threads only add their fork and join). Unpacking ~0.5-1 s:
+once per worker, not per call.
 
 The engine packs at its first call that wants it and unpacks when a call does not (its
 ``EngineConfig.pack_weights`` off, or ``compile``). Code that runs the model outside the
@@ -178,15 +181,20 @@ def pack(model: Any) -> int:
             for p in m.parameters(recurse=False):
                 counts[id(p)] = counts.get(id(p), 0) + 1
         shared = 0
-        with torch.no_grad():
-            for m in modules:
-                weight = m.weight
-                setattr(m, _ATTR, reorder(weight.detach()))
-                if counts.get(id(weight), 0) > 1:
-                    shared += 1
-                else:
-                    weight.data = _placeholder(weight)
-                m.forward = _packed_forward(m, linear)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # the reorders run faster on one thread (the module docstring)
+        try:
+            with torch.no_grad():
+                for m in modules:
+                    weight = m.weight
+                    setattr(m, _ATTR, reorder(weight.detach()))
+                    if counts.get(id(weight), 0) > 1:
+                        shared += 1
+                    else:
+                        weight.data = _placeholder(weight)
+                    m.forward = _packed_forward(m, linear)
+        finally:
+            torch.set_num_threads(threads)
         _trim()
         logger.info(
             "packed %d bf16 Linear weights for oneDNN in %.2f s (%d shared weights kept beside)",

@@ -91,6 +91,25 @@ def _name(model: Any, module: Any) -> str:
 
 
 @needs_ops
+def test_packing_runs_on_one_thread(bf16: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reorders run on one thread; torch's thread count is what it was afterwards."""
+    torch.set_num_threads(2)  # the suite's fixture puts it back to one after the test
+    ops = packing._ops()
+    assert ops is not None
+    reorder, linear = ops
+    seen: list[int] = []
+
+    def spy(weight: torch.Tensor) -> Any:
+        seen.append(torch.get_num_threads())
+        return reorder(weight)
+
+    monkeypatch.setattr(packing, "_ops", lambda: (spy, linear))
+    assert packing.pack(bf16.model) > 0
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2
+
+
+@needs_ops
 def test_shared_weight_is_kept(tiny_llama_dir: Path, model_cache_dir: Path) -> None:
     """An output layer tied to the embeddings keeps its plain weight (the embedding reads it)."""
     lm = _load(tiny_llama_dir, model_cache_dir, "bfloat16")
