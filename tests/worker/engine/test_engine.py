@@ -12,6 +12,7 @@ from tiny_models import PROMPTS
 from lmjobs.jobs.engine_api import EngineInterrupt, FinishReason, Generation, GenRequest, SamplingParams
 from lmjobs.worker.engine import decoding
 from lmjobs.worker.engine.core import EngineConfig, generate, resolve_mode
+from lmjobs.worker.engine.sampling import choose_tokens
 from lmjobs.worker.engine.scheduler import PREFILL_SLACK
 from lmjobs.worker.models import LoadedModel
 
@@ -273,6 +274,22 @@ def test_a_request_that_always_fails_fails_alone(
         assert [(g.text, g.finish_reason) for g in others] == [
             (g.text, g.finish_reason) for i, g in enumerate(expected) if i != 1
         ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_finiteness_is_judged_per_row(dtype: torch.dtype) -> None:
+    """A NaN, +inf or -inf anywhere in a row marks that row (and only it) not finite; the
+    largest finite logits are finite."""
+    logits = torch.randn(6, 50).to(dtype)
+    logits[1, 7] = float("nan")
+    logits[2, 0] = float("inf")
+    logits[3, 49] = float("-inf")
+    logits[4, :] = torch.finfo(dtype).max  # finite, though their sum is not
+    logits[5, 3] = torch.finfo(dtype).min
+    params = [SamplingParams(max_new_tokens=1)] * 6
+    tokens, finite, _ = choose_tokens(logits, params, [None] * 6, [None] * 6, [[]] * 6)
+    assert finite == [True, False, False, False, True, True]
+    assert tokens[0] == int(logits[0].float().argmax())
 
 
 @pytest.mark.parametrize("mode", MODES)
