@@ -9,7 +9,7 @@ Lifecycles are ``str`` Enums stored as plain text, so SQL filters read naturally
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime
 from enum import Enum
 
 from sqlalchemy import (
@@ -17,7 +17,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Constraint,
-    DateTime,
     Float,
     ForeignKey,
     ForeignKeyConstraint,
@@ -29,90 +28,10 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """Timestamps stored as UTC and always read back timezone-aware (SQLite drops tz)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
-
-    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=timezone.utc)
-        return value.astimezone(timezone.utc)
-
-
-# BIGINT on PostgreSQL, INTEGER (the rowid alias) on SQLite.
-BigId = BigInteger().with_variant(Integer(), "sqlite")
-
-
-class JobStatus(str, Enum):
-    SUBMITTING = "submitting"  # requests still being written; never looks complete
-    SCHEDULED = "scheduled"  # waiting for start_at
-    QUEUED = "queued"  # chunks dispatched, none started
-    RUNNING = "running"
-    PAUSED = "paused"  # deadline reached; `lmjobs resume` continues it
-    COMPLETED = "completed"
-    COMPLETED_WITH_FAILURES = "completed_with_failures"
-    FAILED = "failed"  # every request failed
-    CANCELLED = "cancelled"
-
-    @property
-    def is_finished(self) -> bool:
-        """Terminal: nothing of the job runs any more (``retry`` may reopen it)."""
-        return self.value in JobStatus.finished()
-
-    @classmethod
-    def active(cls) -> tuple[str, ...]:
-        """Chunks of an active job may be dispatched and claimed."""
-        return (cls.QUEUED.value, cls.RUNNING.value)
-
-    @classmethod
-    def finished(cls) -> tuple[str, ...]:
-        return (cls.COMPLETED.value, cls.COMPLETED_WITH_FAILURES.value, cls.FAILED.value, cls.CANCELLED.value)
-
-
-class ChunkStatus(str, Enum):
-    PENDING = "pending"  # written, not yet published
-    DISPATCHED = "dispatched"  # a message is (believed to be) in the broker
-    RUNNING = "running"  # a worker holds the lease
-    DONE = "done"
-    CANCELLED = "cancelled"
-
-    @classmethod
-    def open(cls) -> tuple[str, ...]:
-        """Not finished: waiting or running."""
-        return (cls.PENDING.value, cls.DISPATCHED.value, cls.RUNNING.value)
-
-    @classmethod
-    def waiting(cls) -> tuple[str, ...]:
-        """Not started: claimable by any worker, cancellable."""
-        return (cls.PENDING.value, cls.DISPATCHED.value)
-
-    @classmethod
-    def closed(cls) -> tuple[str, ...]:
-        """Finished or cancelled: ``retry`` may reopen them."""
-        return (cls.DONE.value, cls.CANCELLED.value)
-
-
-class ResultStatus(str, Enum):
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
+# The column types and lifecycle enums are db/tables.py's (the Core tables that the read
+# paths use without the ORM), imported here so there is one definition of each.
+from lmjobs.db.tables import BigId, ChunkStatus, JobStatus, ResultStatus, UTCDateTime, utcnow
 
 
 def _enum(e: type[Enum]) -> String:

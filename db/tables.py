@@ -14,9 +14,8 @@ keys and Python-side defaults), in their own ``MetaData``: not for ``create_all`
 ``tests/db/test_tables.py`` fails when a column here differs from the model's on SQLite or
 PostgreSQL, or when a model's table or column is missing here, so the two cannot drift.
 
-The lifecycle enums, ``UTCDateTime``, ``BigId`` and ``utcnow`` are defined here too, for
-the same read paths; ``db/models.py`` has the same definitions (the test checks that the
-enums agree).
+The column types (``UTCDateTime``, ``BigId``), ``utcnow`` and the lifecycle enums are
+defined here, for the same read paths, and ``db/models.py`` imports them from here.
 """
 
 from __future__ import annotations
