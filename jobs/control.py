@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from sqlalchemy import ARRAY, BigInteger, Connection, and_, any_, bindparam, case, func, select
+from sqlalchemy import Connection, and_, any_, bindparam, case, func, select
+from sqlalchemy.types import UserDefinedType
 
 from lmjobs.db.session import Database
 from lmjobs.db.tables import (
@@ -170,21 +171,34 @@ SCORE_EXACT_LIMIT = 20_000  # score rows a job may have for exact means in ``sta
 KEYS_PER_STATEMENT = 1000
 
 
+class _BigIntArrayText(UserDefinedType[str]):
+    """A ``BIGINT[]`` parameter bound as the array's text, ``{1,2,3}``, which the statement's
+    ``::BIGINT[]`` casts: the same statement, and psycopg need not format a list of 1,000 keys
+    element by element in Python (about three times the time, a few ms a statement)."""
+
+    cache_ok = True
+    render_bind_cast = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return "BIGINT[]"
+
+
 def keyed_rows(session: Connection | Session, stmt: Any, column: Any, keys: Sequence[int]) -> list[Any]:
     """The rows of ``stmt`` whose integer ``column`` is one of ``keys``: lookups of an indexed
     key (a sample's 200 chunks, its ~12.8k requests' results or scores), ``KEYS_PER_STATEMENT``
     keys a statement, never a join the planner could turn into a scan. The one difference
     between the databases is how the keys are bound: PostgreSQL gets one array parameter
-    (``= ANY(:keys)``; a long ``IN`` list costs it more to parse and plan than the lookups),
-    SQLite (no arrays, at most 999 bound variables before 3.32) the integers written into
-    ``IN (...)``. Core rows: no ORM step per row."""
+    (``= ANY(:keys)``, bound as the array's text; a long ``IN`` list costs it more to parse and
+    plan than the lookups), SQLite (no arrays, at most 999 bound variables before 3.32) the
+    integers written into ``IN (...)``. Core rows: no ORM step per row."""
     conn = core(session)
     pg = conn.dialect.name == "postgresql"
     out: list[Any] = []
     for i in range(0, len(keys), KEYS_PER_STATEMENT):
         batch = [int(k) for k in keys[i : i + KEYS_PER_STATEMENT]]
         if pg:
-            cond = column == any_(bindparam("keys", batch, type_=ARRAY(BigInteger)))
+            text = "{" + ",".join(map(str, batch)) + "}"
+            cond = column == any_(bindparam("keys", text, type_=_BigIntArrayText()))
         else:
             cond = column.in_(bindparam("keys", batch, expanding=True, literal_execute=True))
         out += conn.execute(stmt.where(cond)).all()
