@@ -124,7 +124,7 @@ END $$
 
 
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
+    if op.get_context().dialect.name != "postgresql":
         return
     # The triggers first: from here on nothing can insert a request for a missing job or
     # delete a job without its requests, and the key goes in the same transaction.
@@ -134,7 +134,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    if op.get_bind().dialect.name != "postgresql":
+    if op.get_context().dialect.name != "postgresql":
         return
     op.create_foreign_key(FOREIGN_KEY, "requests", "jobs", ["job_id"], ["id"], ondelete="CASCADE")
     for name, table in TRIGGERS:
