@@ -339,10 +339,13 @@ class Batch(Base):
 # On PostgreSQL `requests.job_id` has no foreign key: checking it for every row was about a
 # third of the server's work in a submit's COPY. These triggers keep the key's rules, each
 # where the key kept it:
-# - a statement that inserts requests takes each job it names FOR KEY SHARE, once per job
-#   (the key did it once per row), and fails if the job is gone; so is an UPDATE that moves
-#   a request to another job. The lock is held to the end of the transaction, so the job
-#   cannot be deleted under rows not yet committed;
+# - a statement that inserts requests holds each job it names, once per job (the key took
+#   FOR KEY SHARE once per row), and fails if the job is gone; so does an UPDATE that moves
+#   a request to another job. It holds the job's row with an update that changes nothing,
+#   to the end of the transaction: a delete in READ COMMITTED waits for it, then deletes the
+#   new rows too; a delete in REPEATABLE READ or SERIALIZABLE whose snapshot is older than
+#   the rows fails on the updated row (the key's cascade reads with a newer snapshot and
+#   fails too; a trigger has only its transaction's, so a lock alone would let it miss them);
 # - deleting a job deletes its requests (ON DELETE CASCADE; their results and scores go by
 #   their own keys); TRUNCATE jobs ... CASCADE empties requests too;
 # - changing a job's id while requests name it is refused (the key's NO ACTION).
@@ -361,7 +364,7 @@ REQUESTS_JOB_DDL: dict[str, tuple[str, ...]] = {
         """
 CREATE OR REPLACE FUNCTION requests_hold_job(job bigint) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM 1 FROM jobs WHERE id = job FOR KEY SHARE;
+    UPDATE jobs SET id = id WHERE id = job;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING
             ERRCODE = 'foreign_key_violation',

@@ -16,7 +16,7 @@ import pytest
 from analytics_data import write_jsonl
 from services import create_pg_database, drop_pg_database
 from sqlalchemy import Engine, inspect, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from lmjobs.db.migrate import downgrade, upgrade
 from lmjobs.db.models import REQUESTS_JOB_FUNCTIONS, Base
@@ -207,6 +207,28 @@ def test_requests_written_under_a_job_being_deleted_are_refused(postgres_url: st
     (exc,) = outcome
     assert isinstance(exc, IntegrityError) and _sqlstate(exc) == "23503"
     assert _rows(postgres_url, job_id) == dict.fromkeys(TABLES, 0) and _orphans(postgres_url) == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_a_delete_whose_snapshot_predates_new_requests_fails_rather_than_miss_them(
+    postgres_url: str, tmp_path: Path, isolation: str
+) -> None:
+    """A trigger's DELETE reads with its transaction's snapshot, which in these isolation
+    levels cannot see requests committed after it began: the delete must fail (as the key's
+    cascade does), not leave them without their job."""
+    job_id = _job(postgres_url, tmp_path, "a")
+    engine = get_database(postgres_url).engine
+    with engine.connect() as conn:
+        deleter = conn.execution_options(isolation_level=isolation)
+        deleter.execute(text("SELECT count(*) FROM jobs")).scalar()  # its snapshot, from now
+        with engine.begin() as writer:
+            writer.execute(text(REQUEST), {"job": job_id, "line": 9, "cid": "new"})
+        with pytest.raises(DBAPIError) as caught:
+            deleter.execute(text("DELETE FROM jobs WHERE id = :j"), {"j": job_id})
+        deleter.rollback()
+    assert getattr(caught.value.orig, "sqlstate", None) == "40001"  # serialization_failure
+    assert _rows(postgres_url, job_id)["requests"] == 6 and _orphans(postgres_url) == 0
 
 
 def _requests_fks(url: str) -> list[dict[str, Any]]:

@@ -9,9 +9,12 @@ The foreign key's check of every inserted request (an index lookup and a row loc
 kept by triggers instead:
 
 - ``requests_check_jobs``: after each statement that inserts requests, every job those rows
-  name is taken ``FOR KEY SHARE`` (the lock the key's check took, once per row) and a job
-  that is gone fails the statement with the key's SQLSTATE (23503); ``requests_check_job``
-  does the same for an UPDATE that changes a request's job;
+  name is held (the key's check took it ``FOR KEY SHARE``, once per row) and a job that is
+  gone fails the statement with the key's SQLSTATE (23503); ``requests_check_job`` does the
+  same for an UPDATE that changes a request's job. The job's row is held by an update that
+  changes nothing, not a lock only: a delete in REPEATABLE READ or SERIALIZABLE whose
+  snapshot predates the new requests then fails on it, where it would miss them (the key's
+  cascade fails there too);
 - ``jobs_delete_requests``: deleting a job deletes its requests (ON DELETE CASCADE; their
   results and scores go by their own keys), and ``jobs_truncate_requests`` empties
   ``requests`` after ``TRUNCATE jobs ... CASCADE``;
@@ -52,7 +55,7 @@ UPGRADE = (
     """
 CREATE OR REPLACE FUNCTION requests_hold_job(job bigint) RETURNS void LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM 1 FROM jobs WHERE id = job FOR KEY SHARE;
+    UPDATE jobs SET id = id WHERE id = job;
     IF NOT FOUND THEN
         RAISE EXCEPTION USING
             ERRCODE = 'foreign_key_violation',
