@@ -12,7 +12,15 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lmjobs.jobs.engine_api import GenRequest, SamplingParams
 from lmjobs.worker.engine import attention
-from lmjobs.worker.engine.attention import MAX_RUNS, NAME, plan, ragged_attention, ragged_sdpa, runs
+from lmjobs.worker.engine.attention import (
+    MAX_RUNS,
+    NAME,
+    grouped_decode,
+    plan,
+    ragged_attention,
+    ragged_sdpa,
+    runs,
+)
 from lmjobs.worker.engine.core import EngineConfig, generate
 from lmjobs.worker.models import load_model
 
@@ -72,6 +80,54 @@ def test_ragged_sdpa_equals_sdpa_on_a_left_padded_cache(groups: int):
         attention.sdpa_attention_forward = original
     assert torch.allclose(got, expected, atol=1e-6)
     assert len(seen) > 1 and sum(seen) < len(seen) * width  # it did read fewer columns
+
+
+def _left_padded(batch: int, kv_heads: int, groups: int, width: int, dtype: torch.dtype) -> tuple[Any, ...]:
+    gen = torch.Generator().manual_seed(5)
+    query = torch.randn(batch, kv_heads * groups, 1, 16, generator=gen).to(dtype)
+    key = torch.randn(batch, kv_heads, width, 16, generator=gen).to(dtype)
+    value = torch.randn(batch, kv_heads, width, 16, generator=gen).to(dtype)
+    starts = torch.randint(0, width - 1, (batch,), generator=gen)
+    mask = (torch.arange(width)[None, :] >= starts[:, None])[:, None, None, :]  # [B, 1, 1, T]
+    return query, key, value, mask
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_grouped_decode_is_sdpa_up_to_bf16_rounding(groups: int):
+    """bf16 decode attention as matmuls: as close to an fp64 reference as SDPA's bf16 kernel."""
+    query, key, value, mask = _left_padded(8, 2, groups, 40, torch.bfloat16)
+    grouped = query.reshape(8, 2, groups, 16)
+    got = grouped_decode(grouped, key, value, mask, 0.25)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        grouped.double(), key.double(), value.double(), attn_mask=mask, scale=0.25
+    )
+    sdpa = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=0.25)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    err, sdpa_err = ((x.double() - want).abs().max().item() for x in (got, sdpa))
+    assert err <= max(2 * sdpa_err, 1e-2), (err, sdpa_err)
+
+
+def test_ragged_sdpa_runs_bf16_decode_as_grouped_matmuls(monkeypatch: pytest.MonkeyPatch):
+    """bf16 on the CPU: a decode step never calls SDPA, in one run or in several, and gives
+    SDPA's answer up to rounding; fp32 still calls SDPA."""
+    query, key, value, mask = _left_padded(6, 2, 3, 50, torch.bfloat16)
+    module = Module(3)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    calls: list[int] = []
+    original = attention.sdpa_attention_forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    attention._last.mask = None
+    got, _ = ragged_sdpa(module, query, key, value, mask, scaling=0.25)
+    assert not calls and got.shape == expected.shape == (6, 1, 6, 16)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    attention._last.mask = None
+    ragged_sdpa(module, query.float(), key.float(), value.float(), mask, scaling=0.25)
+    assert calls
 
 
 def test_prompts_and_unusual_masks_go_to_sdpa_unchanged():

@@ -4,10 +4,12 @@ query block): fp32 and bf16, plain and with prepacked weights."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
-from lmjobs.worker.engine import packing
+from lmjobs.worker.engine import packing, slots
 from lmjobs.worker.engine.slots import SlotModel
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 0.1}
@@ -59,3 +61,25 @@ def test_step_matches_forward(dtype: torch.dtype, pack: bool) -> None:
             torch.testing.assert_close(got, want[:, t], atol=TOL[dtype], rtol=TOL[dtype])
     if pack:
         packing.unpack(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bf16_steps_attend_as_grouped_matmuls(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The eager bf16 step attends with ``grouped_decode`` in every layer; fp32 with SDPA."""
+    calls: list[int] = []
+    original = slots.grouped_decode
+
+    def spy(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(slots, "grouped_decode", spy)
+    model = _model(dtype)
+    runner = SlotModel(model)
+    keys = [torch.zeros((2, 2, 17, 16), dtype=dtype) for _ in runner.layers]
+    values = [torch.zeros((2, 2, 17, 16), dtype=dtype) for _ in runner.layers]
+    positions = torch.tensor([0, 0])
+    mask = torch.arange(16)[None, :] <= positions[:, None]
+    with torch.inference_mode():
+        runner.step(torch.tensor([5, 7]), positions, mask, keys, values)
+    assert len(calls) == (len(runner.layers) if dtype == torch.bfloat16 else 0)
