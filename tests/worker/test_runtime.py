@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fake_engine import FAKE_ENGINE
 from services import run_cli
 
 from lmjobs.jobs.engine_api import GenRequest, SamplingParams
@@ -20,7 +21,9 @@ def _configs(monkeypatch: pytest.MonkeyPatch) -> list[core.EngineConfig]:
     seen: list[core.EngineConfig] = []
     real = core.generate
 
-    def spy(model: Any, tokenizer: Any, requests: Any, config: core.EngineConfig = core.EngineConfig()) -> Any:
+    def spy(
+        model: Any, tokenizer: Any, requests: Any, config: core.EngineConfig = core.EngineConfig()
+    ) -> Any:
         seen.append(config)
         return real(model, tokenizer, requests, config)
 
@@ -49,3 +52,18 @@ def test_invalid_pack_weights_is_one_line(fake_engine_env: dict[str, str]) -> No
     errors = [line for line in proc.stderr.strip().splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "invalid configuration: LMJOBS_PACK_WEIGHTS" in errors[0]
+
+
+def test_start_up_objects_are_frozen_once(monkeypatch: pytest.MonkeyPatch, sqlite_url: str) -> None:
+    """Once the runtime is loaded, what start-up made is moved out of the collector's way
+    (gc.freeze): once per process, not per call."""
+    frozen: list[int] = []
+    monkeypatch.setattr(runtime.gc, "freeze", lambda: frozen.append(1))
+    settings = Settings(test_engine=FAKE_ENGINE, database_url=sqlite_url)
+    runtime.reset_runtime()
+    try:
+        first = runtime.init_runtime(settings)
+        assert frozen == [1]
+        assert runtime.init_runtime(settings) is first and frozen == [1]
+    finally:
+        runtime.reset_runtime()
