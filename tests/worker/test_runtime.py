@@ -3,6 +3,7 @@ engine's config (on a tiny random model), and a value that is not a flag is a on
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from fake_engine import FAKE_ENGINE
 from services import run_cli
 
 from lmjobs.jobs.engine_api import GenRequest, SamplingParams
+from lmjobs.jobs.errors import ModelLoadError
 from lmjobs.jobs.settings import Settings
 from lmjobs.worker import runtime
 from lmjobs.worker.engine import core
@@ -54,16 +56,40 @@ def test_invalid_pack_weights_is_one_line(fake_engine_env: dict[str, str]) -> No
     assert "invalid configuration: LMJOBS_PACK_WEIGHTS" in errors[0]
 
 
-def test_start_up_objects_are_frozen_once(monkeypatch: pytest.MonkeyPatch, sqlite_url: str) -> None:
-    """Once the runtime is loaded, what start-up made is moved out of the collector's way
-    (gc.freeze): once per process, not per call."""
-    frozen: list[int] = []
-    monkeypatch.setattr(runtime.gc, "freeze", lambda: frozen.append(1))
+def test_loading_pauses_the_collector_then_freezes_once(
+    monkeypatch: pytest.MonkeyPatch, sqlite_url: str
+) -> None:
+    """The runtime loads with the cyclic collector off, collects once afterwards and freezes
+    what start-up made (gc.freeze): once per process, not per call; the collector is on again."""
+    events: list[str] = []
+    real_load = runtime.load_engine
+
+    def load(settings: Settings, name: str) -> Any:
+        events.append(f"load gc={gc.isenabled()}")
+        return real_load(settings, name)
+
+    monkeypatch.setattr(runtime, "load_engine", load)
+    monkeypatch.setattr(runtime.gc, "collect", lambda *a: events.append("collect") or 0)
+    monkeypatch.setattr(runtime.gc, "freeze", lambda: events.append("freeze"))
     settings = Settings(test_engine=FAKE_ENGINE, database_url=sqlite_url)
     runtime.reset_runtime()
     try:
         first = runtime.init_runtime(settings)
-        assert frozen == [1]
-        assert runtime.init_runtime(settings) is first and frozen == [1]
+        assert events == ["load gc=False", "collect", "freeze"] and gc.isenabled()
+        assert runtime.init_runtime(settings) is first and len(events) == 3
     finally:
         runtime.reset_runtime()
+    assert gc.isenabled()
+
+
+def test_a_failed_load_turns_the_collector_back_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(settings: Settings, name: str) -> Any:
+        raise ModelLoadError("no such model")
+
+    monkeypatch.setattr(runtime, "load_engine", broken)
+    frozen: list[int] = []
+    monkeypatch.setattr(runtime.gc, "freeze", lambda: frozen.append(1))
+    runtime.reset_runtime()
+    with pytest.raises(ModelLoadError):
+        runtime.init_runtime(Settings())
+    assert gc.isenabled() and not frozen
