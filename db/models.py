@@ -42,10 +42,12 @@ class Base(DeclarativeBase):
     pass
 
 
-def only_on(backend: str, constraint: Constraint) -> Constraint:
+def only_on(backend: str, constraint: Constraint, *, elsewhere: str = "") -> Constraint:
     """``constraint`` exists on ``backend`` only: ``create_all`` makes it there alone, and
-    the migrations' schema comparison (:func:`compared_on`) skips it on the other."""
+    the migrations' schema comparison (:func:`compared_on`) skips it on the other.
+    ``elsewhere``: what keeps its rules on the other backends (for ``docs/schema.md``)."""
     constraint.info["backends"] = (backend,)
+    constraint.info["elsewhere"] = elsewhere
     return constraint.ddl_if(dialect=backend)
 
 
@@ -100,7 +102,11 @@ class Request(Base):
         Index("ix_requests_chunk", "chunk_id"),
         # A foreign key on SQLite; on PostgreSQL the same rules are triggers (REQUESTS_JOB_DDL
         # below): the key's check of every row was a third of a bulk COPY's work.
-        only_on("sqlite", ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE")),
+        only_on(
+            "sqlite",
+            ForeignKeyConstraint(["job_id"], ["jobs.id"], ondelete="CASCADE"),
+            elsewhere="on PostgreSQL, triggers keep the same rules (migration 0005)",
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)

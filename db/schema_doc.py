@@ -126,6 +126,9 @@ def _describe(table: Table, col: Column) -> str:
     return text.strip().replace("|", "\\|")
 
 
+_BACKEND_NAMES = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}
+
+
 def _keys(table: Table) -> list[str]:
     out = [f"* primary key ({', '.join(c.name for c in table.primary_key.columns)})"]
     uniques = sorted(
@@ -138,7 +141,11 @@ def _keys(table: Table) -> list[str]:
         out.append(f"* {kind} `{ix.name}` ({', '.join(c.name for c in ix.columns)})")
     for fk in sorted(table.foreign_keys, key=lambda f: f.parent.name):
         rule = f" ON DELETE {fk.ondelete}" if fk.ondelete else ""
-        out.append(f"* foreign key {fk.parent.name} → {fk.target_fullname}{rule}")
+        info = fk.constraint.info if fk.constraint is not None else {}
+        backends = info.get("backends")
+        where = f" ({' and '.join(_BACKEND_NAMES[b] for b in backends)} only)" if backends else ""
+        elsewhere = f"; {info['elsewhere']}" if info.get("elsewhere") else ""
+        out.append(f"* foreign key {fk.parent.name} → {fk.target_fullname}{rule}{where}{elsewhere}")
     return out
 
 
