@@ -11,9 +11,10 @@ from tiny_models import PROMPTS
 
 from lmjobs.jobs.engine_api import EngineInterrupt, FinishReason, Generation, GenRequest, SamplingParams
 from lmjobs.worker.engine import decoding
+from lmjobs.worker.engine.batching import Prepared
 from lmjobs.worker.engine.core import EngineConfig, generate, resolve_mode
 from lmjobs.worker.engine.sampling import choose_tokens
-from lmjobs.worker.engine.scheduler import PREFILL_SLACK
+from lmjobs.worker.engine.scheduler import CPU_PREFILL_SLACK, PREFILL_SLACK, prefill_groups
 from lmjobs.worker.models import LoadedModel
 
 MODES = ["static", "continuous"]
@@ -178,7 +179,23 @@ def test_prefill_groups_prompts_of_similar_length(
     assert [(g.text, g.output_tokens) for g in got] == expected
     assert len(prefills) > 1  # one batch, several prefills
     for rows, width, real in prefills:
-        assert rows == 1 or rows * width <= PREFILL_SLACK * real
+        assert rows == 1 or rows * width <= CPU_PREFILL_SLACK * real  # the CPU's slack
+
+
+def test_prefill_groups_stay_within_their_slack() -> None:
+    lengths = [45, 44, 40, 39, 30, 29, 28, 20, 13, 12]
+    rows = [
+        decoding.Row(Prepared(index=i, key=i, ids=(1,) * n, params=SamplingParams()))
+        for i, n in enumerate(lengths)
+    ]
+    for slack in (PREFILL_SLACK, CPU_PREFILL_SLACK, 1.0):
+        groups = prefill_groups(rows, 0, slack)
+        assert sorted(r.req.index for g in groups for r in g) == list(range(len(rows)))
+        for group in groups:
+            sizes = [len(r.req.ids) for r in group]
+            assert len(group) * max(sizes) <= slack * sum(sizes)
+    tight, loose = prefill_groups(rows, 0, CPU_PREFILL_SLACK), prefill_groups(rows, 0, PREFILL_SLACK)
+    assert len(tight) > len(loose) and len(prefill_groups(rows, 0, 1.0)) == len(set(lengths))
 
 
 @pytest.mark.parametrize("mode", ["static", "continuous"])
