@@ -83,6 +83,10 @@ class Progress:
     input_tokens: int = 0  # prompts of the requests, each once (sample 0)
     output_tokens: int = 0  # every sample
     deduplicated: int = 0  # requests copied from an identical prompt
+    # Of its closed chunks that have a ``finished_at``: the first start and the last finish
+    # (the span of a big job's throughput in ``report``), read in the same pass.
+    first_started: datetime | None = None
+    last_finished: datetime | None = None
 
 
 _SUMS = ("requests_succeeded", "requests_failed", "requests_deduplicated", "input_tokens", "output_tokens")
@@ -95,8 +99,9 @@ def _summed() -> Any:
 
 def job_progress(session: Connection | Session, job_ids: Sequence[int]) -> dict[int, Progress]:
     """Progress and token totals of each job, summed over its chunks: one grouped query over
-    ``chunks``, and for closed chunks without sums (closed by an older version) a sum over
-    their requests' results, bounded by those chunks."""
+    ``chunks`` (which also reads the span of the closed chunks, ``first_started`` and
+    ``last_finished``), and for closed chunks without sums (closed by an older version) a sum
+    over their requests' results, bounded by those chunks."""
     out = {j: Progress() for j in job_ids}
     if not job_ids:
         return out
@@ -109,16 +114,22 @@ def job_progress(session: Connection | Session, job_ids: Sequence[int]) -> dict[
             func.count(),
             *(func.coalesce(func.sum(chunks.c[c]), 0) for c in _SUMS),
             func.count().filter(unsummed),
+            func.min(chunks.c.started_at).filter(chunks.c.finished_at.is_not(None)),
+            func.max(chunks.c.finished_at),
         )
         .where(chunks.c.job_id.in_(job_ids))
         .group_by(chunks.c.job_id, chunks.c.status)
     ).all()
     legacy: set[int] = set()
-    for job_id, status, n, ok, bad, dedup, tin, tout, n_unsummed in rows:
+    for job_id, status, n, ok, bad, dedup, tin, tout, n_unsummed, first, last in rows:
         p = out[int(job_id)]
         p.chunks[str(status)] = int(n)
         if status in ChunkStatus.closed():  # (an open chunk's are NULL)
             _add(p, ok, bad, dedup, tin, tout)
+            if last is not None:
+                p.last_finished = last if p.last_finished is None else max(p.last_finished, last)
+            if first is not None:
+                p.first_started = first if p.first_started is None else min(p.first_started, first)
         if n_unsummed:
             legacy.add(int(job_id))
     if legacy:

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, Integer, and_, case, cast, func, select
+from sqlalchemy import Connection, Float, Integer, and_, case, cast, func, select
 
 from lmjobs.db.session import Database
 from lmjobs.db.tables import ChunkStatus, ResultStatus, chunks, rejects, requests, results
@@ -412,23 +412,25 @@ def _job_fields(job: JobRow, rejected: int) -> dict[str, Any]:
 
 
 def _epoch(session: Connection | Session, column: Any) -> Any:
-    """Seconds since 1970 of a timestamp column, in SQL."""
+    """Seconds since 1970 of a timestamp column, in SQL (PostgreSQL: ``date_part``, a double;
+    ``EXTRACT`` gives a numeric, whose arithmetic took a third more of the throughput query)."""
     if core(session).dialect.name == "postgresql":
-        return func.extract("epoch", column)
+        return func.date_part("epoch", column, type_=Float)
     return (func.julianday(column) - 2440587.5) * 86400.0
 
 
-def _chunk_throughput(session: Connection | Session, job: JobRow) -> tuple[float, list[Bucket]]:
+def _chunk_throughput(
+    session: Connection | Session, job: JobRow, progress: Progress
+) -> tuple[float, list[Bucket]]:
     """Buckets of the job's closed chunks by ``finished_at``: their requests and output
-    tokens; two aggregate statements over the job's chunk rows (``ix_chunks_job_id``)."""
+    tokens; one aggregate statement over the job's chunk rows (``ix_chunks_job_id``), over
+    the span ``job_progress`` read."""
     finished = and_(
         chunks.c.job_id == job.id,
         chunks.c.status.in_(ChunkStatus.closed()),
         chunks.c.finished_at.is_not(None),
     )
-    first, last = session.execute(
-        select(func.min(chunks.c.started_at), func.max(chunks.c.finished_at)).where(finished)
-    ).one()
+    first, last = progress.first_started, progress.last_finished
     if last is None:
         return 1.0, []
     start = min(x for x in (job.started_at, first, last) if x is not None)
@@ -546,7 +548,7 @@ def _sampled_report(db: Database, job: JobRow) -> JobReport:
     with db.connection() as s:
         progress: Progress = job_progress(s, [job.id])[job.id]
         rejected = s.scalar(select(func.count()).where(rejects.c.job_id == job.id)) or 0
-        width, buckets = _chunk_throughput(s, job)
+        width, buckets = _chunk_throughput(s, job, progress)
         sample = sample_of(s, job.id, progress, job.requests_total)
         rows = _sample_rows(s, job.id, sample, several_tasks=not one_task)
         means = bounded_mean_scores(s, job.id, progress, job.requests_total, sample)

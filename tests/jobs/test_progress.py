@@ -526,3 +526,29 @@ def test_build_job_writes_the_counts_its_results_give(db_url: str) -> None:
     assert bad == sum(1 for line in range(1, 9 * 64 + 1) if line % 50 == 0)
     assert st.chunks == {"done": 9, "running": 1, "pending": 6}
     assert sum(st.failures_by_reason.values()) == bad and len(st.failures_by_reason) == 3
+
+
+def test_progress_reads_the_span_of_the_closed_chunks_in_its_one_pass(db_url: str) -> None:
+    """``first_started`` / ``last_finished``: the earliest start and the latest finish of the
+    closed chunks that finished (the span of a big job's throughput in ``report``); a running
+    chunk's start and a pending one's nothing do not count."""
+    db = get_database(db_url)
+    job_id = build_job(db, 1000)  # 9 done chunks, 1 running, 6 pending
+    with db.session() as s:
+        s.execute(
+            update(Chunk)
+            .where(Chunk.job_id == job_id, Chunk.status == "running")
+            .values(started_at=utcnow() - timedelta(days=3))
+        )
+        done = s.execute(
+            select(func.min(Chunk.started_at), func.max(Chunk.finished_at)).where(
+                Chunk.job_id == job_id, Chunk.status == "done"
+            )
+        ).one()
+        p = job_progress(s, [job_id])[job_id]
+    assert done[0] is not None and done[1] is not None
+    assert (p.first_started, p.last_finished) == tuple(done)
+    with db.session() as s:
+        s.execute(update(Chunk).where(Chunk.job_id == job_id).values(status="pending", finished_at=None))
+        p = job_progress(s, [job_id])[job_id]
+    assert (p.first_started, p.last_finished) == (None, None)
