@@ -218,6 +218,10 @@ def _load_weights(
     auto = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
     try:
         # use_safetensors=None: safetensors when the checkpoint has them, .bin otherwise.
+        # use_kernels=False: from transformers 5.25 (which requires the `kernels` package)
+        # from_pretrained may swap layers for kernels fetched from the Hub at load time; a
+        # worker loads only what is on its disk (an offline GPU node must start the same
+        # way), and the engine's own attention and decoding are what it measures and tests.
         return auto.from_pretrained(
             source,
             config=config,
@@ -225,6 +229,7 @@ def _load_weights(
             trust_remote_code=trust_remote_code,
             use_safetensors=None,
             device_map=device_map,
+            use_kernels=False,
         )
     except Exception as exc:
         raise ModelLoadError(f"cannot load the weights of {source}: {_one_line(exc)}") from exc

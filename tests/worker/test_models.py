@@ -228,3 +228,24 @@ def test_split_device_needs_gpus_and_asks_accelerate_for_a_device_map(
     lm = load_model(str(tiny_llama_dir), device="split", cache_dir=tmp_path)
     assert seen["device_map"] == "auto"
     assert lm.model is not None
+
+
+def test_weights_load_without_hub_kernels(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """from_pretrained is told use_kernels=False (transformers 5.25 would otherwise load
+    layers through the `kernels` package, fetching them from the Hub), and the transformers
+    in use accepts it: the tiny model loads and its layers are transformers' own."""
+    from transformers import AutoModelForCausalLM
+
+    seen: list[object] = []
+    original = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs.get("use_kernels", "absent"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    lm = load_model(str(tiny_llama_dir), device="cpu", cache_dir=tmp_path)
+    assert seen == [False]
+    assert not getattr(lm.model, "_use_kernels", False)
