@@ -1,4 +1,5 @@
-"""Prepacked bf16 Linear weights on the CPU (oneDNN), for the engine's decode.
+"""Prepacked Linear weights on the CPU (oneDNN), for the engine's decode: bf16 where the CPU
+computes it natively, fp32 on AVX2 CPUs without AVX-512.
 
 A small model's decode step on the CPU is bound by per-operator overhead, and a bf16
 ``F.linear`` reorders its weight into oneDNN's blocked layout on every call. Reordering
@@ -9,9 +10,19 @@ layer 6.6 -> 2.6 ms), with the same result (bitwise on the shapes measured). A w
 packed with no batch-size hint serves every row count (1 to a prefill's hundreds) as fast
 as one packed for that count, so one packing serves prefill and every decode step.
 
-Where (``wanted``): the CPU, bf16 weights, a CPU that computes bf16 natively
+fp32 on an AVX2 CPU (a Zen 3, torch 2.13): ``F.linear`` goes to MKL's sgemm, which is slow
+at a decode step's few rows: SmolLM2's output layer took 8.7 / 29.3 / 24.1 / 48.3 ms at
+1 / 3 / 10 / 64 rows, the packed oneDNN weight 4.2 / 4.4 / 7.4 / 26.8 ms; its MLP layers
+1.4-3x faster at 3 to 20 rows, the same from 64 rows up to a prefill's 512 (the one layer
+slower, 576->192 at one row, is 13 against 37 us). The answers differ from sgemm's in the
+last bits (summation order: 1e-6 relative), not bitwise, so greedy decoding agrees with the
+plain path except at near ties (``docs/benchmarks.md`` counts it). Where AVX-512 is present
+this was not measured, and fp32 stays on the plain path.
+
+Where (``wanted``): the CPU, and either bf16 weights on a CPU that computes bf16 natively
 (``cpu_computes_bf16``: without AVX512-BF16/AMX bf16 is emulated and fp32 is the dtype
-anyway), and this torch has the private oneDNN ops and they pass a small self-check
+anyway) or fp32 weights on a CPU with AVX2 and no AVX-512 (``fp32_packing_pays``); and this
+torch has the private oneDNN ops and they pass a small self-check in that dtype
 (``available``; they are private API, so a torch without them, or where they fail, runs the
 plain path). Never with ``compile`` (inductor takes the modules' own weights).
 
@@ -53,23 +64,34 @@ _lock = threading.Lock()
 _ATTR = "_lmjobs_packed"  # the packed weight, on a packed Linear module
 
 
+PACKED_DTYPES = (torch.bfloat16, torch.float32)
+
+
 def cpu_computes_bf16(cpuinfo: str | None = None) -> bool:
     """Does this CPU compute bf16 natively (AVX512-BF16 or AMX-BF16)? Without those
     instructions torch emulates bf16 and it runs slower than fp32 (PITFALLS.md, CPU speed)."""
-    if cpuinfo is None:
-        return _this_cpu_computes_bf16()
-    flags = set(cpuinfo.split())
+    flags = _flags(cpuinfo)
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def fp32_packing_pays(cpuinfo: str | None = None) -> bool:
+    """fp32 weights are packed on a CPU with AVX2 and without AVX-512, where MKL's sgemm is
+    slow at a decode step's few rows (the module docstring)."""
+    flags = _flags(cpuinfo)
+    return "avx2" in flags and "avx512f" not in flags
+
+
+def _flags(cpuinfo: str | None) -> frozenset[str]:
+    return _this_cpu_flags() if cpuinfo is None else frozenset(cpuinfo.split())
+
+
 @functools.lru_cache(maxsize=1)
-def _this_cpu_computes_bf16() -> bool:
+def _this_cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-            cpuinfo = fh.read()
+            return frozenset(fh.read().split())
     except OSError:
-        return False
-    return cpu_computes_bf16(cpuinfo)
+        return frozenset()
 
 
 def _ops() -> tuple[Any, Any] | None:
@@ -87,51 +109,57 @@ def _ops() -> tuple[Any, Any] | None:
     return reorder, linear
 
 
-@functools.lru_cache(maxsize=1)
-def available() -> bool:
-    """The ops exist and give F.linear's answer on a small bf16 case (with a bias, 2-D and
-    3-D input), checked once per process."""
+_TOLERANCE = {torch.bfloat16: (0.05, 0.02), torch.float32: (1e-4, 1e-4)}  # atol, rtol
+
+
+@functools.lru_cache(maxsize=len(PACKED_DTYPES))
+def available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """The ops exist and give F.linear's answer on a small case in ``dtype`` (with a bias,
+    2-D and 3-D input), checked once per process and dtype."""
     ops = _ops()
-    if ops is None:
+    if ops is None or dtype not in PACKED_DTYPES:
         return False
     reorder, linear = ops
+    atol, rtol = _TOLERANCE[dtype]
     try:
         gen = torch.Generator().manual_seed(0)
-        weight = torch.randn(24, 16, generator=gen).to(torch.bfloat16)
-        bias = torch.randn(24, generator=gen).to(torch.bfloat16)
-        x = torch.randn(2, 3, 16, generator=gen).to(torch.bfloat16)
+        weight = torch.randn(24, 16, generator=gen).to(dtype)
+        bias = torch.randn(24, generator=gen).to(dtype)
+        x = torch.randn(2, 3, 16, generator=gen).to(dtype)
         packed = reorder(weight)
         for inp in (x, x[0]):
             got = linear(inp, packed, bias, "none", [], "")
             want = F.linear(inp, weight, bias)
-            if got.shape != want.shape or not torch.allclose(got.float(), want.float(), atol=0.05, rtol=0.02):
+            if got.shape != want.shape or not torch.allclose(got.float(), want.float(), atol=atol, rtol=rtol):
                 return False
         return bool(torch.equal(packed.to_dense(), weight))
     except Exception as exc:  # a build without oneDNN bf16, a changed signature...
-        logger.info("prepacked bf16 Linear weights are not available in this torch: %s", exc)
+        logger.info("prepacked %s Linear weights are not available in this torch: %s", dtype, exc)
         return False
 
 
 def wanted(model: Any, device: torch.device) -> bool:
     """Whether packing pays and is safe for ``model`` on ``device`` (see the module docstring)."""
-    return (
-        device.type == "cpu"
-        and getattr(model, "dtype", None) == torch.bfloat16
-        and cpu_computes_bf16()
-        and available()
-    )
+    dtype = getattr(model, "dtype", None)
+    if device.type != "cpu":
+        return False
+    if dtype == torch.bfloat16:
+        return cpu_computes_bf16() and available(dtype)
+    if dtype == torch.float32:
+        return fp32_packing_pays() and available(dtype)
+    return False
 
 
 def is_packed(model: Any) -> bool:
     return isinstance(model, torch.nn.Module) and any(hasattr(m, _ATTR) for m in model.modules())
 
 
-def _packable(module: torch.nn.Module) -> bool:
+def _packable(module: torch.nn.Module, dtype: torch.dtype) -> bool:
     weight = getattr(module, "weight", None)
     return (
         type(module) is torch.nn.Linear
         and isinstance(weight, torch.Tensor)
-        and weight.dtype == torch.bfloat16
+        and weight.dtype == dtype
         and weight.device.type == "cpu"
         and weight.dim() == 2
         and weight.layout == torch.strided
@@ -139,10 +167,10 @@ def _packable(module: torch.nn.Module) -> bool:
     )
 
 
-def _packed_forward(module: torch.nn.Linear, linear: Any) -> Any:
+def _packed_forward(module: torch.nn.Linear, linear: Any, dtype: torch.dtype) -> Any:
     def forward(x: torch.Tensor) -> torch.Tensor:
         packed = getattr(module, _ATTR)
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu":  # not the case packing is for
+        if x.dtype != dtype or x.device.type != "cpu":  # not the case packing is for
             return F.linear(x, packed.to_dense().to(x.dtype), module.bias)
         if not x.is_contiguous():
             x = x.contiguous()
@@ -167,15 +195,17 @@ def _trim() -> None:
 
 
 def pack(model: Any) -> int:
-    """Pack every packable Linear of ``model`` in place (see the module docstring); the
-    number packed. Nothing (0) when the ops are not available."""
+    """Pack every Linear of ``model`` in the model's dtype (bf16 or fp32) in place (see the
+    module docstring); the number packed. Nothing (0) when the ops are not available for
+    that dtype, or for any other dtype."""
+    dtype = getattr(model, "dtype", None)
     ops = _ops()
-    if ops is None or not available():
+    if ops is None or dtype not in PACKED_DTYPES or not available(dtype):
         return 0
     reorder, linear = ops
     with _lock:
         start = time.perf_counter()
-        modules = [m for m in model.modules() if _packable(m)]
+        modules = [m for m in model.modules() if _packable(m, dtype)]
         counts: dict[int, int] = {}
         for m in model.modules():  # a weight other modules hold too (tied embeddings) stays
             for p in m.parameters(recurse=False):
@@ -192,13 +222,14 @@ def pack(model: Any) -> int:
                         shared += 1
                     else:
                         weight.data = _placeholder(weight)
-                    m.forward = _packed_forward(m, linear)
+                    m.forward = _packed_forward(m, linear, dtype)
         finally:
             torch.set_num_threads(threads)
         _trim()
         logger.info(
-            "packed %d bf16 Linear weights for oneDNN in %.2f s (%d shared weights kept beside)",
+            "packed %d %s Linear weights for oneDNN in %.2f s (%d shared weights kept beside)",
             len(modules),
+            dtype,
             time.perf_counter() - start,
             shared,
         )

@@ -1,7 +1,7 @@
-"""Prepacked bf16 Linear weights (worker/engine/packing.py) on tiny random models, CPU: the
-packed model computes what the plain one does, the engine packs only where it should
-(faked both ways), a torch without the ops runs the plain path, fp32 is never touched, and
-unpacking gives the model back exactly."""
+"""Prepacked Linear weights (worker/engine/packing.py) on tiny random models, CPU: the
+packed model computes what the plain one does (bf16 and fp32), the engine packs only where it
+should (the CPU's flags faked both ways, for each dtype), a torch without the ops runs the
+plain path, and unpacking gives the model back exactly."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from lmjobs.worker.engine import packing
 from lmjobs.worker.engine.core import EngineConfig, generate, packs
 from lmjobs.worker.models import LoadedModel, load_model
 
-needs_ops = pytest.mark.skipif(not packing.available(), reason="this torch lacks the oneDNN packing ops")
+needs_ops = pytest.mark.skipif(
+    not packing.available(torch.bfloat16), reason="no oneDNN bf16 packing with this torch on this CPU"
+)
 
 
 def _load(path: Path, cache: Path, dtype: str) -> LoadedModel:
@@ -184,16 +186,58 @@ def test_wrong_answers_are_refused(fresh_check: None, monkeypatch: pytest.Monkey
     assert not packing.available()
 
 
-def test_fp32_untouched(tiny_llama_dir: Path, model_cache_dir: Path, native: None) -> None:
+@pytest.fixture
+def fp32(tiny_llama_dir: Path, model_cache_dir: Path) -> Iterator[LoadedModel]:
+    """A fresh fp32 tiny llama per test."""
     lm = _load(tiny_llama_dir, model_cache_dir, "float32")
-    before = weights(lm.model)
-    assert not packing.wanted(lm.model, torch.device("cpu"))
-    assert packing.pack(lm.model) == 0  # nothing in fp32 is packable
-    generate(lm.model, lm.tokenizer, requests_for(PROMPTS[:2]), EngineConfig())
-    assert not packing.is_packed(lm.model)
-    assert not any("forward" in m.__dict__ for m in lm.model.modules())
-    after = weights(lm.model)
+    yield lm
+    packing.unpack(lm.model)
+
+
+def test_fp32_untouched_where_it_does_not_pay(fp32: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 on a CPU with AVX-512 (or without AVX2): the plain path, weights untouched."""
+    monkeypatch.setattr(packing, "fp32_packing_pays", lambda cpuinfo=None: False)
+    before = weights(fp32.model)
+    assert not packing.wanted(fp32.model, torch.device("cpu"))
+    generate(fp32.model, fp32.tokenizer, requests_for(PROMPTS[:2]), EngineConfig())
+    assert not packing.is_packed(fp32.model)
+    assert not any("forward" in m.__dict__ for m in fp32.model.modules())
+    after = weights(fp32.model)
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.skipif(not packing.available(torch.float32), reason="this torch lacks fp32 oneDNN packing")
+def test_fp32_packed_on_avx2(fp32: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 on an AVX2 CPU without AVX-512: packed, the logits within fp32 rounding of the plain
+    ones, the same greedy answers, and unpacking gives the weights back bit for bit."""
+    monkeypatch.setattr(packing, "fp32_packing_pays", lambda cpuinfo=None: True)
+    model = fp32.model
+    before = weights(model)
+    ids = fp32.tokenizer(PROMPTS[:3], return_tensors="pt", padding=True)
+    requests = requests_for(PROMPTS)
+    with torch.inference_mode():
+        plain_logits = model(**ids).logits
+    plain = generate(model, fp32.tokenizer, requests, EngineConfig(pack_weights=False))
+    assert packing.wanted(model, torch.device("cpu"))
+    packed = generate(model, fp32.tokenizer, requests, EngineConfig())
+    assert packing.is_packed(model)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(hasattr(m, "_lmjobs_packed") for m in linears)
+    with torch.inference_mode():
+        logits = model(**ids).logits
+    torch.testing.assert_close(logits, plain_logits, atol=1e-4, rtol=1e-4)
+    assert answers(packed) == answers(plain)
+    generate(model, fp32.tokenizer, requests[:1], EngineConfig(pack_weights=False))
+    assert not packing.is_packed(model)
+    after = weights(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_other_dtypes_are_never_packed(tiny_llama_dir: Path, model_cache_dir: Path, native: None) -> None:
+    lm = _load(tiny_llama_dir, model_cache_dir, "float16")
+    assert not packing.wanted(lm.model, torch.device("cpu"))
+    assert packing.pack(lm.model) == 0 and not packing.is_packed(lm.model)
+    assert not packing.available(torch.float16)
 
 
 @needs_ops
@@ -209,6 +253,10 @@ def test_cpu_flags() -> None:
     assert packing.cpu_computes_bf16("flags : fpu avx512f avx512_bf16 sse")
     assert packing.cpu_computes_bf16("flags : fpu amx_bf16 amx_tile")
     assert not packing.cpu_computes_bf16("flags : fpu avx512f avx2")
+    zen3 = "flags : fpu sse sse2 avx avx2 fma"
+    assert packing.fp32_packing_pays(zen3)
+    assert not packing.fp32_packing_pays("flags : fpu avx avx2 avx512f avx512_bf16")  # not measured there
+    assert not packing.fp32_packing_pays("flags : fpu sse sse2 avx") and not packing.fp32_packing_pays("")
 
 
 def test_unpacking_a_non_module_is_nothing_to_undo() -> None:
