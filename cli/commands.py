@@ -106,60 +106,62 @@ def status(job: int | None, *, watch: bool, wait: bool, interval: float, as_json
 
     if (watch or wait) and not interval >= MIN_INTERVAL_S:
         raise UsageError(f"--interval must be at least {MIN_INTERVAL_S} seconds (got {interval})")
-    db = context.database()
-    job_id = job if job is not None else _latest_job(db)
-    if watch and not as_json:
-        st = job_status(db, job_id, tokens=False)
-        with render.progress() as bar:
-            tid = bar.add_task(f"job {job_id}", total=st.requests_total, rate="")
-            while True:
-                st = job_status(db, job_id, tokens=False)
-                rate = (
-                    f"{st.output_tokens_per_s:.1f} tok/s, {st.requests_per_s:.1f} req/s"
-                    if st.requests_per_s and st.output_tokens_per_s is not None
-                    else ""
-                )
-                bar.update(tid, completed=st.done, rate=f"{st.status} {rate}")
-                if ended(st.status):
-                    break
-                time.sleep(interval)
-    elif wait:
-        st = job_status(db, job_id, tokens=False)
-        while not ended(st.status):
-            time.sleep(interval)
+    with context.collector_paused(not (watch or wait)):  # a watch can run for hours
+        db = context.database()
+        job_id = job if job is not None else _latest_job(db)
+        if watch and not as_json:
             st = job_status(db, job_id, tokens=False)
-    st = job_status(db, job_id)  # once, with the token totals
-    if as_json:
-        render.dump_json(st.to_json())
-    else:
-        status_table(st)
-    if wait:
-        exit_for(st)
+            with render.progress() as bar:
+                tid = bar.add_task(f"job {job_id}", total=st.requests_total, rate="")
+                while True:
+                    st = job_status(db, job_id, tokens=False)
+                    rate = (
+                        f"{st.output_tokens_per_s:.1f} tok/s, {st.requests_per_s:.1f} req/s"
+                        if st.requests_per_s and st.output_tokens_per_s is not None
+                        else ""
+                    )
+                    bar.update(tid, completed=st.done, rate=f"{st.status} {rate}")
+                    if ended(st.status):
+                        break
+                    time.sleep(interval)
+        elif wait:
+            st = job_status(db, job_id, tokens=False)
+            while not ended(st.status):
+                time.sleep(interval)
+                st = job_status(db, job_id, tokens=False)
+        st = job_status(db, job_id)  # once, with the token totals
+        if as_json:
+            render.dump_json(st.to_json())
+        else:
+            status_table(st)
+        if wait:
+            exit_for(st)
 
 
 def list_jobs(*, limit: int, state: str | None, as_json: bool) -> None:
     from lmjobs.jobs.control import list_jobs as service
 
-    jobs = service(context.database(), limit=limit, status=state)
-    if as_json:
-        render.dump_json([j.to_json() for j in jobs])
-        return
-    render.table(
-        ["id", "status", "task", "model", "done", "failed", "created"],
-        [
-            (
-                j.id,
-                j.status,
-                j.task,
-                j.model,
-                f"{j.done}/{j.requests_total}",
-                j.failed,
-                j.created_at.strftime("%m-%d %H:%M"),
-            )
-            for j in jobs
-        ],
-        squeeze="model",
-    )
+    with context.collector_paused():
+        jobs = service(context.database(), limit=limit, status=state)
+        if as_json:
+            render.dump_json([j.to_json() for j in jobs])
+            return
+        render.table(
+            ["id", "status", "task", "model", "done", "failed", "created"],
+            [
+                (
+                    j.id,
+                    j.status,
+                    j.task,
+                    j.model,
+                    f"{j.done}/{j.requests_total}",
+                    j.failed,
+                    j.created_at.strftime("%m-%d %H:%M"),
+                )
+                for j in jobs
+            ],
+            squeeze="model",
+        )
 
 
 def results(job: int, *, fmt: str, output: Path | None, force: bool, only_finished: bool) -> None:

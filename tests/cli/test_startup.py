@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from services import cli_env, run_cli_modules
@@ -129,3 +130,46 @@ def test_an_invalid_setting_is_still_refused_in_settings_words(job_env: tuple[di
     assert errors == [
         "error: invalid configuration: LMJOBS_CHUNK_SIZE: Input should be greater than or equal to 1"
     ]
+
+
+def test_the_one_shot_commands_run_without_the_cyclic_collector_and_give_it_back(
+    job_env: tuple[dict[str, str], int], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``status``, ``list`` and ``report`` read with the collector off (its passes over what
+    SQLAlchemy and psycopg import were 50-90 ms of a command); on again afterwards, so an
+    in-process call leaves it as it was; ``status --wait`` (which may poll for hours) keeps it."""
+    import gc
+
+    from lmjobs.cli import analytics, commands
+    from lmjobs.db.tables import jobs
+    from lmjobs.jobs import control, report
+
+    env, job_id = job_env
+    for key in ("LMJOBS_HOME", "LMJOBS_DATABASE_URL"):
+        monkeypatch.setenv(key, env[key])
+    seen: list[tuple[str, bool]] = []
+
+    def spy(name: str, fn: Any) -> Any:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            seen.append((name, gc.isenabled()))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(control, "job_status", spy("status", control.job_status))
+    monkeypatch.setattr(control, "list_jobs", spy("list", control.list_jobs))
+    monkeypatch.setattr(report, "build_report", spy("report", report.build_report))
+    assert gc.isenabled()
+    commands.status(job_id, watch=False, wait=False, interval=1.0, as_json=True)
+    assert gc.isenabled()
+    commands.list_jobs(limit=5, state=None, as_json=True)
+    assert gc.isenabled()
+    analytics.report(job_id, html=None, force=False, as_json=True)
+    assert gc.isenabled()
+    assert seen == [("status", False), ("list", False), ("report", False)]
+    with get_database(env["LMJOBS_DATABASE_URL"]).engine.begin() as conn:
+        conn.execute(jobs.update().where(jobs.c.id == job_id).values(status="completed"))
+    seen.clear()
+    commands.status(job_id, watch=False, wait=True, interval=1.0, as_json=True)
+    assert seen and all(enabled for _, enabled in seen) and gc.isenabled()
+    capsys.readouterr()
