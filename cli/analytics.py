@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
 # -- report -------------------------------------------------------------------------------
 
 
+@context.collector_paused()
 def report(
     job: int | None = typer.Argument(None, help="Job id [default: the latest job]"),
     html: Path | None = typer.Option(None, "--html", help="Also write an HTML page with plots"),
@@ -38,37 +39,36 @@ def report(
     as_json: bool = JsonOut,
 ) -> None:
     """Totals, per-task figures, latency, throughput, failures and quality of a job."""
-    with context.collector_paused():
-        from lmjobs.cli.commands import _latest_job
-        from lmjobs.jobs.control import SAMPLE_REQUESTS, get_job
-        from lmjobs.jobs.report import build_report
+    from lmjobs.cli.commands import _latest_job
+    from lmjobs.jobs.control import SAMPLE_REQUESTS, get_job
+    from lmjobs.jobs.report import build_report
 
-        db = context.database()
-        job_id = job if job is not None else _latest_job(db)
-        if get_job(db, job_id).requests_total <= SAMPLE_REQUESTS:
-            # Scores missing after a crash are written now; a big job's are written as its
-            # chunks close and when it finishes (a pass over all of it does not belong here).
-            from lmjobs.jobs.metrics import score_job
+    db = context.database()
+    job_id = job if job is not None else _latest_job(db)
+    if get_job(db, job_id).requests_total <= SAMPLE_REQUESTS:
+        # Scores missing after a crash are written now; a big job's are written as its
+        # chunks close and when it finishes (a pass over all of it does not belong here).
+        from lmjobs.jobs.metrics import score_job
 
-            try:
-                score_job(db, job_id)
-            except LmjobsError:
-                raise
-            except Exception as exc:  # the figures are still worth showing
-                render.warn(f"could not score job {job_id}: {type(exc).__name__}: {exc}")
-        rep = build_report(db, job_id)
-        if html is not None:
-            from lmjobs.cli.report_html import render_html
-            from lmjobs.jobs.export import open_output
+        try:
+            score_job(db, job_id)
+        except LmjobsError:
+            raise
+        except Exception as exc:  # the figures are still worth showing
+            render.warn(f"could not score job {job_id}: {type(exc).__name__}: {exc}")
+    rep = build_report(db, job_id)
+    if html is not None:
+        from lmjobs.cli.report_html import render_html
+        from lmjobs.jobs.export import open_output
 
-            page = render_html(rep, generated_at=datetime.now(timezone.utc))
-            with open_output(html, force=force) as fh:
-                fh.write(page)
-            render.err.print(f"wrote {html}", highlight=False)
-        if as_json:
-            render.dump_json(rep.to_json())
-        else:
-            _report_tables(rep)
+        page = render_html(rep, generated_at=datetime.now(timezone.utc))
+        with open_output(html, force=force) as fh:
+            fh.write(page)
+        render.err.print(f"wrote {html}", highlight=False)
+    if as_json:
+        render.dump_json(rep.to_json())
+    else:
+        _report_tables(rep)
 
 
 def sample_note(sample: Any) -> str:

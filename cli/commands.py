@@ -138,30 +138,30 @@ def status(job: int | None, *, watch: bool, wait: bool, interval: float, as_json
             exit_for(st)
 
 
+@context.collector_paused()
 def list_jobs(*, limit: int, state: str | None, as_json: bool) -> None:
     from lmjobs.jobs.control import list_jobs as service
 
-    with context.collector_paused():
-        jobs = service(context.database(), limit=limit, status=state)
-        if as_json:
-            render.dump_json([j.to_json() for j in jobs])
-            return
-        render.table(
-            ["id", "status", "task", "model", "done", "failed", "created"],
-            [
-                (
-                    j.id,
-                    j.status,
-                    j.task,
-                    j.model,
-                    f"{j.done}/{j.requests_total}",
-                    j.failed,
-                    j.created_at.strftime("%m-%d %H:%M"),
-                )
-                for j in jobs
-            ],
-            squeeze="model",
-        )
+    jobs = service(context.database(), limit=limit, status=state)
+    if as_json:
+        render.dump_json([j.to_json() for j in jobs])
+        return
+    render.table(
+        ["id", "status", "task", "model", "done", "failed", "created"],
+        [
+            (
+                j.id,
+                j.status,
+                j.task,
+                j.model,
+                f"{j.done}/{j.requests_total}",
+                j.failed,
+                j.created_at.strftime("%m-%d %H:%M"),
+            )
+            for j in jobs
+        ],
+        squeeze="model",
+    )
 
 
 def results(job: int, *, fmt: str, output: Path | None, force: bool, only_finished: bool) -> None:
