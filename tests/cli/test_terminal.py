@@ -29,3 +29,26 @@ def test_list_and_status_fit_80_columns(lmjobs_home: Path, tmp_path: Path) -> No
         assert not any(x.strip(" │") in ("i", "n", "v") for x in lines), text  # no letter folding
 
     assert cli_json(["list"], env)[0]["model"] == MODEL  # --json keeps the full value
+
+
+def test_submit_shows_a_progress_bar_on_a_terminal_and_none_on_a_pipe(
+    lmjobs_home: Path, tmp_path: Path
+) -> None:
+    """Bytes of the file, lines read (rejected ones included), lines/s and lines rejected so
+    far on stderr when it is a terminal
+    (rich's ``TTY_COMPATIBLE=1`` makes the captured stderr one); nothing on a pipe; --json's
+    stdout the same either way."""
+    f = tmp_path / "in.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"line {i}"}) + "\n" for i in range(200)) + "{oops\n")
+    env = cli_env(LMJOBS_HOME=str(lmjobs_home), LMJOBS_TEST_ENGINE=FAKE_ENGINE, LMJOBS_BROKER_URL="memory://")
+    args = ["submit", str(f), "--task", "generate", "--json", "--yes"]
+
+    piped = run_cli(args, env, check=True)
+    assert "submitting" not in piped.stderr and "lines/s" not in piped.stderr, piped.stderr
+
+    tty = run_cli(args, {**env, "TTY_COMPATIBLE": "1", "TTY_INTERACTIVE": "1"}, check=True)
+    assert "submitting" in tty.stderr, tty.stderr
+    assert "201 lines" in tty.stderr and "lines/s" in tty.stderr and "1 rejected" in tty.stderr, tty.stderr
+    for proc in (piped, tty):
+        out = json.loads(proc.stdout)
+        assert (out["requests"], out["rejected"]) == (200, 1), proc.stdout
