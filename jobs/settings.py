@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, ge=1)
     batch_tokens: int = Field(default=0, ge=0)  # 0: the engine picks from free memory
     max_batch_size: int = Field(default=64, ge=1)
-    # bf16 Linear weights prepacked for oneDNN where the CPU computes bf16 (worker/engine/packing.py)
+    # Linear weights prepacked for oneDNN where it pays on the CPU (worker/engine/packing.py)
     pack_weights: bool = True
     chunk_time_limit_s: int = Field(default=3600, ge=10)
     query_timeout_s: float = Field(default=30.0, gt=0)

@@ -41,9 +41,10 @@ path: a StaticCache with bucketed shapes and, on CUDA, transformers' compiled fo
 batching only. Neither compiled path has run on a GPU yet.
 
 Prepacked weights (``EngineConfig.pack_weights``, on by default): on a CPU that computes
-bf16 natively, a bf16 model's Linear weights are reordered once for oneDNN and kept so for
-the worker's life (``packing``'s docstring: where it pays, the memory, the fallback); a call
-with it off, or with ``compile``, gives the model its plain weights back first.
+bf16 natively a bf16 model's Linear weights, on an AMD CPU or an AVX2 one without AVX-512 an
+fp32 model's, are reordered once for oneDNN and kept so for the worker's life (``packing``'s
+docstring: where it pays, the memory, the fallback); a call with it off, or with ``compile``,
+gives the model its plain weights back first.
 
 ``output_tokens`` counts every token the model wrote for the request, the EOS token and
 the tokens that completed a stop string included (what it cost); ``text`` has neither.
@@ -128,8 +129,8 @@ class EngineConfig:
     slots: bool = False  # llama-family decode in slots of one worker-lived KV cache (eager)
     dedup: bool = True  # identical greedy requests are generated once
     prefix_reuse: bool = True  # prompts sharing a prefix (>= MIN_PREFIX tokens) prefill it once
-    # bf16 Linear weights prepacked for oneDNN on a CPU that computes bf16 (``packing``);
-    # never with ``compile``
+    # Linear weights prepacked for oneDNN on the CPU where it pays (``packing``); never with
+    # ``compile``
     pack_weights: bool = True
 
     def __post_init__(self) -> None:

@@ -1,5 +1,5 @@
 """Prepacked Linear weights on the CPU (oneDNN), for the engine's decode: bf16 where the CPU
-computes it natively, fp32 on AVX2 CPUs without AVX-512.
+computes it natively, fp32 on AMD CPUs and on AVX2 CPUs without AVX-512.
 
 A small model's decode step on the CPU is bound by per-operator overhead, and a bf16
 ``F.linear`` reorders its weight into oneDNN's blocked layout on every call. Reordering
@@ -14,14 +14,18 @@ fp32 on an AVX2 CPU (a Zen 3, torch 2.13): ``F.linear`` goes to MKL's sgemm, whi
 at a decode step's few rows: SmolLM2's output layer took 8.7 / 29.3 / 24.1 / 48.3 ms at
 1 / 3 / 10 / 64 rows, the packed oneDNN weight 4.2 / 4.4 / 7.4 / 26.8 ms; its MLP layers
 1.4-3x faster at 3 to 20 rows, the same from 64 rows up to a prefill's 512 (the one layer
-slower, 576->192 at one row, is 13 against 37 us). The answers differ from sgemm's in the
-last bits (summation order: 1e-6 relative), not bitwise, so greedy decoding agrees with the
-plain path except at near ties (``docs/benchmarks.md`` counts it). Where AVX-512 is present
-this was not measured, and fp32 stays on the plain path.
+slower, 576->192 at one row, is 13 against 37 us). On a Zen 5 with AVX-512 (two threads)
+the same: the output layer 7.1 / 23.4 / 15.1 / 31.6 ms at 1 / 3 / 10 / 64 rows against
+2.3 / 2.5 / 2.7 / 8.9 packed, 576->1536 136-690 us against 37-240 at 3 to 64 rows. The
+answers differ from sgemm's in the last bits (summation order: 1e-6 relative), not bitwise,
+so greedy decoding agrees with the plain path except at near ties (``docs/benchmarks.md``
+counts it). On an Intel CPU with AVX-512, where MKL's sgemm is Intel's own, this was not
+measured, and fp32 stays on the plain path.
 
 Where (``wanted``): the CPU, and either bf16 weights on a CPU that computes bf16 natively
 (``cpu_computes_bf16``: without AVX512-BF16/AMX bf16 is emulated and fp32 is the dtype
-anyway) or fp32 weights on a CPU with AVX2 and no AVX-512 (``fp32_packing_pays``); and this
+anyway) or fp32 weights on an AMD CPU with AVX2, or any with AVX2 and no AVX-512
+(``fp32_packing_pays``); and this
 torch has the private oneDNN ops and they pass a small self-check in that dtype
 (``available``; they are private API, so a torch without them, or where they fail, runs the
 plain path). Never with ``compile`` (inductor takes the modules' own weights).
@@ -75,10 +79,12 @@ def cpu_computes_bf16(cpuinfo: str | None = None) -> bool:
 
 
 def fp32_packing_pays(cpuinfo: str | None = None) -> bool:
-    """fp32 weights are packed on a CPU with AVX2 and without AVX-512, where MKL's sgemm is
-    slow at a decode step's few rows (the module docstring)."""
+    """fp32 weights are packed on an AMD CPU with AVX2 (a Zen 3 without AVX-512, a Zen 5
+    with it) and on any CPU with AVX2 and without AVX-512, where MKL's sgemm is slow at a
+    decode step's few rows (the module docstring). An Intel CPU with AVX-512 keeps sgemm:
+    not measured there."""
     flags = _flags(cpuinfo)
-    return "avx2" in flags and "avx512f" not in flags
+    return "avx2" in flags and ("avx512f" not in flags or "AuthenticAMD" in flags)
 
 
 def _flags(cpuinfo: str | None) -> frozenset[str]:

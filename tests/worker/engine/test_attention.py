@@ -130,6 +130,31 @@ def test_ragged_sdpa_runs_bf16_decode_as_grouped_matmuls(monkeypatch: pytest.Mon
     assert calls
 
 
+def test_bf16_decode_without_a_mask_runs_as_grouped_matmuls(monkeypatch: pytest.MonkeyPatch):
+    """A batch without padding (one row, or rows of one length) gets no mask from
+    transformers: bf16 decode still runs as grouped matmuls over every column, with SDPA's
+    answer up to rounding; fp32, and a prompt, still call SDPA."""
+    query, key, value, _ = _left_padded(4, 2, 3, 30, torch.bfloat16)
+    module = Module(3)
+    expected, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.25)
+    calls: list[int] = []
+    original = attention.sdpa_attention_forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    got, _ = ragged_sdpa(module, query, key, value, None, scaling=0.25)
+    assert not calls and got.shape == expected.shape == (4, 1, 6, 16)
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    ragged_sdpa(module, query.float(), key.float(), value.float(), None, scaling=0.25)
+    assert len(calls) == 1
+    prompt = torch.cat([query, query], dim=2)  # two query tokens: a prompt, SDPA's causal path
+    ragged_sdpa(module, prompt, key, value, None, scaling=0.25)
+    assert len(calls) == 2
+
+
 def test_prompts_and_unusual_masks_go_to_sdpa_unchanged():
     torch.manual_seed(1)
     module = Module(1)

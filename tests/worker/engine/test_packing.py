@@ -255,7 +255,11 @@ def test_cpu_flags() -> None:
     assert not packing.cpu_computes_bf16("flags : fpu avx512f avx2")
     zen3 = "flags : fpu sse sse2 avx avx2 fma"
     assert packing.fp32_packing_pays(zen3)
-    assert not packing.fp32_packing_pays("flags : fpu avx avx2 avx512f avx512_bf16")  # not measured there
+    zen5 = "vendor_id : AuthenticAMD flags : fpu avx avx2 avx512f avx512_bf16"
+    assert packing.fp32_packing_pays(zen5)
+    intel_avx512 = "vendor_id : GenuineIntel flags : avx2 avx512f"
+    assert not packing.fp32_packing_pays(intel_avx512)  # not measured there
+    assert packing.fp32_packing_pays("vendor_id : GenuineIntel flags : avx avx2 fma")
     assert not packing.fp32_packing_pays("flags : fpu sse sse2 avx") and not packing.fp32_packing_pays("")
 
 
