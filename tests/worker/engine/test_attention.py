@@ -107,12 +107,8 @@ def test_grouped_decode_is_sdpa_up_to_bf16_rounding(groups: int):
     assert err <= max(2 * sdpa_err, 1e-2), (err, sdpa_err)
 
 
-def test_ragged_sdpa_runs_bf16_decode_as_grouped_matmuls(monkeypatch: pytest.MonkeyPatch):
-    """bf16 on the CPU: a decode step never calls SDPA, in one run or in several, and gives
-    SDPA's answer up to rounding; fp32 still calls SDPA."""
-    query, key, value, mask = _left_padded(6, 2, 3, 50, torch.bfloat16)
-    module = Module(3)
-    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+def _count_sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that grows by one at each call of transformers' SDPA attention from ``attention``."""
     calls: list[int] = []
     original = attention.sdpa_attention_forward
 
@@ -121,6 +117,16 @@ def test_ragged_sdpa_runs_bf16_decode_as_grouped_matmuls(monkeypatch: pytest.Mon
         return original(*args, **kwargs)
 
     monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    return calls
+
+
+def test_ragged_sdpa_runs_bf16_decode_as_grouped_matmuls(monkeypatch: pytest.MonkeyPatch):
+    """bf16 on the CPU: a decode step never calls SDPA, in one run or in several, and gives
+    SDPA's answer up to rounding; fp32 still calls SDPA."""
+    query, key, value, mask = _left_padded(6, 2, 3, 50, torch.bfloat16)
+    module = Module(3)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    calls = _count_sdpa_calls(monkeypatch)
     attention._last.mask = None
     got, _ = ragged_sdpa(module, query, key, value, mask, scaling=0.25)
     assert not calls and got.shape == expected.shape == (6, 1, 6, 16)
@@ -137,14 +143,7 @@ def test_bf16_decode_without_a_mask_runs_as_grouped_matmuls(monkeypatch: pytest.
     query, key, value, _ = _left_padded(4, 2, 3, 30, torch.bfloat16)
     module = Module(3)
     expected, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.25)
-    calls: list[int] = []
-    original = attention.sdpa_attention_forward
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    calls = _count_sdpa_calls(monkeypatch)
     got, _ = ragged_sdpa(module, query, key, value, None, scaling=0.25)
     assert not calls and got.shape == expected.shape == (4, 1, 6, 16)
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
