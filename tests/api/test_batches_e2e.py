@@ -36,7 +36,10 @@ def test_upload_create_poll_download(db_url: str, redis_url: str, tmp_path: Path
             completion_window="24h",
             metadata={"project": "demo"},
         )
-        assert batch.status == "in_progress" and batch.metadata == {"project": "demo"}
+        # the worker is already running: on a fast machine it can finish the six lines before
+        # the create call reads the batch back
+        assert batch.status in ("in_progress", "finalizing", "completed"), batch.status
+        assert batch.metadata == {"project": "demo"}
         errors = {e.line: e for e in batch.errors.data} if batch.errors and batch.errors.data else {}
         assert set(errors) == {4, 8}
         assert errors[8].code == "model_not_found" and errors[8].param == "body.model"
