@@ -35,9 +35,8 @@ def test_submit_shows_a_progress_bar_on_a_terminal_and_none_on_a_pipe(
     lmjobs_home: Path, tmp_path: Path
 ) -> None:
     """Bytes of the file, lines read (rejected ones included), lines/s and lines rejected so
-    far on stderr when it is a terminal
-    (rich's ``TTY_COMPATIBLE=1`` makes the captured stderr one); nothing on a pipe; --json's
-    stdout the same either way."""
+    far on stderr when it is a terminal (rich's ``TTY_COMPATIBLE=1`` makes the captured
+    stderr one); nothing on a pipe; --json's stdout the same either way."""
     f = tmp_path / "in.jsonl"
     f.write_text("".join(json.dumps({"prompt": f"line {i}"}) + "\n" for i in range(200)) + "{oops\n")
     env = cli_env(LMJOBS_HOME=str(lmjobs_home), LMJOBS_TEST_ENGINE=FAKE_ENGINE, LMJOBS_BROKER_URL="memory://")

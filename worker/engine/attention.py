@@ -151,32 +151,21 @@ def ragged_sdpa(
     attention_mask: torch.Tensor | None,  # [B, 1, q, T], True = attend
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    if (
-        attention_mask is None  # no padding in the batch: every row attends every column
-        and query.shape[2] == 1
-        and not kwargs.get("dropout")
-        and not any(kwargs.get(k) is not None for k in _PER_COLUMN)
-        and grouped_decode_wanted(query, key)
-    ):
-        return _grouped_sdpa(query, key, value, None, kwargs.get("scaling")), None
-    plain = (
-        query.shape[2] != 1
-        or attention_mask is None
-        or attention_mask.dtype != torch.bool
-        or attention_mask.shape[-1] != key.shape[2]
-        or attention_mask.shape[0] != query.shape[0]
-        or any(kwargs.get(k) is not None for k in _PER_COLUMN)
+    mask = attention_mask  # None: no padding in the batch, every row attends every column
+    odd_mask = mask is not None and (
+        mask.dtype != torch.bool or mask.shape[-1] != key.shape[2] or mask.shape[0] != query.shape[0]
     )
-    if plain or attention_mask is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    groups = _plan_for(attention_mask)
+    plain = query.shape[2] != 1 or odd_mask or any(kwargs.get(k) is not None for k in _PER_COLUMN)
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    groups = _plan_for(mask) if mask is not None else [(0, query.shape[0], 0)]
     grouped = not kwargs.get("dropout") and grouped_decode_wanted(query, key)
     if not grouped and len(groups) == 1 and groups[0][2] == 0:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    mask = attention_mask
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
     def run(a: int, b: int, s: int) -> torch.Tensor:  # rows [a, b) from column s
-        q, k, v, m = query[a:b], key[a:b, :, s:], value[a:b, :, s:], mask[a:b, :, :, s:]
+        q, k, v = query[a:b], key[a:b, :, s:], value[a:b, :, s:]
+        m = None if mask is None else mask[a:b, :, :, s:]
         if grouped:
             return _grouped_sdpa(q, k, v, m, kwargs.get("scaling"))
         return sdpa_attention_forward(module, q, k, v, m, **kwargs)[0]

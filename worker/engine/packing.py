@@ -25,10 +25,9 @@ measured, and fp32 stays on the plain path.
 Where (``wanted``): the CPU, and either bf16 weights on a CPU that computes bf16 natively
 (``cpu_computes_bf16``: without AVX512-BF16/AMX bf16 is emulated and fp32 is the dtype
 anyway) or fp32 weights on an AMD CPU with AVX2, or any with AVX2 and no AVX-512
-(``fp32_packing_pays``); and this
-torch has the private oneDNN ops and they pass a small self-check in that dtype
-(``available``; they are private API, so a torch without them, or where they fail, runs the
-plain path). Never with ``compile`` (inductor takes the modules' own weights).
+(``fp32_packing_pays``); and this torch has the private oneDNN ops and they pass a small
+self-check in that dtype (``available``; they are private API, so a torch without them, or
+where they fail, runs the plain path). Never with ``compile`` (inductor takes the modules' own weights).
 
 How (``pack``/``unpack``): in place, once per model and kept for the worker's life, like the
 slot cache. Each packable ``nn.Linear`` (bf16, on the CPU, 2-D weight) gets the packed

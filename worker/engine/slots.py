@@ -43,9 +43,9 @@ freezing (the weights become constants of the graph, prepacked for oneDNN by ind
 against 190 tokens/s on the benchmark's A5, Zen 5, for ~300 MB more and a longer first
 compile; 93.5 against 78.5 on a Zen 4) and dynamic shapes: the batch, the columns and the
 cache's slot and column dimensions are marked dynamic, so one graph serves every batch bucket,
-column bucket and cache size. What
-would specialise it is kept out: a batch of one runs as two rows (one idle), the cache has a
-spare column so a step never attends to all of it, and ``torch._check`` tells the compiler
+column bucket and cache size. What would specialise it is kept out: a batch of one runs as
+two rows (one idle), the cache has a spare column so a step never attends to all of it, and
+``torch._check`` tells the compiler
 the slices are within the cache. ``SlotDecoder.warm`` runs that graph at every (batch,
 column) bucket of a new cache before any row decodes (``decoder_for``; ``core.prepare_slots``
 ahead of a call), so compilation happens there and never while rows decode (measured on
