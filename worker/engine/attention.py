@@ -23,7 +23,13 @@ against 0.58 ms for the matmuls (one Zen 4 core; 1.36 against 0.93 ms at 128 col
 a tenth of a decode step's time. A batch without padding (rows of one length, or one row:
 the tail of a long-tailed batch) has no mask at all, and goes the same way: SDPA's kernel
 took 167 against 47 us a layer for one row over 400 columns, 1,509 against 160 at ten rows
-(a Zen 5, two threads). fp32 keeps SDPA (its output stays that of
+(a Zen 5, two threads). On a CPU with AMX (``packing.cpu_has_amx_bf16``: Intel Sapphire
+Rapids and later) it is the other way round: SDPA's flash kernel does its bf16 products with
+oneDNN's AMX micro-kernels, while the grouped matmuls first convert the keys to fp32 (a
+bandwidth-bound copy there): SmolLM2's slot step at 10 rows over 512 columns took 49.0 ms
+with SDPA against 57.4 with the grouped matmuls, 30.0 against 33.4 at one row over 128, and
+the benchmark's continuous arm went from 135-142 to 164.5 tokens/s; bf16 decode keeps SDPA
+there. fp32 keeps SDPA (its output stays that of
 ``model.generate``, which the tests hold it to), and so do prompts. The slot path's step
 attends the same way (``slots.SlotModel.step``).
 
@@ -42,6 +48,7 @@ from typing import Any
 import torch
 
 from lmjobs.worker.engine.compat import register_attention, sdpa_attention_forward, sdpa_mask
+from lmjobs.worker.engine.packing import cpu_has_amx_bf16
 
 NAME = "lmjobs_ragged_sdpa"
 # A run of rows may read at most SLACK x the columns its rows attend to.
@@ -103,13 +110,15 @@ def _plan_for(mask: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def grouped_decode_wanted(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether a decode step's attention runs as ``grouped_decode``: bf16 on the CPU, the
-    query heads a whole multiple of the key heads (the module docstring says why)."""
+    """Whether a decode step's attention runs as ``grouped_decode``: bf16 on a CPU without
+    AMX, the query heads a whole multiple of the key heads (the module docstring says why;
+    with AMX, SDPA's kernel is the faster one)."""
     return (
         query.dtype == torch.bfloat16
         and query.device.type == "cpu"
         and key.dtype == query.dtype
         and query.shape[1] % key.shape[1] == 0
+        and not cpu_has_amx_bf16()
     )
 
 

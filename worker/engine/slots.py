@@ -233,7 +233,7 @@ class SlotModel:
             kv_heads = k_cache.shape[1]
             grouped = q.reshape(batch, kv_heads, -1, attn.head_dim)  # [B, kvH, H/kvH, D]
             k_read, v_read = k_cache[:batch, :, :columns], v_cache[:batch, :, :columns]
-            if eager and grouped_decode_wanted(q, k_read):  # bf16 on the CPU: plain matmuls (attention.py)
+            if eager and grouped_decode_wanted(q, k_read):  # bf16 on a CPU without AMX (attention.py)
                 out = grouped_decode(grouped, k_read, v_read, attend, attn.scaling)
             else:
                 out = F.scaled_dot_product_attention(

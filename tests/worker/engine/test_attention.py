@@ -107,6 +107,12 @@ def test_grouped_decode_is_sdpa_up_to_bf16_rounding(groups: int):
     assert err <= max(2 * sdpa_err, 1e-2), (err, sdpa_err)
 
 
+@pytest.fixture
+def no_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU without AMX (whatever the test machine has): bf16 decode takes the grouped matmuls."""
+    monkeypatch.setattr(attention, "cpu_has_amx_bf16", lambda cpuinfo=None: False)
+
+
 def _count_sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that grows by one at each call of transformers' SDPA attention from ``attention``."""
     calls: list[int] = []
@@ -120,7 +126,7 @@ def _count_sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_ragged_sdpa_runs_bf16_decode_as_grouped_matmuls(monkeypatch: pytest.MonkeyPatch):
+def test_ragged_sdpa_runs_bf16_decode_as_grouped_matmuls(monkeypatch: pytest.MonkeyPatch, no_amx: None):
     """bf16 on the CPU: a decode step never calls SDPA, in one run or in several, and gives
     SDPA's answer up to rounding; fp32 still calls SDPA."""
     query, key, value, mask = _left_padded(6, 2, 3, 50, torch.bfloat16)
@@ -136,7 +142,7 @@ def test_ragged_sdpa_runs_bf16_decode_as_grouped_matmuls(monkeypatch: pytest.Mon
     assert calls
 
 
-def test_bf16_decode_without_a_mask_runs_as_grouped_matmuls(monkeypatch: pytest.MonkeyPatch):
+def test_bf16_decode_without_a_mask_runs_as_grouped_matmuls(monkeypatch: pytest.MonkeyPatch, no_amx: None):
     """A batch without padding (one row, or rows of one length) gets no mask from
     transformers: bf16 decode still runs as grouped matmuls over every column, with SDPA's
     answer up to rounding; fp32, and a prompt, still call SDPA."""
@@ -152,6 +158,23 @@ def test_bf16_decode_without_a_mask_runs_as_grouped_matmuls(monkeypatch: pytest.
     prompt = torch.cat([query, query], dim=2)  # two query tokens: a prompt, SDPA's causal path
     ragged_sdpa(module, prompt, key, value, None, scaling=0.25)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["padded", "no-mask"])
+def test_bf16_decode_keeps_sdpa_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch, masked: bool):
+    """With AMX (faked), SDPA's kernel is the faster one: bf16 decode calls it, once per run
+    of rows, and the answer is SDPA's on the whole batch up to rounding."""
+    monkeypatch.setattr(attention, "cpu_has_amx_bf16", lambda cpuinfo=None: True)
+    query, key, value, mask = _left_padded(6, 2, 3, 50, torch.bfloat16)
+    mask = mask if masked else None
+    module = Module(3)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    calls = _count_sdpa_calls(monkeypatch)
+    attention._last.mask = None
+    got, _ = ragged_sdpa(module, query, key, value, mask, scaling=0.25)
+    assert calls and got.shape == expected.shape
+    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
+    assert not attention.grouped_decode_wanted(query, key)
 
 
 def test_prompts_and_unusual_masks_go_to_sdpa_unchanged():

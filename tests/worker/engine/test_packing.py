@@ -253,6 +253,10 @@ def test_cpu_flags() -> None:
     assert packing.cpu_computes_bf16("flags : fpu avx512f avx512_bf16 sse")
     assert packing.cpu_computes_bf16("flags : fpu amx_bf16 amx_tile")
     assert not packing.cpu_computes_bf16("flags : fpu avx512f avx2")
+    sapphire_rapids = "vendor_id : GenuineIntel flags : avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
+    assert packing.cpu_has_amx_bf16(sapphire_rapids)
+    assert not packing.cpu_has_amx_bf16("vendor_id : AuthenticAMD flags : avx512f avx512_bf16")
+    assert not packing.cpu_has_amx_bf16("flags : amx_tile amx_int8")  # tiles without bf16
     zen3 = "flags : fpu sse sse2 avx avx2 fma"
     assert packing.fp32_packing_pays(zen3)
     zen5 = "vendor_id : AuthenticAMD flags : fpu avx avx2 avx512f avx512_bf16"
@@ -267,3 +271,101 @@ def test_unpacking_a_non_module_is_nothing_to_undo() -> None:
     """The baselines unpack whatever model they are given (the benchmark's tests hand them
     stand-ins that are not torch modules)."""
     assert packing.unpack(object()) == 0 and not packing.is_packed(object())
+
+
+def _qwen2_with_biases(dtype: torch.dtype) -> Any:
+    """A tiny random Qwen2 in memory: biases on q/k/v (none on o), grouped KV heads."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model.to(dtype).eval()
+
+
+@needs_ops
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_sibling_projections_are_fused(bf16: LoadedModel, arch: str) -> None:
+    """q/k/v and gate/up share one packed weight per module (with their biases on Qwen2);
+    the logits are the per-module packing's, prefill and decode; unpacking gives every
+    weight back bit for bit."""
+    model = bf16.model if arch == "llama" else _qwen2_with_biases(torch.bfloat16)
+    ids = torch.tensor([[5, 9, 14, 3, 7], [8, 2, 6, 11, 4]])
+    before = weights(model)
+    with torch.inference_mode():
+        plain_prompt, plain_step = model(input_ids=ids).logits, model(input_ids=ids[:, -1:]).logits
+    packing.pack(model)
+    layer = model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    members = [getattr(m, "_lmjobs_packed") for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert all(isinstance(m, packing._Member) for m in members)
+    assert len({id(m.group) for m in members}) == 1 and [m.index for m in members] == [0, 1, 2]
+    assert (members[0].group.bias is not None) == (arch == "qwen2")
+    assert getattr(mlp.gate_proj, "_lmjobs_packed").group is getattr(mlp.up_proj, "_lmjobs_packed").group
+    assert not isinstance(getattr(attn.o_proj, "_lmjobs_packed"), packing._Member)  # reads another input
+    with torch.inference_mode():
+        prompt, step = model(input_ids=ids).logits, model(input_ids=ids[:, -1:]).logits
+    torch.testing.assert_close(prompt.float(), plain_prompt.float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(step.float(), plain_step.float(), atol=2e-2, rtol=2e-2)
+    assert packing.unpack(model) > 0 and not packing.is_packed(model)
+    after = weights(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@needs_ops
+def test_fused_siblings_answer_in_any_order(bf16: LoadedModel) -> None:
+    """Each sibling's output is its own Linear's whatever the order of the calls: on one
+    input, on different inputs, one called twice, from another thread."""
+    attn = bf16.model.model.layers[0].self_attn
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    dense = {id(m): m.weight.detach().clone() for m in projections}
+    packing.pack(bf16.model)
+    x, y = torch.randn(3, 64).bfloat16(), torch.randn(3, 64).bfloat16()
+
+    def check(m: torch.nn.Linear, inp: torch.Tensor) -> None:
+        want = torch.nn.functional.linear(inp.float(), dense[id(m)].float())
+        torch.testing.assert_close(m(inp).float(), want, atol=2e-2, rtol=2e-2)
+
+    with torch.inference_mode():
+        for m in (attn.v_proj, attn.q_proj, attn.q_proj, attn.k_proj):  # v first, q twice
+            check(m, x)
+        check(attn.q_proj, x)
+        check(attn.k_proj, y)  # another input before v
+        check(attn.v_proj, x)
+        import threading
+
+        other = threading.Thread(target=lambda: [check(m, y) for m in projections])
+        other.start()
+        other.join()
+        check(attn.k_proj, x)
+        check(attn.q_proj, x[:, :].contiguous())  # an equal tensor that is another object
+        # another dtype takes the plain product of the packed rows
+        got = attn.k_proj(x.float())
+        torch.testing.assert_close(got, torch.nn.functional.linear(x.float(), dense[id(attn.k_proj)].float()))
+
+
+def test_only_read_model_types_are_fused(tiny_gpt2_dir: Path, model_cache_dir: Path) -> None:
+    """Fusion needs modeling code that calls the siblings on one tensor: model types other
+    than FUSED_MODEL_TYPES get none (GPT-2 has no such modules at all; a llama config
+    renamed gets none either)."""
+    lm = _load(tiny_gpt2_dir, model_cache_dir, "bfloat16")
+    assert packing._siblings(lm.model, {id(m) for m in lm.model.modules()}) == []
+    model = _qwen2_with_biases(torch.bfloat16)
+    packable = {id(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert len(packing._siblings(model, packable)) == 2 * 2  # two layers: q/k/v and gate/up
+    model.config.model_type = "some_other_decoder"
+    assert packing._siblings(model, packable) == []
+    model.config.model_type = "qwen2"
+    # a sibling that cannot be packed alone (a shared weight) leaves its group unfused
+    assert len(packing._siblings(model, packable - {id(model.model.layers[0].self_attn.k_proj)})) == 3

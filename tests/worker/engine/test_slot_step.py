@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from lmjobs.worker.engine import packing, slots
+from lmjobs.worker.engine import attention, packing, slots
 from lmjobs.worker.engine.slots import SlotModel
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 0.1}
@@ -64,8 +64,13 @@ def test_step_matches_forward(dtype: torch.dtype, pack: bool) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_bf16_steps_attend_as_grouped_matmuls(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The eager bf16 step attends with ``grouped_decode`` in every layer; fp32 with SDPA."""
+@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
+def test_bf16_steps_attend_as_grouped_matmuls(
+    dtype: torch.dtype, amx: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The eager bf16 step attends with ``grouped_decode`` in every layer on a CPU without
+    AMX (faked both ways); fp32, and bf16 with AMX, with SDPA."""
+    monkeypatch.setattr(attention, "cpu_has_amx_bf16", lambda cpuinfo=None: amx)
     calls: list[int] = []
     original = slots.grouped_decode
 
@@ -82,4 +87,4 @@ def test_bf16_steps_attend_as_grouped_matmuls(dtype: torch.dtype, monkeypatch: p
     mask = torch.arange(16)[None, :] <= positions[:, None]
     with torch.inference_mode():
         runner.step(torch.tensor([5, 7]), positions, mask, keys, values)
-    assert len(calls) == (len(runner.layers) if dtype == torch.bfloat16 else 0)
+    assert len(calls) == (len(runner.layers) if dtype == torch.bfloat16 and not amx else 0)
