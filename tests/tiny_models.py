@@ -9,6 +9,10 @@ so the two share one tokenizer trainer and one weight initializer.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from lmjobs.bench.models import INIT_STD, build_tiny_causal, build_tiny_seq2seq
 from lmjobs.bench.tokenizer import CORPUS, MAX_POSITIONS, VOCAB_SIZE, build_tokenizer
 from lmjobs.bench.tokenizer import TINY_CHAT_TEMPLATE as CHAT_TEMPLATE
@@ -23,6 +27,7 @@ __all__ = [
     "build_tiny_causal",
     "build_tiny_seq2seq",
     "build_tokenizer",
+    "random_qwen2",
 ]
 
 # Prompts of mixed lengths and languages (a one-token prompt, German, numbers) that the
@@ -37,3 +42,26 @@ PROMPTS = [
     "What is the capital of France? The capital of France is",
     "Workers pull jobs from the queue",
 ]
+
+
+def random_qwen2(dtype: torch.dtype, *, hidden: int = 96, heads: int = 6, std: float = 0.2) -> Any:
+    """A tiny random Qwen2 in memory (no tokenizer, vocabulary 97): biases on q/k/v, none on
+    o, two KV heads (``heads`` / 2 query heads each), every parameter drawn N(0, ``std``)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    config = Qwen2Config(
+        vocab_size=97,
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model.to(dtype).eval()

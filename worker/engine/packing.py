@@ -27,9 +27,10 @@ sgemm is Intel's own and neither wins throughout: 576->1536 took 81 / 94 / 220 /
 Where (``wanted``): the CPU, and either bf16 weights on a CPU that computes bf16 natively
 (``cpu_computes_bf16``: without AVX512-BF16/AMX bf16 is emulated and fp32 is the dtype
 anyway) or fp32 weights on an AMD CPU with AVX2, or any with AVX2 and no AVX-512
-(``fp32_packing_pays``; an Intel CPU with AVX-512 keeps sgemm); and this torch has the private oneDNN ops and they pass a small
-self-check in that dtype (``available``; they are private API, so a torch without them, or
-where they fail, runs the plain path). Never with ``compile`` (inductor takes the modules' own weights).
+(``fp32_packing_pays``; an Intel CPU with AVX-512 keeps sgemm); and this torch has the
+private oneDNN ops and they pass a small self-check in that dtype (``available``; they are
+private API, so a torch without them, or where they fail, runs the plain path). Never with
+``compile`` (inductor takes the modules' own weights).
 
 Siblings (``_siblings``): on Llama, Qwen2 and Mistral, whose modeling code calls a layer's
 q/k/v projections on one tensor and its MLP's gate and up projections on another, each
@@ -327,7 +328,7 @@ def pack(model: Any) -> int:
                         member = _Member(fused, index)
                         setattr(m, _ATTR, member)
                         m.weight.data = _placeholder(m.weight)
-                        m.forward = _fused_forward(m, member, dtype)
+                        m.forward = _fused_forward(m, member, dtype)  # type: ignore[method-assign]
                 for m in modules:
                     if id(m) in grouped:
                         continue

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from tiny_models import PROMPTS
+from tiny_models import PROMPTS, random_qwen2
 
 from lmjobs.jobs.engine_api import Generation, GenRequest, SamplingParams
 from lmjobs.worker.engine import packing
@@ -273,34 +273,13 @@ def test_unpacking_a_non_module_is_nothing_to_undo() -> None:
     assert packing.unpack(object()) == 0 and not packing.is_packed(object())
 
 
-def _qwen2_with_biases(dtype: torch.dtype) -> Any:
-    """A tiny random Qwen2 in memory: biases on q/k/v (none on o), grouped KV heads."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.1)
-    return model.to(dtype).eval()
-
-
 @needs_ops
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_sibling_projections_are_fused(bf16: LoadedModel, arch: str) -> None:
     """q/k/v and gate/up share one packed weight per module (with their biases on Qwen2);
     the logits are the per-module packing's, prefill and decode; unpacking gives every
     weight back bit for bit."""
-    model = bf16.model if arch == "llama" else _qwen2_with_biases(torch.bfloat16)
+    model = bf16.model if arch == "llama" else random_qwen2(torch.bfloat16, hidden=64, heads=4, std=0.1)
     ids = torch.tensor([[5, 9, 14, 3, 7], [8, 2, 6, 11, 4]])
     before = weights(model)
     with torch.inference_mode():
@@ -308,12 +287,12 @@ def test_sibling_projections_are_fused(bf16: LoadedModel, arch: str) -> None:
     packing.pack(model)
     layer = model.model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
-    members = [getattr(m, "_lmjobs_packed") for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    members = [vars(m)["_lmjobs_packed"] for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
     assert all(isinstance(m, packing._Member) for m in members)
     assert len({id(m.group) for m in members}) == 1 and [m.index for m in members] == [0, 1, 2]
     assert (members[0].group.bias is not None) == (arch == "qwen2")
-    assert getattr(mlp.gate_proj, "_lmjobs_packed").group is getattr(mlp.up_proj, "_lmjobs_packed").group
-    assert not isinstance(getattr(attn.o_proj, "_lmjobs_packed"), packing._Member)  # reads another input
+    assert vars(mlp.gate_proj)["_lmjobs_packed"].group is vars(mlp.up_proj)["_lmjobs_packed"].group
+    assert not isinstance(vars(attn.o_proj)["_lmjobs_packed"], packing._Member)  # reads another input
     with torch.inference_mode():
         prompt, step = model(input_ids=ids).logits, model(input_ids=ids[:, -1:]).logits
     torch.testing.assert_close(prompt.float(), plain_prompt.float(), atol=2e-2, rtol=2e-2)
@@ -361,7 +340,7 @@ def test_only_read_model_types_are_fused(tiny_gpt2_dir: Path, model_cache_dir: P
     renamed gets none either)."""
     lm = _load(tiny_gpt2_dir, model_cache_dir, "bfloat16")
     assert packing._siblings(lm.model, {id(m) for m in lm.model.modules()}) == []
-    model = _qwen2_with_biases(torch.bfloat16)
+    model = random_qwen2(torch.bfloat16, hidden=64, heads=4, std=0.1)
     packable = {id(m) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     assert len(packing._siblings(model, packable)) == 2 * 2  # two layers: q/k/v and gate/up
     model.config.model_type = "some_other_decoder"

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_models import random_qwen2
 
 from lmjobs.worker.engine import attention, packing, slots
 from lmjobs.worker.engine.slots import SlotModel
@@ -16,24 +17,7 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 0.1}
 
 
 def _model(dtype: torch.dtype) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(
-        vocab_size=97,
-        hidden_size=96,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,  # 3 query heads per KV head
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    return model.to(dtype).eval()
+    return random_qwen2(dtype)  # 3 query heads per KV head
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
