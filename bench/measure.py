@@ -1,7 +1,8 @@
 """Measuring an arm: wall time, peak memory, forward-pass accounting, memory bandwidth.
 
 ``StepMeter`` hooks the model's forward: each call is a prefill (more than one new token
-per row) or a decode step (one token per row); the slot path's decode steps, which call no
+per row) or a decode step (one token per row, or a speculative step's token and draft,
+which ``speculation.STATS`` counts before the forward); the slot path's decode steps, which call no
 forward, it hears from ``slots.STEP_OBSERVERS`` (rows, the batch bucket and the columns
 the step ran at). For decode steps it sums the rows, the
 time inside the forward (the device synchronized on both sides) and the bytes a step must
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from lmjobs.bench.models import parameter_bytes
-from lmjobs.worker.engine import slots
+from lmjobs.worker.engine import slots, speculation
 from lmjobs.worker.engine.batching import kv_bytes_per_token
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -89,6 +90,7 @@ class StepStats:
     decode_rows: int = 0
     decode_s: float = 0.0
     decode_bytes: float = 0.0
+    drafted_steps: int = 0  # decode steps that checked drafts (several tokens a row)
 
     def to_json(self, bandwidth: float | None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -97,6 +99,7 @@ class StepStats:
             "prefill_tokens": self.prefill_tokens,
             "prefill_real_tokens": self.prefill_real_tokens,
             "decode_steps": self.decode_steps,
+            "drafted_steps": self.drafted_steps,
             "decode_s": round(self.decode_s, 3),
             "mean_rows_per_decode_step": round(self.decode_rows / self.decode_steps, 2)
             if self.decode_steps
@@ -124,6 +127,7 @@ class StepMeter:
     _handles: list[Any] = field(default_factory=list)
     _t0: float = 0.0
     _past: int = 0  # cache columns before the current forward
+    _drafted: int = 0  # speculative steps counted before the current forward
     _kv_bytes: int = 0
     _weight_bytes: int = 0
 
@@ -166,6 +170,8 @@ class StepMeter:
     def _before(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # a suffix prefilled after a shared prefix: its mask starts with the cached columns
         self._past = cached_columns(kwargs) if ids_width(kwargs) > 1 else 0
+        # a speculative step counts itself before its forward: wider than a column, a step
+        self._drafted = speculation.STATS.steps
         sync(self.device)
         self._t0 = time.perf_counter()
 
@@ -181,7 +187,9 @@ class StepMeter:
             return
         rows, new = int(ids.shape[0]), int(ids.shape[1])
         mask = kwargs.get("attention_mask")
-        if new > 1:
+        drafted = speculation.STATS.steps != self._drafted
+        self.stats.drafted_steps += drafted
+        if new > 1 and not drafted:
             self.stats.prefill_calls += 1
             self.stats.prefill_s += elapsed
             self.stats.prefill_tokens += rows * new

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=64, ge=1)
     # Linear weights prepacked for oneDNN where it pays on the CPU (worker/engine/packing.py)
     pack_weights: bool = True
+    # Prompt-lookup speculative decoding: greedy rows check up to this many tokens drafted
+    # from their own text in each decode step (worker/engine/speculation.py); 0 = off
+    draft_tokens: int = Field(default=4, ge=0, le=16)
     chunk_time_limit_s: int = Field(default=3600, ge=10)
     query_timeout_s: float = Field(default=30.0, gt=0)
     worker_name: str = ""

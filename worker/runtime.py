@@ -70,6 +70,7 @@ def load_engine(settings: Settings, model_name: str) -> tuple[GenerateFn, ModelI
         batch_tokens=settings.batch_tokens,
         max_batch_size=settings.max_batch_size,
         pack_weights=settings.pack_weights,
+        draft_tokens=settings.draft_tokens,
     )
 
     def run(requests: Sequence[GenRequest]) -> list[Generation]:

@@ -122,14 +122,22 @@ def test_a_setting_only_pydantic_reads_goes_through_settings(job_env: tuple[dict
     assert _imported(modules, "pydantic_settings")
 
 
-def test_an_invalid_setting_is_still_refused_in_settings_words(job_env: tuple[dict[str, str], int]) -> None:
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("LMJOBS_CHUNK_SIZE", "0", "Input should be greater than or equal to 1"),
+        ("LMJOBS_DRAFT_TOKENS", "-1", "Input should be greater than or equal to 0"),
+        ("LMJOBS_DRAFT_TOKENS", "17", "Input should be less than or equal to 16"),
+    ],
+)
+def test_an_invalid_setting_is_still_refused_in_settings_words(
+    job_env: tuple[dict[str, str], int], name: str, value: str, message: str
+) -> None:
     env, job_id = job_env
-    proc, _ = run_cli_modules(["status", str(job_id)], {**env, "LMJOBS_CHUNK_SIZE": "0"})
+    proc, _ = run_cli_modules(["status", str(job_id)], {**env, name: value})
     assert proc.returncode == 1
     errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
-    assert errors == [
-        "error: invalid configuration: LMJOBS_CHUNK_SIZE: Input should be greater than or equal to 1"
-    ]
+    assert errors == [f"error: invalid configuration: {name}: {message}"]
 
 
 def test_the_one_shot_commands_run_without_the_cyclic_collector_and_give_it_back(

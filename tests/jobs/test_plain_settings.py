@@ -64,6 +64,8 @@ PLAIN = [
     {"LMJOBS_TEST_ENGINE": "fake_engine:make", "LMJOBS_SOMETHING_ELSE": "ignored"},
     {"LMJOBS_MAX_UPLOAD_BYTES": "1", "LMJOBS_QUERY_TIMEOUT_S": "30", "LMJOBS_HEARTBEAT_SECONDS": "0"},
     {"LMJOBS_PACK_WEIGHTS": "false"},
+    {"LMJOBS_DRAFT_TOKENS": "0"},
+    {"LMJOBS_DRAFT_TOKENS": "16"},
 ]
 
 
@@ -85,6 +87,8 @@ DOUBTFUL = [
     {"LMJOBS_CHUNK_SIZE": "0"},  # out of range: refused
     {"LMJOBS_CHUNK_SIZE": "100001"},
     {"LMJOBS_CHUNK_SIZE": "zero"},
+    {"LMJOBS_DRAFT_TOKENS": "-1"},  # out of range: refused
+    {"LMJOBS_DRAFT_TOKENS": "17"},
     {"LMJOBS_INGEST_PROCESSES": ""},
     {"LMJOBS_LEASE_SECONDS": "4"},
     {"LMJOBS_QUERY_TIMEOUT_S": "0"},

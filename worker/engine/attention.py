@@ -46,6 +46,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lmjobs.worker.engine.compat import register_attention, sdpa_attention_forward, sdpa_mask
 from lmjobs.worker.engine.packing import cpu_has_amx_bf16
@@ -57,6 +58,9 @@ SLACK = 1.25
 MAX_RUNS = 8
 # Below this share of padding the step runs as one SDPA call.
 MIN_SAVING = 0.1
+# Query tokens a row up to which a forward after a cache is a decode step (a speculative
+# step's last token and drafts, ``speculation``), not a prompt.
+MAX_STEP_TOKENS = 17
 # keyword arguments that carry per-column data, which the runs would have to slice too
 _PER_COLUMN = ("position_bias", "s_aux", "sinks", "softcap")
 
@@ -138,18 +142,28 @@ def grouped_decode(
 
 
 def _grouped_sdpa(
-    query: torch.Tensor,  # [B, H, 1, D]
+    query: torch.Tensor,  # [B, H, q, D]
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | None,  # [B, 1, q, T] bool
     scaling: float | None,
+    matmuls: bool,
 ) -> torch.Tensor:
-    """``grouped_decode`` in SDPA attention's layout: [B, 1, H, D]."""
-    batch, heads, _, dim = query.shape
-    grouped = query.reshape(batch, key.shape[1], heads // key.shape[1], dim)
+    """Attention of a decode step's few query tokens (one, or a verified draft's) with each
+    KV head's query heads as the rows of one block, the KV heads not repeated: through
+    ``grouped_decode`` (``matmuls``) or SDPA; in SDPA attention's layout, [B, q, H, D]."""
+    batch, heads, q, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups * q, dim)  # rows (head in group, token)
+    if mask is not None and q > 1:  # each token's row of the mask, for every head of its group
+        mask = mask[:, :, None].expand(batch, 1, groups, q, mask.shape[-1]).reshape(batch, 1, groups * q, -1)
     scale = scaling if scaling is not None else dim**-0.5
-    out = grouped_decode(grouped, key, value, mask, scale)
-    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous()
+    if matmuls:
+        out = grouped_decode(grouped, key, value, mask, scale)
+    else:
+        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
+    return out.reshape(batch, heads, q, dim).transpose(1, 2).contiguous()
 
 
 def ragged_sdpa(
@@ -161,14 +175,20 @@ def ragged_sdpa(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     mask = attention_mask  # None: no padding in the batch, every row attends every column
+    tokens = query.shape[2]
     odd_mask = mask is not None and (
         mask.dtype != torch.bool or mask.shape[-1] != key.shape[2] or mask.shape[0] != query.shape[0]
     )
-    plain = query.shape[2] != 1 or odd_mask or any(kwargs.get(k) is not None for k in _PER_COLUMN)
-    if plain:
+    # one query token a row, or a few after a cache (a speculative step's drafts, masked)
+    step = tokens == 1 or (mask is not None and tokens <= MAX_STEP_TOKENS and tokens < key.shape[2])
+    plain = not step or odd_mask or any(kwargs.get(k) is not None for k in _PER_COLUMN)
+    if plain or kwargs.get("dropout"):
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     groups = _plan_for(mask) if mask is not None else [(0, query.shape[0], 0)]
-    grouped = not kwargs.get("dropout") and grouped_decode_wanted(query, key)
+    whole = query.shape[1] % key.shape[1] == 0
+    matmuls = grouped_decode_wanted(query, key)
+    # SDPA's own path repeats the KV heads when there is a mask: the grouped form does not
+    grouped = matmuls or (whole and tokens > 1)
     if not grouped and len(groups) == 1 and groups[0][2] == 0:
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
@@ -176,7 +196,7 @@ def ragged_sdpa(
         q, k, v = query[a:b], key[a:b, :, s:], value[a:b, :, s:]
         m = None if mask is None else mask[a:b, :, :, s:]
         if grouped:
-            return _grouped_sdpa(q, k, v, m, kwargs.get("scaling"))
+            return _grouped_sdpa(q, k, v, m, kwargs.get("scaling"), matmuls)
         return sdpa_attention_forward(module, q, k, v, m, **kwargs)[0]
 
     outs = [run(*group) for group in groups]

@@ -3,7 +3,8 @@
 ``generate`` tokenizes every request on the CPU, checks it against the model's context,
 folds identical greedy requests, and decodes the rest in batches formed by a token budget
 from length-sorted requests, with a KV cache and a decode loop of its own (prefill, then
-one token per row per step): per-row seeds, per-row stopping, and continuous batching.
+one token per row per step, or several where a greedy row's draft copied from its own text
+is confirmed: ``speculation``): per-row seeds, per-row stopping, and continuous batching.
 Greedy output is the same, token for token, as ``model.generate(do_sample=False)`` on one
 prompt at a time (fp32; the tests check it for every mode).
 
@@ -117,6 +118,8 @@ logger = logging.getLogger(__name__)
 MODES = ("auto", "static", "continuous")
 # The shortest shared prompt prefix worth a forward pass of its own (``prefix_reuse``).
 MIN_PREFIX = 16
+# Draft tokens a greedy row may check in one decode step (``EngineConfig.draft_tokens``).
+DRAFT_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -132,10 +135,15 @@ class EngineConfig:
     # Linear weights prepacked for oneDNN on the CPU where it pays (``packing``); never with
     # ``compile``
     pack_weights: bool = True
+    # Prompt-lookup speculative decoding (``speculation``): greedy rows draft up to this
+    # many tokens a step from their own text, checked in the same forward pass; 0: off
+    draft_tokens: int = DRAFT_TOKENS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown engine mode {self.mode!r} (use one of {MODES})")
+        if self.draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be 0 (off) or more, not {self.draft_tokens}")
 
 
 def generate(
@@ -200,6 +208,7 @@ def generate(
         context=context,
         min_prefix=MIN_PREFIX if config.prefix_reuse else 0,
         slots=slots,
+        draft_tokens=config.draft_tokens,
     )
     if todo:
         # decode steps skip the cache's left padding (not with a StaticCache: static shapes)

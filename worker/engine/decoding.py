@@ -50,6 +50,8 @@ from lmjobs.worker.engine.grammar import Grammars, RowGrammar
 from lmjobs.worker.engine.kvcache import GrowingLayer, fill_holes, make_growing
 from lmjobs.worker.engine.logits import GenerationRules, RowLogits
 from lmjobs.worker.engine.sampling import StepLogprobs, choose_tokens, make_generator
+from lmjobs.worker.engine.speculation import STATS as DRAFT_STATS
+from lmjobs.worker.engine.speculation import STEP_TOKENS, NgramIndex
 
 NON_FINITE = "non-finite logits (NaN or inf) from the model"
 
@@ -97,6 +99,7 @@ class Row:
     error: str | None = None
     started: float = 0.0
     latency_ms: float = 0.0
+    lookup: NgramIndex | None = None  # prompt and generated tokens, for drafts (speculation.py)
     _stop_window: int = 0
 
     def start(self, ctx: DecodeContext) -> None:
@@ -110,6 +113,7 @@ class Row:
         start = ctx.decoder_start_id if ctx.decoder_start_id is not None else ctx.pad_id
         self.logits = ctx.rules.row(self.req.ids, params, ctx.device, start)
         self.logprobs = []
+        self.lookup = None
         self.grammar = None
         if params.output_format is not None:
             if ctx.grammars is None:  # generate compiles every format before decoding
@@ -150,6 +154,27 @@ class Row:
             return False
         self.latency_ms = (time.perf_counter() - self.started) * 1000
         return True
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to ``limit`` tokens this row may write next, looked up in its own text
+        (``speculation``), within what it may still write; [] for a row whose next token
+        is not the argmax of the model's raw logits (sampled, logits rules, an output
+        format, log-probabilities)."""
+        params = self.req.params
+        if (
+            not params.greedy
+            or self.logits is not None
+            or self.grammar is not None
+            or params.logprobs is not None
+        ):
+            return []
+        if self.lookup is None:
+            self.lookup = NgramIndex(list(self.req.ids))
+        lookup, prompt = self.lookup, len(self.req.ids)
+        for token in self.generated[len(lookup.tokens) - prompt :]:
+            lookup.append(token)
+        # the step writes the model's own token after the draft: room for both
+        return lookup.draft(min(limit, params.max_new_tokens - len(self.generated) - 1))
 
     def _hit_stop(self, ctx: DecodeContext) -> bool:
         # Only the tail can hold a stop string completed by this token; decoding it
@@ -376,6 +401,95 @@ class CausalBatch:
     def advance(self, logits: torch.Tensor) -> list[Row]:
         """Choose every row's next token; drop the rows that finished and return them."""
         return advance_rows(self, logits)
+
+    def drafts(self, limit: int) -> list[list[int]] | None:
+        """Each row's draft (``Row.draft``), or None when no row has one (a plain step)."""
+        # a step of rows x (1 + draft) tokens stays near one step's cost (the weights' bytes)
+        # while that product is small: drafts are cut to fit STEP_TOKENS
+        limit = min(limit, STEP_TOKENS // max(1, len(self.rows)) - 1)
+        if limit <= 0 or not self.can_merge or not self.ctx.position_ids:
+            return None
+        drafts = [row.draft(limit) for row in self.rows]
+        return drafts if any(drafts) else None
+
+    def verify(self, drafts: list[list[int]]) -> torch.Tensor:
+        """Feed each row ``last`` and then its draft (speculative decoding, ``speculation``);
+        the logits [B, T, V], T = 1 + the longest draft. Shorter drafts are padded, the
+        padding masked (0) like left padding."""
+        width = 1 + max(len(d) for d in drafts)
+        ids = torch.full((len(self.rows), width), self.ctx.pad_id, dtype=torch.long)
+        fed = torch.zeros((len(self.rows), width), dtype=self.mask.dtype)
+        for i, draft in enumerate(drafts):
+            if draft:
+                ids[i, 1 : 1 + len(draft)] = torch.tensor(draft)
+            fed[i, : 1 + len(draft)] = 1
+        device = self.mask.device
+        ids, fed = ids.to(device), fed.to(device)
+        ids[:, 0] = self.last
+        self.mask = torch.cat([self.mask, fed], dim=-1)
+        positions = self.pos[:, None] + torch.arange(width, device=device)  # [B, T]
+        DRAFT_STATS.steps += 1  # before the forward: a forward hook tells it from a prefill
+        DRAFT_STATS.drafted += sum(len(d) for d in drafts)
+        out = self.ctx.model(
+            input_ids=ids,
+            attention_mask=self.mask,
+            use_cache=True,
+            **self.ctx.optional_args(positions, prefill=False, cache=self.cache),
+        )
+        self.cache = output_cache(out)
+        return out.logits  # [B, T, V]
+
+    def advance_drafted(self, logits: torch.Tensor, drafts: list[list[int]]) -> list[Row]:
+        """After ``verify``: each row takes the token the model chose after ``last`` (as
+        ``advance`` does), then, while the drafted token it fed is the one just written, the
+        model's argmax after it. A row keeps the cache columns of what it wrote; the rest
+        of its draft's columns become holes (mask 0), and trailing columns no row kept are
+        dropped. Finished rows leave and are returned."""
+        rows, ctx = self.rows, self.ctx
+        width = logits.shape[1]
+        tokens, finite, steps = choose_tokens(
+            logits[:, 0],
+            [r.req.params for r in rows],
+            [r.generator for r in rows],
+            [r.logits for r in rows],
+            [r.generated for r in rows],
+            [r.grammar for r in rows],
+            ctx.grammars,
+        )
+        later = logits[:, 1:]  # argmax and the extremes in the model's dtype: no fp32 copy
+        best = later.argmax(dim=-1).tolist()  # [B][T-1]: one transfer to the host
+        ok = (torch.isfinite(later.amax(dim=-1)) & torch.isfinite(later.amin(dim=-1))).tolist()
+        kept: list[int] = []  # cache columns of this step each row keeps (1 + drafts accepted)
+        done: list[bool] = []
+        last: list[int] = []
+        for i, row in enumerate(rows):
+            finished = row.push(tokens[i], finite[i], ctx, steps[i])
+            n = 1
+            while not finished and n <= len(drafts[i]) and drafts[i][n - 1] == row.generated[-1]:
+                finished = row.push(best[i][n - 1], ok[i][n - 1], ctx)
+                n += 1
+            DRAFT_STATS.accepted += n - 1
+            kept.append(n)
+            done.append(finished)
+            last.append(row.generated[-1] if row.generated else ctx.pad_id)
+        device = self.mask.device
+        self.last = torch.tensor(last, dtype=torch.long, device=device)
+        keep_cols = torch.tensor(kept, device=device)
+        columns = torch.arange(width, device=device)
+        self.mask[:, -width:] *= (columns[None, :] < keep_cols[:, None]).to(self.mask.dtype)
+        self.pos = self.pos + keep_cols
+        finished_rows = [row for row, d in zip(rows, done, strict=True) if d]
+        if finished_rows and len(finished_rows) < len(rows):
+            self.select([i for i, d in enumerate(done) if not d])
+        elif finished_rows:
+            self.rows = []
+            return finished_rows
+        unused = width - max(n for n, d in zip(kept, done, strict=True) if not d)
+        if unused > 0:
+            self.mask = self.mask[:, :-unused]
+            for layer in self.cache.layers:
+                layer.drop_back(unused)
+        return finished_rows
 
     def select(self, keep: list[int]) -> None:
         """Keep only rows ``keep``; cut the cache columns that are padding in every row.

@@ -164,6 +164,12 @@ class GrowingLayer(DynamicLayer):  # type: ignore[misc]  # DynamicLayer is Any (
         self._k, self._v = self._k[:, :, columns:], self._v[:, :, columns:]
         self._n -= columns
 
+    def drop_back(self, columns: int) -> None:
+        """Forget the last ``columns`` columns (written by a speculative step and kept by no
+        row): they become spare columns the next update writes over; no copy."""
+        if columns > 0:
+            self._n = max(0, self._n - columns)
+
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")

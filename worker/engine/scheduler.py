@@ -184,8 +184,11 @@ class Scheduler:
         context: int = 0,
         min_prefix: int = 0,
         slots: SlotDecoder | None = None,
+        draft_tokens: int = 0,
     ) -> None:
         self.ctx = ctx
+        # prompt-lookup drafts a step (``speculation``): causal batches of growing layers only
+        self.draft_tokens = draft_tokens if not is_seq2seq else 0
         self.is_seq2seq = is_seq2seq
         self.batch_tokens = batch_tokens
         # slot batches: causal models only, at most one row per slot
@@ -214,7 +217,7 @@ class Scheduler:
                         queue.extendleft(reversed(later))
                     admitting = []
                 if batch is not None:
-                    batch.advance(batch.decode())
+                    self._step(batch)
                     if not batch.rows:
                         batch = None
             except EngineInterrupt:
@@ -227,6 +230,15 @@ class Scheduler:
                 if not in_flight:
                     raise  # not a batch's failure: a bug of the engine
                 cap = self._recover(exc, in_flight, queue, cap)
+
+    def _step(self, batch: Batch) -> None:
+        """One decode step: with the rows' drafts where a causal batch has some
+        (``speculation``), else one token a row."""
+        drafts = batch.drafts(self.draft_tokens) if isinstance(batch, CausalBatch) else None
+        if drafts is not None and isinstance(batch, CausalBatch):
+            batch.advance_drafted(batch.verify(drafts), drafts)
+        else:
+            batch.advance(batch.decode())
 
     def _should_admit(self, batch: Batch | None, cap: int, waiting: int) -> bool:
         if batch is None:

@@ -146,7 +146,8 @@ def test_continuous_refills_finished_slots(llama: LoadedModel, monkeypatch: pyte
 
         with monkeypatch.context() as patch:
             patch_forward(patch, llama, record)
-            run(llama, requests, mode=mode, max_batch_size=3)
+            # one token a step (no drafts): a forward of one column is a step, wider a prefill
+            run(llama, requests, mode=mode, max_batch_size=3, draft_tokens=0)
     steps = {mode: sum(1 for s in shapes[mode] if s[1] == 1) for mode in MODES}
     prefills = {mode: [s[0] for s in shapes[mode] if s[1] > 1] for mode in MODES}
 
@@ -479,7 +480,7 @@ def test_dedup_generates_identical_greedy_requests_once(llama: LoadedModel, monk
     shapes: list[tuple[int, int]] = []
     patch_forward(monkeypatch, llama, lambda kwargs: shapes.append(tuple(kwargs["input_ids"].shape)))
 
-    got = run(llama, requests)
+    got = run(llama, requests, draft_tokens=0)  # one token a step: wider forwards are prefills
 
     assert [g.deduplicated for g in got] == [False, False, True, False]
     assert got[2].text == got[0].text and got[2].key == 3

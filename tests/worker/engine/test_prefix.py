@@ -107,12 +107,13 @@ def test_the_prefix_is_prefilled_once(causal: LoadedModel, monkeypatch: pytest.M
     system, other = common_prefix(ids[:5]), common_prefix(ids[5:8])
     requests = requests_for(texts)
     seen = Prefills(monkeypatch, causal)
-    run(causal, requests, mode="static", prefix_reuse=False)
+    # one token a step (no drafts): every forward wider than a column is then a prefill
+    run(causal, requests, mode="static", prefix_reuse=False, draft_tokens=0)
     full = seen.tokens
     assert full == sum(len(i) for i in ids)
     seen.calls.clear()
 
-    run(causal, requests, mode="static")
+    run(causal, requests, mode="static", draft_tokens=0)
 
     # each prefix once, alone; every suffix after it; the loners whole
     assert seen.tokens == full - 4 * system - 2 * other
