@@ -1,8 +1,8 @@
 """Measuring an arm: wall time, peak memory, forward-pass accounting, memory bandwidth.
 
 ``StepMeter`` hooks the model's forward: each call is a prefill (more than one new token
-per row) or a decode step (one token per row, or a speculative step's token and draft,
-which ``speculation.STATS`` counts before the forward); the slot path's decode steps, which call no
+per row) or a decode step (one token per row, or a speculative step's token and draft:
+``speculation.STATS.in_step`` during its forward); the slot path's decode steps, which call no
 forward, it hears from ``slots.STEP_OBSERVERS`` (rows, the batch bucket and the columns
 the step ran at). For decode steps it sums the rows, the
 time inside the forward (the device synchronized on both sides) and the bytes a step must
@@ -127,7 +127,6 @@ class StepMeter:
     _handles: list[Any] = field(default_factory=list)
     _t0: float = 0.0
     _past: int = 0  # cache columns before the current forward
-    _drafted: int = 0  # speculative steps counted before the current forward
     _kv_bytes: int = 0
     _weight_bytes: int = 0
 
@@ -170,8 +169,6 @@ class StepMeter:
     def _before(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         # a suffix prefilled after a shared prefix: its mask starts with the cached columns
         self._past = cached_columns(kwargs) if ids_width(kwargs) > 1 else 0
-        # a speculative step counts itself before its forward: wider than a column, a step
-        self._drafted = speculation.STATS.steps
         sync(self.device)
         self._t0 = time.perf_counter()
 
@@ -187,7 +184,7 @@ class StepMeter:
             return
         rows, new = int(ids.shape[0]), int(ids.shape[1])
         mask = kwargs.get("attention_mask")
-        drafted = speculation.STATS.steps != self._drafted
+        drafted = speculation.STATS.in_step  # wider than a column, and a step
         self.stats.drafted_steps += drafted
         if new > 1 and not drafted:
             self.stats.prefill_calls += 1

@@ -428,14 +428,18 @@ class CausalBatch:
         ids[:, 0] = self.last
         self.mask = torch.cat([self.mask, fed], dim=-1)
         positions = self.pos[:, None] + torch.arange(width, device=device)  # [B, T]
-        DRAFT_STATS.steps += 1  # before the forward: a forward hook tells it from a prefill
+        DRAFT_STATS.steps += 1
         DRAFT_STATS.drafted += sum(len(d) for d in drafts)
-        out = self.ctx.model(
-            input_ids=ids,
-            attention_mask=self.mask,
-            use_cache=True,
-            **self.ctx.optional_args(positions, prefill=False, cache=self.cache),
-        )
+        DRAFT_STATS.in_step = True  # a forward hook tells this step from a prefill by it
+        try:
+            out = self.ctx.model(
+                input_ids=ids,
+                attention_mask=self.mask,
+                use_cache=True,
+                **self.ctx.optional_args(positions, prefill=False, cache=self.cache),
+            )
+        finally:
+            DRAFT_STATS.in_step = False
         self.cache = output_cache(out)
         return out.logits  # [B, T, V]
 

@@ -57,6 +57,9 @@ class DraftStats:
     steps: int = 0  # decode steps that verified drafts
     drafted: int = 0  # draft tokens fed
     accepted: int = 0  # draft tokens the model's own choice confirmed
+    # True during a speculative step's forward: a forward hook (the benchmark's step meter)
+    # tells it from a prefill by this
+    in_step: bool = False
 
     def snapshot(self) -> DraftStats:
         return replace(self)

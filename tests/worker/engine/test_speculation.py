@@ -167,3 +167,22 @@ def test_a_speculative_step_feeds_at_most_step_tokens(
     assert shapes and all(rows * width <= speculation.STEP_TOKENS for rows, width in shapes)
     assert all(rows < speculation.STEP_TOKENS // 2 for rows, _ in shapes)  # the full batch: plain
     assert max(width for _, width in shapes) > 2  # fewer rows at the end: longer drafts
+
+
+def test_the_benchmark_counts_speculative_steps_as_decode_steps(llama: LoadedModel) -> None:
+    """The step meter's forward hook tells a speculative step (several columns after a
+    cache) from a prefill: the prefills count the prompts' tokens only, with or without drafts."""
+    from lmjobs.bench.measure import StepMeter
+
+    reqs = requests_for(REPEATED, max_new_tokens=30)
+    counted = []
+    for k in (0, DRAFT_TOKENS):
+        with StepMeter(llama.model, torch.device("cpu")) as meter:
+            run(llama, reqs, mode="static", draft_tokens=k)
+        counted.append(meter.stats)
+    plain, drafted = counted
+    assert plain.drafted_steps == 0 and drafted.drafted_steps > 0
+    assert drafted.prefill_calls == plain.prefill_calls
+    assert drafted.prefill_real_tokens == plain.prefill_real_tokens
+    assert drafted.decode_steps < plain.decode_steps  # fewer steps for the same answers
+    assert not speculation.STATS.in_step
