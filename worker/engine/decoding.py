@@ -451,15 +451,7 @@ class CausalBatch:
         dropped. Finished rows leave and are returned."""
         rows, ctx = self.rows, self.ctx
         width = logits.shape[1]
-        tokens, finite, steps = choose_tokens(
-            logits[:, 0],
-            [r.req.params for r in rows],
-            [r.generator for r in rows],
-            [r.logits for r in rows],
-            [r.generated for r in rows],
-            [r.grammar for r in rows],
-            ctx.grammars,
-        )
+        tokens, finite, steps = _choose(rows, ctx, logits[:, 0])
         later = logits[:, 1:]  # argmax and the extremes in the model's dtype: no fp32 copy
         best = later.argmax(dim=-1).tolist()  # [B][T-1]: one transfer to the host
         ok = (torch.isfinite(later.amax(dim=-1)) & torch.isfinite(later.amin(dim=-1))).tolist()
@@ -482,11 +474,8 @@ class CausalBatch:
         columns = torch.arange(width, device=device)
         self.mask[:, -width:] *= (columns[None, :] < keep_cols[:, None]).to(self.mask.dtype)
         self.pos = self.pos + keep_cols
-        finished_rows = [row for row, d in zip(rows, done, strict=True) if d]
-        if finished_rows and len(finished_rows) < len(rows):
-            self.select([i for i, d in enumerate(done) if not d])
-        elif finished_rows:
-            self.rows = []
+        finished_rows = _drop_finished(self, done)
+        if not self.rows:
             return finished_rows
         unused = width - max(n for n, d in zip(kept, done, strict=True) if not d)
         if unused > 0:
@@ -600,7 +589,29 @@ class Seq2SeqBatch:
 def advance_rows(batch: Any, logits: torch.Tensor) -> list[Row]:
     """logits: [B, V] for ``batch.rows``. Push one token per row, drop finished rows."""
     rows, ctx = batch.rows, batch.ctx
-    tokens, finite, steps = choose_tokens(
+    tokens, finite, steps = _choose(rows, ctx, logits)
+    batch.last = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+    done = [
+        row.push(tok, ok, ctx, step) for row, tok, ok, step in zip(rows, tokens, finite, steps, strict=True)
+    ]
+    return _drop_finished(batch, done)
+
+
+def _drop_finished(batch: Any, done: list[bool]) -> list[Row]:
+    """Drop the rows of ``batch`` that ``done`` marks (``select`` the others); return them."""
+    finished = [row for row, d in zip(batch.rows, done, strict=True) if d]
+    if finished and len(finished) < len(batch.rows):
+        batch.select([i for i, d in enumerate(done) if not d])
+    elif finished:
+        batch.rows = []
+    return finished
+
+
+def _choose(
+    rows: Sequence[Row], ctx: DecodeContext, logits: torch.Tensor
+) -> tuple[list[int], list[bool], list[StepLogprobs | None]]:
+    """Each row's next token from ``logits`` [B, V] (``sampling.choose_tokens``)."""
+    return choose_tokens(
         logits,
         [r.req.params for r in rows],
         [r.generator for r in rows],
@@ -609,13 +620,3 @@ def advance_rows(batch: Any, logits: torch.Tensor) -> list[Row]:
         [r.grammar for r in rows],
         ctx.grammars,
     )
-    batch.last = torch.tensor(tokens, dtype=torch.long, device=logits.device)
-    done = [
-        row.push(tok, ok, ctx, step) for row, tok, ok, step in zip(rows, tokens, finite, steps, strict=True)
-    ]
-    finished = [row for row, d in zip(rows, done, strict=True) if d]
-    if finished and len(finished) < len(rows):
-        batch.select([i for i, d in enumerate(done) if not d])
-    elif finished:
-        batch.rows = []
-    return finished
