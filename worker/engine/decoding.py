@@ -427,7 +427,9 @@ class CausalBatch:
         ids, fed = ids.to(device), fed.to(device)
         ids[:, 0] = self.last
         self.mask = torch.cat([self.mask, fed], dim=-1)
-        positions = self.pos[:, None] + torch.arange(width, device=device)  # [B, T]
+        # [B, T]; a padded draft column takes the row's own position (never attended, and
+        # never past what the row may reach: learned position tables end at the context)
+        positions = self.pos[:, None] + torch.arange(width, device=device) * fed
         DRAFT_STATS.steps += 1
         DRAFT_STATS.drafted += sum(len(d) for d in drafts)
         DRAFT_STATS.in_step = True  # a forward hook tells this step from a prefill by it

@@ -186,3 +186,27 @@ def test_the_benchmark_counts_speculative_steps_as_decode_steps(llama: LoadedMod
     assert drafted.prefill_real_tokens == plain.prefill_real_tokens
     assert drafted.decode_steps < plain.decode_steps  # fewer steps for the same answers
     assert not speculation.STATS.in_step
+
+
+def test_padded_draft_columns_never_take_positions_beyond_the_row(
+    llama: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A row with a shorter draft than its neighbours' feeds padding in the step's extra
+    columns: those columns take the row's own position (a learned position table ends at the
+    context, and a row near its end must not index past it)."""
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    forward = llama.model.forward
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        if speculation.STATS.in_step:
+            positions = kwargs["position_ids"]
+            steps.append((positions.clone(), kwargs["attention_mask"][:, -positions.shape[1] :].clone()))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(llama.model, "forward", spy)
+    run(llama, requests_for(REPEATED + PROMPTS), mode="static", draft_tokens=4, max_batch_size=4)
+    assert steps and any(not fed.all() for _, fed in steps)  # some rows padded their drafts
+    for positions, fed in steps:
+        own = positions[:, :1].expand_as(positions)
+        drafted = own + torch.arange(positions.shape[1])
+        assert torch.equal(positions, torch.where(fed.bool(), drafted, own))
