@@ -188,7 +188,7 @@ class Scheduler:
     ) -> None:
         self.ctx = ctx
         # prompt-lookup drafts a step (``speculation``): causal batches of growing layers only
-        self.draft_tokens = draft_tokens if not is_seq2seq else 0
+        self.draft_tokens = draft_tokens
         self.is_seq2seq = is_seq2seq
         self.batch_tokens = batch_tokens
         # slot batches: causal models only, at most one row per slot
@@ -234,11 +234,12 @@ class Scheduler:
     def _step(self, batch: Batch) -> None:
         """One decode step: with the rows' drafts where a causal batch has some
         (``speculation``), else one token a row."""
-        drafts = batch.drafts(self.draft_tokens) if isinstance(batch, CausalBatch) else None
-        if drafts is not None and isinstance(batch, CausalBatch):
-            batch.advance_drafted(batch.verify(drafts), drafts)
-        else:
-            batch.advance(batch.decode())
+        if isinstance(batch, CausalBatch):
+            drafts = batch.drafts(self.draft_tokens)
+            if drafts is not None:
+                batch.advance_drafted(batch.verify(drafts), drafts)
+                return
+        batch.advance(batch.decode())
 
     def _should_admit(self, batch: Batch | None, cap: int, waiting: int) -> bool:
         if batch is None:
