@@ -143,3 +143,24 @@ def test_assemble_pads_on_the_left_with_zeros_and_places_rows():
     assert torch.equal(layer.keys[0, :, 2:], narrow[0][0])
     assert torch.equal(layer.keys[0, :, :2], torch.zeros(2, 2, 4))
     assert torch.equal(layer.values[0, :, :2], torch.zeros(2, 2, 4))
+
+
+@pytest.mark.parametrize("targets", [([0, 1], [2, 3, 4]), ([3, 4], [0, 1, 2]), ([1, 3], [0, 2, 4])])
+def test_assemble_places_views_of_growing_caches_by_slices_or_index(targets):
+    # the parts a merge hands over are views of caches with spare columns (not contiguous);
+    # consecutive targets take slice copies, others index copies: the same contents
+    first, second = GrowingLayer(), GrowingLayer()
+    first.update(*states(2, 7, seed=5))
+    second.update(*states(3, 4, seed=6))
+    assert not first.keys.is_contiguous() and first.capacity > 7
+    layer = GrowingLayer()
+    parts = [(first.keys, first.values, torch.tensor(targets[0]))]
+    parts.append((second.keys, second.values, torch.tensor(targets[1])))
+    layer.assemble(parts, 7)
+    for source, rows in ((first, targets[0]), (second, targets[1])):
+        lead = 7 - source.get_seq_length()
+        for j, row in enumerate(rows):
+            assert torch.equal(layer.keys[row, :, lead:], source.keys[j])
+            assert torch.equal(layer.values[row, :, lead:], source.values[j])
+            assert torch.equal(layer.keys[row, :, :lead], torch.zeros(2, lead, 4))
+            assert torch.equal(layer.values[row, :, :lead], torch.zeros(2, lead, 4))
