@@ -254,12 +254,18 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) 
     """FLOP/s of ``a @ b`` in ``dtype`` on ``device`` with torch's current threads: the
     best of a few timed rounds of repeated matmuls (the machine's own limit, against which
     each arm's achieved rate is read)."""
+    return max(matmul_rates(device, dtype, seconds))
+
+
+def matmul_rates(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> list[float]:
+    """``matmul_rate``'s rounds, each one's FLOP/s (about ``seconds`` / 5 each): how far
+    apart they are tells a steady machine from a shared, noisy one."""
     m, k, n = MATMUL_SHAPE.get(device.type, MATMUL_SHAPE["cuda"])
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
     a @ b  # warm-up
     sync(device)
-    best = 0.0
+    rates: list[float] = []
     deadline = time.perf_counter() + seconds
     while True:
         start = time.perf_counter()
@@ -268,9 +274,31 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) 
             a @ b
             reps += 1
         sync(device)
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - start))
+        rates.append(2 * m * k * n * reps / (time.perf_counter() - start))
         if time.perf_counter() >= deadline:
-            return best
+            return rates
+
+
+# The slowest matmul round may run at this share of the fastest one before a report calls
+# the machine unsteady (its arms' ratios then carry the machine's own variation).
+STEADY = 0.8
+
+
+def machine_speed(probes: dict[str, list[float]], steady: float = STEADY) -> dict[str, Any] | None:
+    """The matmul rounds of each probe (``matmul_rates``, e.g. before and after the arms),
+    in GFLOP/s as [slowest, fastest], the run's extremes, and whether the slowest round kept
+    ``steady`` of the fastest's rate. None without rounds."""
+    rounds = [r for rates in probes.values() for r in rates]
+    if not rounds:
+        return None
+    low, high = min(rounds), max(rounds)
+    spans = {name: [round(min(r) / 1e9, 1), round(max(r) / 1e9, 1)] for name, r in probes.items() if r}
+    return {
+        "probes_gflop_per_s": spans,
+        "low_gflop_per_s": round(low / 1e9, 1),
+        "high_gflop_per_s": round(high / 1e9, 1),
+        "steady": low >= steady * high,
+    }
 
 
 def matmul_params(model: Any) -> tuple[int, int]:

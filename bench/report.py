@@ -17,7 +17,7 @@ import torch
 
 from lmjobs.bench.arms import ArmOutput, ArmResult
 from lmjobs.bench.config import BASELINES
-from lmjobs.bench.measure import StepStats
+from lmjobs.bench.measure import StepStats, machine_speed
 from lmjobs.jobs.engine_api import ModelInfo
 
 if TYPE_CHECKING:
@@ -82,6 +82,9 @@ class BenchReport:
     # bench's, its matmul rate: their fraction is of the rate of the dtype they ran in.
     baseline_dtype: torch.dtype | None = None
     baseline_matmul_rate: float | None = None
+    # each round of the matmul probes (measure.matmul_rates) in the bench's dtype: "start"
+    # (before the arms, whose best is ``matmul_rate``) and "end" (after the in-process arms)
+    matmul_probes: dict[str, list[float]] = field(default_factory=dict)
     profile: dict[str, Any] | None = None
     load_average: dict[str, Any] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -276,6 +279,7 @@ class BenchReport:
                 "baseline_matmul_gflop_per_s": (
                     round(self.baseline_matmul_rate / 1e9, 1) if self.baseline_matmul_rate else None
                 ),
+                "machine_speed": machine_speed(self.matmul_probes),
                 "load_average": self.load_average,
                 "wall_s": round(self.wall_s, 1),
             },

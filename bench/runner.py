@@ -30,7 +30,7 @@ from lmjobs.bench import workloads as bench_workloads
 from lmjobs.bench.arms import measure
 from lmjobs.bench.config import ARMS, BASELINES, RANDOM_PREFIX, BenchConfig
 from lmjobs.bench.e2e import E2EOptions, E2EResult, run_e2e
-from lmjobs.bench.measure import load_average, matmul_params, matmul_rate, memory_bandwidth
+from lmjobs.bench.measure import load_average, matmul_params, matmul_rate, matmul_rates, memory_bandwidth
 from lmjobs.bench.models import build_random_model
 from lmjobs.bench.report import BenchReport, profile_engine
 from lmjobs.worker.engine.core import EngineConfig, resolve_mode
@@ -122,7 +122,8 @@ def run_bench(
     say("measuring memory bandwidth")
     report.bandwidth = memory_bandwidth(device, megabytes=1024 if device.type == "cuda" else 256)
     say("measuring the matmul rate")
-    report.matmul_rate = matmul_rate(device, dtype)
+    report.matmul_probes["start"] = matmul_rates(device, dtype)
+    report.matmul_rate = max(report.matmul_probes["start"])
     if baseline is not loaded:  # the baselines run in another dtype: their own rate
         report.baseline_matmul_rate = matmul_rate(device, base_dtype)
     report.matmul_params = matmul_params(loaded.model)
@@ -175,6 +176,8 @@ def run_bench(
         report.profile = profile_engine(
             model, tok, requests[: min(16, len(requests))], config.engine(mode="auto")
         )
+    if report.arms:  # the machine's speed again: did it change while the arms ran?
+        report.matmul_probes["end"] = matmul_rates(device, dtype)
     del model, tok, loaded, baseline  # the models' memory, before the worker loads its own
     _free(device)
 

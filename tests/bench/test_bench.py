@@ -54,6 +54,11 @@ def test_bench_runs_every_arm_and_matches_a0(redis_url: str, tmp_path: Path, lmj
 
     # each in-process fp arm's share of the machine's matmul rate; none for E2E and int8
     assert report["meta"]["matmul_gflop_per_s"] > 0
+    # the machine's speed probed before and after the arms: the rate is the start's best
+    speed = report["meta"]["machine_speed"]
+    assert set(speed["probes_gflop_per_s"]) == {"start", "end"}
+    assert speed["probes_gflop_per_s"]["start"][1] == report["meta"]["matmul_gflop_per_s"]
+    assert 0 < speed["low_gflop_per_s"] <= speed["high_gflop_per_s"] and isinstance(speed["steady"], bool)
     for name in ("A0", "A1", "A2", "A3", "A5", "A6", "A7", "A3c"):
         assert 0 < arms[name]["matmul_fraction"] < 1, name
     assert arms["E2E"]["matmul_fraction"] is None and arms["A4"]["matmul_fraction"] is None

@@ -14,8 +14,9 @@ import torch
 from services import cli_env
 from tiny_models import build_tiny_causal
 
-from lmjobs.bench.measure import matmul_flops, matmul_params, matmul_rate
+from lmjobs.bench.measure import machine_speed, matmul_flops, matmul_params, matmul_rate, matmul_rates
 from lmjobs.bench.runloop import PROMPT_TOKENS, make_prompts
+from lmjobs.cli.bench import speed_warning
 
 
 def _runloop(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -102,3 +103,32 @@ def test_matmul_params_count_the_model_weights(tmp_path: Path) -> None:
 def test_matmul_rate_is_a_rate(dtype: torch.dtype) -> None:
     rate = matmul_rate(torch.device("cpu"), dtype, seconds=0.05)
     assert 1e8 < rate < 1e14  # FLOP/s: more than 0.1 GFLOP/s, less than any CPU
+
+
+def test_matmul_rates_are_rounds_and_the_rate_their_best() -> None:
+    rates = matmul_rates(torch.device("cpu"), torch.float32, seconds=0.05)
+    assert len(rates) >= 1 and all(1e8 < r < 1e14 for r in rates)
+
+
+def test_machine_speed_calls_a_run_unsteady_when_its_probes_disagree() -> None:
+    steady = machine_speed({"start": [100e9, 95e9], "end": [90e9, 98e9]})
+    assert steady == {
+        "probes_gflop_per_s": {"start": [95.0, 100.0], "end": [90.0, 98.0]},
+        "low_gflop_per_s": 90.0,
+        "high_gflop_per_s": 100.0,
+        "steady": True,
+    }
+    # the end probe at 60% of the start's best: the machine slowed down while the arms ran
+    slowed = machine_speed({"start": [100e9], "end": [60e9, 70e9]})
+    assert slowed is not None and slowed["steady"] is False and slowed["low_gflop_per_s"] == 60.0
+    assert machine_speed({"start": [100e9], "end": [79e9]}, steady=0.8)["steady"] is False  # type: ignore[index]
+    assert machine_speed({}) is None and machine_speed({"start": []}) is None
+
+
+def test_bench_output_warns_when_the_machine_was_unsteady() -> None:
+    meta = {"dtype": "bfloat16", "machine_speed": machine_speed({"start": [800e9], "end": [450e9]})}
+    line = speed_warning(meta)
+    assert line is not None and "450.0-800.0 GFLOP/s" in line and "bfloat16" in line
+    steady = {"dtype": "bfloat16", "machine_speed": machine_speed({"start": [800e9, 790e9]})}
+    assert speed_warning(steady) is None
+    assert speed_warning({"dtype": "float32"}) is None  # a report from before the probes
