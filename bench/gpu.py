@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lmjobs.bench.table import fmt, markdown
+from lmjobs.bench.table import fmt, markdown, speed_warning
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +84,9 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     lines += [f"{a['arm']}: {a['label']}" for a in report["arms"]]
+    unsteady = speed_warning(report["meta"])
+    if unsteady:
+        lines.append(unsteady)
     for arm in report["arms"]:
         same = arm["correctness_vs_a0"]
         if same and same["differing_keys"]:

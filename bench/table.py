@@ -57,3 +57,17 @@ def markdown(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(arm_cells(a)) + " |" for a in report["arms"]]
     return "\n".join(lines)
+
+
+def speed_warning(meta: dict[str, Any]) -> str | None:
+    """A line for a run whose matmul probes (before and after the arms) disagree: the
+    machine's speed changed while the arms ran, and the ratios between them carry it."""
+    speed = meta.get("machine_speed")
+    if not speed or speed["steady"]:
+        return None
+    return (
+        f"the machine's {meta['dtype']} matmul rate ranged {speed['low_gflop_per_s']}-"
+        f"{speed['high_gflop_per_s']} GFLOP/s in its probes before and after the arms "
+        "(a shared or throttled machine): the ratios between arms carry that variation; "
+        "repeat the run, or compare arms measured together"
+    )

@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.table import Table
 
-from lmjobs.bench.table import COLUMNS, arm_cells, markdown
+from lmjobs.bench.table import COLUMNS, arm_cells, markdown, speed_warning
 from lmjobs.bench.table import fmt as _fmt
 from lmjobs.cli import context, render
 from lmjobs.jobs.errors import ConfigError
@@ -172,20 +172,6 @@ def show(report: dict[str, Any], *, as_markdown: bool = False) -> None:
                 _fmt(row["self_pct_of_wall"], 1),
             )
         render.out.print(t)
-
-
-def speed_warning(meta: dict[str, Any]) -> str | None:
-    """A line for a run whose matmul probes (before and after the arms) disagree: the
-    machine's speed changed while the arms ran, and the ratios between them carry it."""
-    speed = meta.get("machine_speed")
-    if not speed or speed["steady"]:
-        return None
-    return (
-        f"the machine's {meta['dtype']} matmul rate ranged {speed['low_gflop_per_s']}-"
-        f"{speed['high_gflop_per_s']} GFLOP/s in its probes before and after the arms "
-        "(a shared or throttled machine): the ratios between arms carry that variation; "
-        "repeat the run, or compare arms measured together"
-    )
 
 
 def _features(

@@ -78,6 +78,10 @@ def test_gpu_entry_runs_without_pydantic_sqlalchemy_celery_redis(tmp_path: Path)
     assert set(arms) == {"A0", "A1", "A2", "A5"}
     assert "sqlalchemy" in report["skipped"]["E2E"] and "celery" in report["skipped"]["E2E"]
     assert "| A2 |" in proc.stdout  # the Markdown table
+    # the machine's speed, probed before and after the arms: a line when it moved
+    speed = report["meta"]["machine_speed"]
+    assert set(speed["probes_gflop_per_s"]) == {"start", "end"}
+    assert ("matmul rate ranged" in proc.stdout) == (not speed["steady"])
     assert arms["A1"]["label"] == "model.generate, batches of 2, input order"
     for name in ("A1", "A2", "A5"):
         assert arms[name]["correctness_vs_a0"]["identical_pct"] == 100.0, name

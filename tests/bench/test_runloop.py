@@ -16,7 +16,7 @@ from tiny_models import build_tiny_causal
 
 from lmjobs.bench.measure import machine_speed, matmul_flops, matmul_params, matmul_rate, matmul_rates
 from lmjobs.bench.runloop import PROMPT_TOKENS, make_prompts
-from lmjobs.cli.bench import speed_warning
+from lmjobs.bench.table import speed_warning
 
 
 def _runloop(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
