@@ -49,7 +49,7 @@ from lmjobs.worker.engine.compat import BaseModelOutput, output_cache
 from lmjobs.worker.engine.grammar import Grammars, RowGrammar
 from lmjobs.worker.engine.kvcache import GrowingLayer, fill_holes, make_growing
 from lmjobs.worker.engine.logits import GenerationRules, RowLogits
-from lmjobs.worker.engine.sampling import StepLogprobs, choose_tokens, make_generator
+from lmjobs.worker.engine.sampling import StepLogprobs, choose_tokens, finite_rows, make_generator
 from lmjobs.worker.engine.speculation import STATS as DRAFT_STATS
 from lmjobs.worker.engine.speculation import STEP_TOKENS, NgramIndex
 
@@ -456,7 +456,7 @@ class CausalBatch:
         tokens, finite, steps = _choose(rows, ctx, logits[:, 0])
         later = logits[:, 1:]  # argmax and the extremes in the model's dtype: no fp32 copy
         best = later.argmax(dim=-1).tolist()  # [B][T-1]: one transfer to the host
-        ok = (torch.isfinite(later.amax(dim=-1)) & torch.isfinite(later.amin(dim=-1))).tolist()
+        ok = finite_rows(later).tolist()
         kept: list[int] = []  # cache columns of this step each row keeps (1 + drafts accepted)
         done: list[bool] = []
         last: list[int] = []

@@ -63,6 +63,13 @@ class StepLogprobs:
     top_logprobs: tuple[float, ...]
 
 
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Whether each row of ``logits`` [..., V] is all finite: [...] bool. A NaN or +inf
+    reaches the row's max, a -inf its min (two reductions: isfinite().all made a [B, V] mask
+    and took 7 ms a step at 64 x 49152 on one Zen 4 core, these 0.4 ms)."""
+    return torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))
+
+
 def choose_tokens(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],
@@ -90,9 +97,7 @@ def choose_tokens(
     One log_softmax and one topk over the rows that asked.
     """
     logits = logits.float()
-    # [B]: a NaN or +inf reaches the row's max, a -inf its min (two reductions: isfinite().all
-    # made a [B, V] mask and took 7 ms a step at 64 x 49152 on one Zen 4 core, these 0.4 ms)
-    finite = torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))
+    finite = finite_rows(logits)
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     logprobs: torch.Tensor | None = None
     if want:
