@@ -8,7 +8,14 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lmjobs.worker.engine.kvcache import MIN_SPARE, GrowingLayer, fill_holes, make_growing, spare_columns
+from lmjobs.worker.engine.kvcache import (
+    MIN_SPARE,
+    GrowingLayer,
+    _runs,
+    fill_holes,
+    make_growing,
+    spare_columns,
+)
 
 
 def states(batch: int, columns: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,9 +153,9 @@ def test_assemble_pads_on_the_left_with_zeros_and_places_rows():
 
 
 @pytest.mark.parametrize("targets", [([0, 1], [2, 3, 4]), ([3, 4], [0, 1, 2]), ([1, 3], [0, 2, 4])])
-def test_assemble_places_views_of_growing_caches_by_slices_or_index(targets):
+def test_assemble_places_views_of_growing_caches_in_runs_of_rows(targets):
     # the parts a merge hands over are views of caches with spare columns (not contiguous);
-    # consecutive targets take slice copies, others index copies: the same contents
+    # each run of consecutive target rows is one slice copy, scattered rows one each
     first, second = GrowingLayer(), GrowingLayer()
     first.update(*states(2, 7, seed=5))
     second.update(*states(3, 4, seed=6))
@@ -164,3 +171,9 @@ def test_assemble_places_views_of_growing_caches_by_slices_or_index(targets):
             assert torch.equal(layer.values[row, :, lead:], source.values[j])
             assert torch.equal(layer.keys[row, :, :lead], torch.zeros(2, lead, 4))
             assert torch.equal(layer.values[row, :, :lead], torch.zeros(2, lead, 4))
+
+
+def test_runs_cut_an_index_into_consecutive_runs():
+    assert _runs([2, 3, 4]) == [(2, 0, 3)]
+    assert _runs([1, 3, 4, 0]) == [(1, 0, 1), (3, 1, 2), (0, 3, 1)]
+    assert _runs([]) == []
