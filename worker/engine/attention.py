@@ -13,25 +13,21 @@ same keys); the output is the same up to the kernel's summation order. Steps whe
 is little to gain, prompts (more than one query token), masks that are not boolean and
 attention with extra per-column inputs (position biases, sinks) go to SDPA unchanged.
 
-bf16 decode steps on the CPU (``grouped_decode``): one query token per row attends as
-plain matmuls, the query heads that share a KV head as the rows of one query block:
-scores in fp32 (query and keys read as fp32), softmax in fp32, the probabilities rounded to
-bf16 for the product with the values, as SDPA's CPU flash kernel does for bf16. That kernel
-has a fixed cost per (row, head) that a one-token query never amortizes: at 64 rows of
-SmolLM2 (9 query heads over 3 KV heads, 64-dim) and 77 columns it took 0.96 ms a layer
-against 0.58 ms for the matmuls (one Zen 4 core; 1.36 against 0.93 ms at 128 columns), about
-a tenth of a decode step's time. A batch without padding (rows of one length, or one row:
-the tail of a long-tailed batch) has no mask at all, and goes the same way: SDPA's kernel
-took 167 against 47 us a layer for one row over 400 columns, 1,509 against 160 at ten rows
-(a Zen 5, two threads). On a CPU with AMX (``packing.cpu_has_amx_bf16``: Intel Sapphire
-Rapids and later) it is the other way round: SDPA's flash kernel does its bf16 products with
-oneDNN's AMX micro-kernels, while the grouped matmuls first convert the keys to fp32 (a
-bandwidth-bound copy there): SmolLM2's slot step at 10 rows over 512 columns took 49.0 ms
-with SDPA against 57.4 with the grouped matmuls, 30.0 against 33.4 at one row over 128, and
-the benchmark's continuous arm went from 135-142 to 164.5 tokens/s; bf16 decode keeps SDPA
-there. fp32 keeps SDPA (its output stays that of
-``model.generate``, which the tests hold it to), and so do prompts. The slot path's step
-attends the same way (``slots.SlotModel.step``).
+bf16 decode steps on the CPU attend in grouped form (``_grouped_sdpa``): the query heads
+that share a KV head are the rows of one query block ([B, kvH, H/kvH x q, D]), the KV heads
+neither repeated nor broadcast, through SDPA's CPU flash kernel (fp32 scores and softmax from
+bf16 products, bf16 probabilities times the values). The form one query row per head
+(transformers' call: the KV heads repeated, or ``enable_gqa``) pays the kernel's fixed cost
+per (row, head) that a one-token query never amortizes, 3x as often for SmolLM2's 9 heads
+over 3 KV heads (167 us a layer at one row over 400 columns on a Zen 5, 47 in grouped
+form as matmuls). Until 2026-12-04 the grouped form ran as plain matmuls on CPUs without
+AMX (the keys converted to fp32 at every step, then fp32 scores); SDPA's kernel reads the
+bf16 keys as they are, and on a Zen 4 (two threads) the benchmark's 32 ``mixed`` requests
+took 9.8 s against 12.9 with the matmuls (median of 4, alternated), with as many answers
+equal to fp32's (13 and 12 of 32).
+fp32 keeps transformers' SDPA call (its output stays that of ``model.generate``, which the
+tests hold it to), and so do prompts. The slot path's step attends the same way
+(``slots.SlotModel.step``).
 
 ``ragged_attention(model)`` switches a model from ``sdpa`` to this attention for the
 duration of an engine call: transformers' attention and mask registries dispatch on the
@@ -49,7 +45,6 @@ import torch
 import torch.nn.functional as F
 
 from lmjobs.worker.engine.compat import register_attention, sdpa_attention_forward, sdpa_mask
-from lmjobs.worker.engine.packing import cpu_has_amx_bf16
 
 NAME = "lmjobs_ragged_sdpa"
 # A run of rows may read at most SLACK x the columns its rows attend to.
@@ -64,7 +59,9 @@ MAX_STEP_TOKENS = 17
 # keyword arguments that carry per-column data, which the runs would have to slice too
 _PER_COLUMN = ("position_bias", "s_aux", "sinks", "softcap")
 
-_last = threading.local()  # the groups of the last mask seen (every layer of a step shares it)
+# the groups of the last mask seen, and its runs' masks as the grouped form takes them (every
+# layer of a step shares them)
+_last = threading.local()
 
 
 def runs(starts: list[int], width: int, slack: float = SLACK) -> list[tuple[int, int, int]]:
@@ -110,59 +107,45 @@ def _plan_for(mask: torch.Tensor) -> list[tuple[int, int, int]]:
         # first attended column of each row (a row attending nothing gets 0: read it all)
         starts = valid.int().argmax(dim=-1).tolist()
         _last.mask, _last.plan = mask, plan(starts, mask.shape[-1])
+        _last.grouped = {}
     return _last.plan
 
 
-def grouped_decode_wanted(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether a decode step's attention runs as ``grouped_decode``: bf16 on a CPU without
-    AMX, the query heads a whole multiple of the key heads (the module docstring says why;
-    with AMX, SDPA's kernel is the faster one)."""
+def _grouped_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask [B, 1, q, T] as ``_grouped_sdpa`` takes it: each token's row for every
+    head of its group ([B, 1, groups x q, T]), additive in ``dtype`` (0 or -inf), the form SDPA
+    turns a boolean mask into at every call."""
+    batch, _, q, width = mask.shape
+    if q > 1:
+        mask = mask[:, :, None].expand(batch, 1, groups, q, width).reshape(batch, 1, groups * q, width)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def grouped_wanted(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether a decode step's attention runs in grouped form (``_grouped_sdpa``): bf16 on
+    the CPU, the query heads a whole multiple of the key heads (the module docstring says why)."""
     return (
         query.dtype == torch.bfloat16
         and query.device.type == "cpu"
         and key.dtype == query.dtype
         and query.shape[1] % key.shape[1] == 0
-        and not cpu_has_amx_bf16()
     )
-
-
-def grouped_decode(
-    query: torch.Tensor,  # [B, kvH, G, D]: each KV head's G query heads, one token per row
-    key: torch.Tensor,  # [B, kvH, T, D]
-    value: torch.Tensor,  # [B, kvH, T, D]
-    mask: torch.Tensor | None,  # [B, 1, 1, T] bool, True = attend (None: every column)
-    scale: float,
-) -> torch.Tensor:
-    """Attention of one query token per row: [B, kvH, G, D], what SDPA returns for these
-    inputs up to rounding (fp32 scores and softmax, bf16 probabilities times the values)."""
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scale)  # [B, kvH, G, T]
-    if mask is not None:
-        scores = scores.masked_fill_(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).to(value.dtype), value)
 
 
 def _grouped_sdpa(
     query: torch.Tensor,  # [B, H, q, D]
     key: torch.Tensor,
     value: torch.Tensor,
-    mask: torch.Tensor | None,  # [B, 1, q, T] bool
+    mask: torch.Tensor | None,  # [B, 1, groups x q, T] (``_grouped_mask``), or [B, 1, 1, T]
     scaling: float | None,
-    matmuls: bool,
 ) -> torch.Tensor:
-    """Attention of a decode step's few query tokens (one, or a verified draft's) with each
-    KV head's query heads as the rows of one block, the KV heads not repeated: through
-    ``grouped_decode`` (``matmuls``) or SDPA; in SDPA attention's layout, [B, q, H, D]."""
+    """SDPA of a decode step's few query tokens (one, or a verified draft's) with each KV
+    head's query heads as the rows of one block, the KV heads not repeated; in SDPA
+    attention's layout, [B, q, H, D]."""
     batch, heads, q, dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    grouped = query.reshape(batch, kv_heads, groups * q, dim)  # rows (head in group, token)
-    if mask is not None and q > 1:  # each token's row of the mask, for every head of its group
-        mask = mask[:, :, None].expand(batch, 1, groups, q, mask.shape[-1]).reshape(batch, 1, groups * q, -1)
+    grouped = query.reshape(batch, key.shape[1], -1, dim)  # rows (head in group, token)
     scale = scaling if scaling is not None else dim**-0.5
-    if matmuls:
-        out = grouped_decode(grouped, key, value, mask, scale)
-    else:
-        out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
     return out.reshape(batch, heads, q, dim).transpose(1, 2).contiguous()
 
 
@@ -186,18 +169,23 @@ def ragged_sdpa(
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
     groups = _plan_for(mask) if mask is not None else [(0, query.shape[0], 0)]
     whole = query.shape[1] % key.shape[1] == 0
-    matmuls = grouped_decode_wanted(query, key)
     # SDPA's own path repeats the KV heads when there is a mask: the grouped form does not
-    grouped = matmuls or (whole and tokens > 1)
+    grouped = grouped_wanted(query, key) or (whole and tokens > 1)
     if not grouped and len(groups) == 1 and groups[0][2] == 0:
         return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
     def run(a: int, b: int, s: int) -> torch.Tensor:  # rows [a, b) from column s
         q, k, v = query[a:b], key[a:b, :, s:], value[a:b, :, s:]
         m = None if mask is None else mask[a:b, :, :, s:]
-        if grouped:
-            return _grouped_sdpa(q, k, v, m, kwargs.get("scaling"), matmuls)
-        return sdpa_attention_forward(module, q, k, v, m, **kwargs)[0]
+        if not grouped:
+            return sdpa_attention_forward(module, q, k, v, m, **kwargs)[0]
+        if m is not None:  # made once a step, for every layer
+            per_kv = query.shape[1] // key.shape[1]
+            made = _last.grouped.get((a, b, s, per_kv, query.dtype))
+            if made is None:
+                made = _last.grouped[(a, b, s, per_kv, query.dtype)] = _grouped_mask(m, per_kv, query.dtype)
+            m = made
+        return _grouped_sdpa(q, k, v, m, kwargs.get("scaling"))
 
     outs = [run(*group) for group in groups]
     return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)), None  # [B, q, H, D], as SDPA returns it

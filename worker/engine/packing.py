@@ -97,15 +97,6 @@ def cpu_computes_bf16(cpuinfo: str | None = None) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def cpu_has_amx_bf16(cpuinfo: str | None = None) -> bool:
-    """Does this CPU have AMX tiles for bf16 (Intel Sapphire Rapids and later)? There,
-    SDPA's CPU flash kernel runs its bf16 products through oneDNN's AMX micro-kernels, and a
-    one-token decode step attends faster through it than through plain matmuls
-    (``attention.grouped_decode_wanted``)."""
-    flags = _flags(cpuinfo)
-    return "amx_bf16" in flags and "amx_tile" in flags
-
-
 def fp32_packing_pays(cpuinfo: str | None = None) -> bool:
     """fp32 weights are packed on an AMD CPU with AVX2 (a Zen 3 without AVX-512, a Zen 5
     with it) and on any CPU with AVX2 and without AVX-512, where MKL's sgemm is slow at a

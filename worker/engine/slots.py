@@ -69,7 +69,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lmjobs.worker.engine.attention import grouped_decode, grouped_decode_wanted
 from lmjobs.worker.engine.compat import cache_layers
 from lmjobs.worker.engine.decoding import CausalBatch, DecodeContext, PrefixStore, Row, advance_rows
 from lmjobs.worker.engine.static_cache import LENGTH_BUCKET, RECOMPILE_LIMIT, bucket_batch
@@ -218,7 +217,6 @@ class SlotModel:
         hidden = self.embed(tokens[:, None])  # [B, 1, d]
         cos, sin = self.rotary(hidden, positions[:, None])  # [B, 1, D]
         attend = mask[:, None, None, :]  # [B, 1, 1, L]
-        eager = not torch.compiler.is_compiling()
         for layer, k_cache, v_cache in zip(self.layers, keys, values, strict=True):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
@@ -233,12 +231,9 @@ class SlotModel:
             kv_heads = k_cache.shape[1]
             grouped = q.reshape(batch, kv_heads, -1, attn.head_dim)  # [B, kvH, H/kvH, D]
             k_read, v_read = k_cache[:batch, :, :columns], v_cache[:batch, :, :columns]
-            if eager and grouped_decode_wanted(q, k_read):  # bf16 on a CPU without AMX (attention.py)
-                out = grouped_decode(grouped, k_read, v_read, attend, attn.scaling)
-            else:
-                out = F.scaled_dot_product_attention(
-                    grouped, k_read, v_read, attn_mask=attend, scale=attn.scaling
-                )
+            out = F.scaled_dot_product_attention(
+                grouped, k_read, v_read, attn_mask=attend, scale=attn.scaling
+            )
             # out: [B, kvH, H/kvH, D], the heads in order
             hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

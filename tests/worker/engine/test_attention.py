@@ -15,7 +15,6 @@ from lmjobs.worker.engine import attention
 from lmjobs.worker.engine.attention import (
     MAX_RUNS,
     NAME,
-    grouped_decode,
     plan,
     ragged_attention,
     ragged_sdpa,
@@ -93,88 +92,81 @@ def _left_padded(batch: int, kv_heads: int, groups: int, width: int, dtype: torc
 
 
 @pytest.mark.parametrize("groups", [1, 3])
-def test_grouped_decode_is_sdpa_up_to_bf16_rounding(groups: int):
-    """bf16 decode attention as matmuls: as close to an fp64 reference as SDPA's bf16 kernel."""
+def test_grouped_form_is_as_accurate_as_sdpa_per_head(groups: int):
+    """bf16 decode attention with a KV head's query heads as one block: as close to an fp64
+    reference as SDPA called one query row per head with the KV heads repeated."""
     query, key, value, mask = _left_padded(8, 2, groups, 40, torch.bfloat16)
-    grouped = query.reshape(8, 2, groups, 16)
-    got = grouped_decode(grouped, key, value, mask, 0.25)
+    module = Module(groups)
+    got = attention._grouped_sdpa(query, key, value, mask, 0.25)  # [B, 1, H, D]
     want = torch.nn.functional.scaled_dot_product_attention(
-        grouped.double(), key.double(), value.double(), attn_mask=mask, scale=0.25
-    )
-    sdpa = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=0.25)
-    assert got.dtype == torch.bfloat16 and got.shape == want.shape
-    err, sdpa_err = ((x.double() - want).abs().max().item() for x in (got, sdpa))
-    assert err <= max(2 * sdpa_err, 1e-2), (err, sdpa_err)
+        query.double(),
+        key.double().repeat_interleave(groups, dim=1),
+        value.double().repeat_interleave(groups, dim=1),
+        attn_mask=mask,
+        scale=0.25,
+    ).transpose(1, 2)
+    per_head, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape == per_head.shape
+    err, per_head_err = ((x.double() - want).abs().max().item() for x in (got, per_head))
+    assert err <= max(2 * per_head_err, 1e-2), (err, per_head_err)
 
 
-@pytest.fixture
-def no_amx(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A CPU without AMX (whatever the test machine has): bf16 decode takes the grouped matmuls."""
-    monkeypatch.setattr(attention, "cpu_has_amx_bf16", lambda cpuinfo=None: False)
-
-
-def _count_sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """A list that grows by one at each call of transformers' SDPA attention from ``attention``."""
+def _spy_calls(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[tuple[int, ...]]]:
+    """Calls of transformers' SDPA attention from ``attention`` (one entry each), and the
+    query shapes of every SDPA kernel call."""
     calls: list[int] = []
-    original = attention.sdpa_attention_forward
+    shapes: list[tuple[int, ...]] = []
+    wrapper = attention.sdpa_attention_forward
+    kernel = torch.nn.functional.scaled_dot_product_attention
 
-    def spy(*args: Any, **kwargs: Any) -> Any:
+    def spy_wrapper(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
-        return original(*args, **kwargs)
+        return wrapper(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
-    return calls
+    def spy_kernel(query: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        shapes.append(tuple(query.shape))
+        return kernel(query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy_wrapper)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy_kernel)
+    return calls, shapes
 
 
-def test_ragged_sdpa_runs_bf16_decode_as_grouped_matmuls(monkeypatch: pytest.MonkeyPatch, no_amx: None):
-    """bf16 on the CPU: a decode step never calls SDPA, in one run or in several, and gives
-    SDPA's answer up to rounding; fp32 still calls SDPA."""
+def test_ragged_sdpa_runs_bf16_decode_in_grouped_form(monkeypatch: pytest.MonkeyPatch):
+    """bf16 on the CPU: a decode step never calls transformers' SDPA, in one run or in
+    several; every kernel call has a KV head's query heads as rows of one block, and the
+    answer is SDPA's up to rounding. fp32 still calls transformers' SDPA."""
     query, key, value, mask = _left_padded(6, 2, 3, 50, torch.bfloat16)
     module = Module(3)
     expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
-    calls = _count_sdpa_calls(monkeypatch)
+    calls, shapes = _spy_calls(monkeypatch)
     attention._last.mask = None
     got, _ = ragged_sdpa(module, query, key, value, mask, scaling=0.25)
     assert not calls and got.shape == expected.shape == (6, 1, 6, 16)
+    assert shapes and all(s[1:] == (2, 3, 16) for s in shapes), shapes
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
     attention._last.mask = None
     ragged_sdpa(module, query.float(), key.float(), value.float(), mask, scaling=0.25)
     assert calls
 
 
-def test_bf16_decode_without_a_mask_runs_as_grouped_matmuls(monkeypatch: pytest.MonkeyPatch, no_amx: None):
+def test_bf16_decode_without_a_mask_runs_in_grouped_form(monkeypatch: pytest.MonkeyPatch):
     """A batch without padding (one row, or rows of one length) gets no mask from
-    transformers: bf16 decode still runs as grouped matmuls over every column, with SDPA's
-    answer up to rounding; fp32, and a prompt, still call SDPA."""
+    transformers: bf16 decode still attends in grouped form over every column, with SDPA's
+    answer up to rounding; fp32, and a prompt, call transformers' SDPA."""
     query, key, value, _ = _left_padded(4, 2, 3, 30, torch.bfloat16)
     module = Module(3)
     expected, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.25)
-    calls = _count_sdpa_calls(monkeypatch)
+    calls, shapes = _spy_calls(monkeypatch)
     got, _ = ragged_sdpa(module, query, key, value, None, scaling=0.25)
     assert not calls and got.shape == expected.shape == (4, 1, 6, 16)
+    assert shapes == [(4, 2, 3, 16)]
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
     ragged_sdpa(module, query.float(), key.float(), value.float(), None, scaling=0.25)
     assert len(calls) == 1
     prompt = torch.cat([query, query], dim=2)  # two query tokens: a prompt, SDPA's causal path
     ragged_sdpa(module, prompt, key, value, None, scaling=0.25)
     assert len(calls) == 2
-
-
-@pytest.mark.parametrize("masked", [True, False], ids=["padded", "no-mask"])
-def test_bf16_decode_keeps_sdpa_on_a_cpu_with_amx(monkeypatch: pytest.MonkeyPatch, masked: bool):
-    """With AMX (faked), SDPA's kernel is the faster one: bf16 decode calls it, once per run
-    of rows, and the answer is SDPA's on the whole batch up to rounding."""
-    monkeypatch.setattr(attention, "cpu_has_amx_bf16", lambda cpuinfo=None: True)
-    query, key, value, mask = _left_padded(6, 2, 3, 50, torch.bfloat16)
-    mask = mask if masked else None
-    module = Module(3)
-    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
-    calls = _count_sdpa_calls(monkeypatch)
-    attention._last.mask = None
-    got, _ = ragged_sdpa(module, query, key, value, mask, scaling=0.25)
-    assert calls and got.shape == expected.shape
-    torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
-    assert not attention.grouped_decode_wanted(query, key)
 
 
 def test_prompts_and_unusual_masks_go_to_sdpa_unchanged():
@@ -245,3 +237,32 @@ def test_engine_output_with_ragged_runs_equals_one_prompt_at_a_time(
             len(out),
         )
     assert any(cut)  # the ragged path ran and skipped padding
+
+
+def test_grouped_masks_are_made_once_a_step(monkeypatch: pytest.MonkeyPatch):
+    """Every layer of a step gets the same mask object: its runs' additive masks are made
+    at the first layer and reused by the others; a new step's mask makes them again. The
+    answer is that of the boolean mask."""
+    query, key, value, mask = _left_padded(6, 2, 3, 50, torch.bfloat16)
+    module = Module(3)
+    made: list[int] = []
+    original = attention._grouped_mask
+
+    def spy(*args: Any) -> torch.Tensor:
+        made.append(1)
+        return original(*args)
+
+    monkeypatch.setattr(attention, "_grouped_mask", spy)
+    attention._last.mask = None
+    first, _ = ragged_sdpa(module, query, key, value, mask, scaling=0.25)
+    per_step = len(made)
+    assert per_step == len(attention._plan_for(mask)) >= 2
+    again, _ = ragged_sdpa(module, query, key, value, mask, scaling=0.25)  # the next layer
+    assert len(made) == per_step and torch.equal(first, again)
+    ragged_sdpa(module, query, key, value, mask.clone(), scaling=0.25)  # the next step
+    assert len(made) == 2 * per_step
+    grouped = query.reshape(6, 2, 3, 16)
+    want = torch.nn.functional.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(
+        first.float(), want.reshape(6, 6, 1, 16).transpose(1, 2).float(), atol=2e-2, rtol=2e-2
+    )

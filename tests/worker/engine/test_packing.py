@@ -253,10 +253,6 @@ def test_cpu_flags() -> None:
     assert packing.cpu_computes_bf16("flags : fpu avx512f avx512_bf16 sse")
     assert packing.cpu_computes_bf16("flags : fpu amx_bf16 amx_tile")
     assert not packing.cpu_computes_bf16("flags : fpu avx512f avx2")
-    sapphire_rapids = "vendor_id : GenuineIntel flags : avx512f avx512_bf16 amx_bf16 amx_tile amx_int8"
-    assert packing.cpu_has_amx_bf16(sapphire_rapids)
-    assert not packing.cpu_has_amx_bf16("vendor_id : AuthenticAMD flags : avx512f avx512_bf16")
-    assert not packing.cpu_has_amx_bf16("flags : amx_tile amx_int8")  # tiles without bf16
     zen3 = "flags : fpu sse sse2 avx avx2 fma"
     assert packing.fp32_packing_pays(zen3)
     zen5 = "vendor_id : AuthenticAMD flags : fpu avx avx2 avx512f avx512_bf16"

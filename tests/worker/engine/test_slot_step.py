@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny_models import random_qwen2
 
-from lmjobs.worker.engine import attention, packing, slots
+from lmjobs.worker.engine import packing
 from lmjobs.worker.engine.slots import SlotModel
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 0.1}
@@ -48,21 +49,19 @@ def test_step_matches_forward(dtype: torch.dtype, pack: bool) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("amx", [False, True], ids=["no-amx", "amx"])
-def test_bf16_steps_attend_as_grouped_matmuls(
-    dtype: torch.dtype, amx: bool, monkeypatch: pytest.MonkeyPatch
+def test_steps_attend_each_kv_head_as_one_query_block(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The eager bf16 step attends with ``grouped_decode`` in every layer on a CPU without
-    AMX (faked both ways); fp32, and bf16 with AMX, with SDPA."""
-    monkeypatch.setattr(attention, "cpu_has_amx_bf16", lambda cpuinfo=None: amx)
-    calls: list[int] = []
-    original = slots.grouped_decode
+    """Every layer of the eager step calls SDPA once, with a KV head's query heads as the rows
+    of one block ([B, kvH, H/kvH, D]) and the KV heads not repeated, in fp32 and bf16."""
+    shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    original = F.scaled_dot_product_attention
 
-    def spy(*args: Any) -> torch.Tensor:
-        calls.append(1)
-        return original(*args)
+    def spy(query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        shapes.append((tuple(query.shape), tuple(key.shape)))
+        return original(query, key, *args, **kwargs)
 
-    monkeypatch.setattr(slots, "grouped_decode", spy)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     model = _model(dtype)
     runner = SlotModel(model)
     keys = [torch.zeros((2, 2, 17, 16), dtype=dtype) for _ in runner.layers]
@@ -71,4 +70,4 @@ def test_bf16_steps_attend_as_grouped_matmuls(
     mask = torch.arange(16)[None, :] <= positions[:, None]
     with torch.inference_mode():
         runner.step(torch.tensor([5, 7]), positions, mask, keys, values)
-    assert len(calls) == (len(runner.layers) if dtype == torch.bfloat16 and not amx else 0)
+    assert shapes == [((2, 2, 3, 16), (2, 2, 16, 16))] * len(runner.layers)
