@@ -111,14 +111,19 @@ def _plan_for(mask: torch.Tensor) -> list[tuple[int, int, int]]:
     return _last.plan
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as SDPA turns it into at every call: 0 or -inf in
+    ``dtype``. Made once a step, it serves every layer (the same output, bitwise)."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
 def _grouped_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
     """A boolean mask [B, 1, q, T] as ``_grouped_sdpa`` takes it: each token's row for every
-    head of its group ([B, 1, groups x q, T]), additive in ``dtype`` (0 or -inf), the form SDPA
-    turns a boolean mask into at every call."""
+    head of its group ([B, 1, groups x q, T]), additive (``additive_mask``)."""
     batch, _, q, width = mask.shape
     if q > 1:
         mask = mask[:, :, None].expand(batch, 1, groups, q, width).reshape(batch, 1, groups * q, width)
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return additive_mask(mask, dtype)
 
 
 def grouped_wanted(query: torch.Tensor, key: torch.Tensor) -> bool:
@@ -179,11 +184,12 @@ def ragged_sdpa(
         m = None if mask is None else mask[a:b, :, :, s:]
         if not grouped:
             return sdpa_attention_forward(module, q, k, v, m, **kwargs)[0]
-        if m is not None:  # made once a step, for every layer
-            per_kv = query.shape[1] // key.shape[1]
-            made = _last.grouped.get((a, b, s, per_kv, query.dtype))
+        if m is not None:  # made at a step's first layer, for every layer (one model a step)
+            made = _last.grouped.get((a, b, s))
             if made is None:
-                made = _last.grouped[(a, b, s, per_kv, query.dtype)] = _grouped_mask(m, per_kv, query.dtype)
+                made = _last.grouped[(a, b, s)] = _grouped_mask(
+                    m, query.shape[1] // key.shape[1], query.dtype
+                )
             m = made
         return _grouped_sdpa(q, k, v, m, kwargs.get("scaling"))
 

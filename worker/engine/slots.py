@@ -69,6 +69,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lmjobs.worker.engine.attention import additive_mask
 from lmjobs.worker.engine.compat import cache_layers
 from lmjobs.worker.engine.decoding import CausalBatch, DecodeContext, PrefixStore, Row, advance_rows
 from lmjobs.worker.engine.static_cache import LENGTH_BUCKET, RECOMPILE_LIMIT, bucket_batch
@@ -216,7 +217,8 @@ class SlotModel:
         rows = torch.arange(batch, device=tokens.device)
         hidden = self.embed(tokens[:, None])  # [B, 1, d]
         cos, sin = self.rotary(hidden, positions[:, None])  # [B, 1, D]
-        attend = mask[:, None, None, :]  # [B, 1, 1, L]
+        # [B, 1, 1, L], additive once a step rather than converted by SDPA in every layer
+        attend = additive_mask(mask[:, None, None, :], hidden.dtype)
         for layer, k_cache, v_cache in zip(self.layers, keys, values, strict=True):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)

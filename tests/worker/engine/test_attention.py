@@ -266,3 +266,16 @@ def test_grouped_masks_are_made_once_a_step(monkeypatch: pytest.MonkeyPatch):
     torch.testing.assert_close(
         first.float(), want.reshape(6, 6, 1, 16).transpose(1, 2).float(), atol=2e-2, rtol=2e-2
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_an_additive_mask_gives_sdpa_the_boolean_masks_answer(dtype: torch.dtype):
+    """``additive_mask`` is the form SDPA makes of a boolean mask: the same output bitwise,
+    a row that attends nothing included."""
+    query, key, value, mask = _left_padded(5, 2, 3, 30, dtype)
+    mask[0] = False
+    grouped = query.reshape(5, 2, 3, 16)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    want = sdpa(grouped, key, value, attn_mask=mask, scale=0.25)
+    got = sdpa(grouped, key, value, attn_mask=attention.additive_mask(mask, dtype), scale=0.25)
+    assert torch.equal(got, want)
