@@ -105,7 +105,7 @@ def test_matmul_rate_is_a_rate(dtype: torch.dtype) -> None:
     assert 1e8 < rate < 1e14  # FLOP/s: more than 0.1 GFLOP/s, less than any CPU
 
 
-def test_matmul_rates_are_rounds_and_the_rate_their_best() -> None:
+def test_matmul_rates_are_one_rate_per_round() -> None:
     rates = matmul_rates(torch.device("cpu"), torch.float32, seconds=0.05)
     assert len(rates) >= 1 and all(1e8 < r < 1e14 for r in rates)
 
