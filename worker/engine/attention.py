@@ -216,4 +216,5 @@ def ragged_attention(model: Any, enabled: bool = True) -> Iterator[bool]:
         yield True
     finally:
         config._attn_implementation = before
-        _last.mask = None
+        # the last step's mask and its runs' masks are not kept alive between engine calls
+        _last.mask, _last.grouped = None, {}

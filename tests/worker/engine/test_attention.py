@@ -4,6 +4,7 @@ engine's output stays the one-prompt-at-a-time output."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -279,3 +280,17 @@ def test_an_additive_mask_gives_sdpa_the_boolean_masks_answer(dtype: torch.dtype
     want = sdpa(grouped, key, value, attn_mask=mask, scale=0.25)
     got = sdpa(grouped, key, value, attn_mask=attention.additive_mask(mask, dtype), scale=0.25)
     assert torch.equal(got, want)
+
+
+def test_the_last_steps_masks_are_dropped_after_an_engine_call():
+    """Leaving ``ragged_attention`` forgets the last step's mask and its runs' additive masks:
+    a worker does not hold them between calls."""
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    query, key, value, mask = _left_padded(6, 2, 3, 50, torch.bfloat16)
+    with ragged_attention(model) as on:  # type: ignore[arg-type]
+        assert on
+        attention._last.mask = None
+        ragged_sdpa(Module(3), query, key, value, mask, scaling=0.25)
+        assert attention._last.mask is mask and attention._last.grouped
+    assert attention._last.mask is None and attention._last.grouped == {}
+    assert model.config._attn_implementation == "sdpa"
