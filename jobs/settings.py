@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     # Prompt-lookup speculative decoding: greedy rows check up to this many tokens drafted
     # from their own text in each decode step (worker/engine/speculation.py); 0 = off
     draft_tokens: int = Field(default=4, ge=0, le=16)
+    # A worker (and `lmjobs run`) keeps the memory its engine calls free for the next one
+    # instead of giving it back to the OS and faulting it in again (glibc; worker/runtime.py)
+    keep_freed_memory: bool = True
     chunk_time_limit_s: int = Field(default=3600, ge=10)
     query_timeout_s: float = Field(default=30.0, gt=0)
     worker_name: str = ""

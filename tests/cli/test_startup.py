@@ -128,6 +128,11 @@ def test_a_setting_only_pydantic_reads_goes_through_settings(job_env: tuple[dict
         ("LMJOBS_CHUNK_SIZE", "0", "Input should be greater than or equal to 1"),
         ("LMJOBS_DRAFT_TOKENS", "-1", "Input should be greater than or equal to 0"),
         ("LMJOBS_DRAFT_TOKENS", "17", "Input should be less than or equal to 16"),
+        (
+            "LMJOBS_KEEP_FREED_MEMORY",
+            "sometimes",
+            "Input should be a valid boolean, unable to interpret input",
+        ),
     ],
 )
 def test_an_invalid_setting_is_still_refused_in_settings_words(

@@ -66,6 +66,7 @@ PLAIN = [
     {"LMJOBS_PACK_WEIGHTS": "false"},
     {"LMJOBS_DRAFT_TOKENS": "0"},
     {"LMJOBS_DRAFT_TOKENS": "16"},
+    {"LMJOBS_KEEP_FREED_MEMORY": "false"},
 ]
 
 
@@ -89,6 +90,7 @@ DOUBTFUL = [
     {"LMJOBS_CHUNK_SIZE": "zero"},
     {"LMJOBS_DRAFT_TOKENS": "-1"},  # out of range: refused
     {"LMJOBS_DRAFT_TOKENS": "17"},
+    {"LMJOBS_KEEP_FREED_MEMORY": "sometimes"},
     {"LMJOBS_INGEST_PROCESSES": ""},
     {"LMJOBS_LEASE_SECONDS": "4"},
     {"LMJOBS_QUERY_TIMEOUT_S": "0"},

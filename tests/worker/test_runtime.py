@@ -1,9 +1,12 @@
 """The worker runtime binds the settings to the engine: LMJOBS_PACK_WEIGHTS reaches the
-engine's config (on a tiny random model), and a value that is not a flag is a one-line error."""
+engine's config (on a tiny random model), and a value that is not a flag is a one-line error;
+LMJOBS_KEEP_FREED_MEMORY sets glibc's malloc to keep what the engine frees."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +96,98 @@ def test_a_failed_load_turns_the_collector_back_on(monkeypatch: pytest.MonkeyPat
     with pytest.raises(ModelLoadError):
         runtime.init_runtime(Settings())
     assert gc.isenabled() and not frozen
+
+
+@pytest.mark.parametrize(("value", "kept"), [(None, True), ("false", False), ("true", True)])
+def test_the_runtime_keeps_freed_memory_after_loading_unless_told_not_to(
+    monkeypatch: pytest.MonkeyPatch, sqlite_url: str, value: str | None, kept: bool
+) -> None:
+    if value is not None:
+        monkeypatch.setenv("LMJOBS_KEEP_FREED_MEMORY", value)
+    events: list[str] = []
+    real_load = runtime.load_engine
+    monkeypatch.setattr(runtime, "load_engine", lambda *a: events.append("load") or real_load(*a))
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: events.append("keep") or True)
+    runtime.reset_runtime()
+    try:
+        runtime.init_runtime(Settings(test_engine=FAKE_ENGINE, database_url=sqlite_url))
+        runtime.init_runtime()  # once per process
+    finally:
+        runtime.reset_runtime()
+    assert events == (["load", "keep"] if kept else ["load"])
+
+
+class _Libc:
+    """glibc's mallopt as a recorder: refuses the parameter/value pairs in ``refuse``."""
+
+    def __init__(self, refuse: frozenset[tuple[int, int]] = frozenset()) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.refuse = refuse
+        outer = self
+
+        class _Fn:
+            argtypes: Any = None
+            restype: Any = None
+
+            def __call__(self, param: int, value: int) -> int:
+                outer.calls.append((param, value))
+                return 0 if (param, value) in outer.refuse else 1
+
+        self.mallopt = _Fn()
+
+
+def _glibc(monkeypatch: pytest.MonkeyPatch, libc: Any) -> None:
+    monkeypatch.setattr(runtime.platform, "system", lambda: "Linux")
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: libc)
+
+
+def test_keeping_freed_memory_sets_the_mmap_threshold_trim_and_top_pad(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    libc = _Libc()
+    _glibc(monkeypatch, libc)
+    assert runtime.keep_freed_memory() is True
+    assert libc.calls == [
+        (runtime.M_MMAP_THRESHOLD, 64 << 20),
+        (runtime.M_TRIM_THRESHOLD, 1 << 30),
+        (runtime.M_TOP_PAD, 64 << 20),
+    ]
+    assert libc.mallopt.restype is ctypes.c_int
+
+
+def test_an_older_glibc_gets_the_lower_mmap_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    libc = _Libc(refuse=frozenset({(runtime.M_MMAP_THRESHOLD, 64 << 20)}))
+    _glibc(monkeypatch, libc)
+    assert runtime.keep_freed_memory() is True
+    assert libc.calls[:2] == [(runtime.M_MMAP_THRESHOLD, 64 << 20), (runtime.M_MMAP_THRESHOLD, 32 << 20)]
+
+
+def test_a_refused_setting_is_said_and_the_worker_runs_on(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _glibc(monkeypatch, _Libc(refuse=frozenset({(runtime.M_TRIM_THRESHOLD, 1 << 30)})))
+    with caplog.at_level(logging.WARNING, logger=runtime.__name__):
+        assert runtime.keep_freed_memory() is False
+    assert "glibc refused the malloc settings" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("system", "libc"), [("Linux", ("", "")), ("Darwin", ("", "")), ("Linux", ("musl", "1"))]
+)
+def test_another_c_library_is_left_alone(
+    monkeypatch: pytest.MonkeyPatch, system: str, libc: tuple[str, str]
+) -> None:
+    monkeypatch.setattr(runtime.platform, "system", lambda: system)
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: libc)
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: pytest.fail("no C library is loaded"))
+    assert runtime.keep_freed_memory() is False
+
+
+def test_keeping_freed_memory_takes_on_this_machines_glibc() -> None:
+    """The real call, where the tests run on glibc (CI does): glibc takes every setting."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    assert runtime.keep_freed_memory() is True
