@@ -137,7 +137,7 @@ def keep_freed_memory() -> bool:
     )
     kept = bool(mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD)) and bool(mallopt(M_TOP_PAD, KEEP_TOP_PAD))
     if not (threshold and kept):
-        log.warning("glibc refused the malloc settings that keep freed memory; running without them")
+        log.warning("glibc refused the malloc settings that keep freed memory: it runs with those it took")
     return threshold and kept
 
 
